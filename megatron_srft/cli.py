@@ -1,0 +1,71 @@
+"""The ``srft`` command line. Each subcommand lives in its own module, imported only when it runs.
+
+A subcommand module provides ``add_arguments(parser)`` and ``main(args) -> int``. Errors a user can fix
+(:class:`~megatron_srft.config.ConfigError`, bad files) print one line ``srft <cmd>: error: ...`` and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional
+
+from .version import __version__
+
+#: name -> (module, one-line help). The order is the order `srft --help` shows.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("megatron_srft.training.cli", "Train with SRFT (or a baseline) from a YAML config; run under torchrun."),
+    "convert": ("megatron_srft.checkpoint.cli", "Convert checkpoints: hf-to-mcore, mcore-to-hf."),
+    "score": ("megatron_srft.scoring", "Per-token log-probs and entropies of given sequences under the Megatron model."),
+    "generate": ("megatron_srft.rollout.cli", "Sample from a checkpoint through the rollout engine (vLLM)."),
+    "eval": ("megatron_srft.evaluation", "Evaluate a model on benchmark files: avg@k, pass@k, markdown + JSON."),
+    "plot": ("megatron_srft.plotting", "Plot a run's metrics.jsonl as PNG curves."),
+    "make-toy": ("megatron_srft.data.toy", "Write the CPU toy task: char tokenizer, tiny Qwen2 config, problems."),
+    "config": ("megatron_srft.config_cli", "Print the resolved config (--print) or the config reference."),
+    "launch": ("megatron_srft.launch", "Print or run the torchrun command for a single- or multi-node job."),
+}
+
+
+class UserError(Exception):
+    """An error in the user's input; printed as one line, exit code 2."""
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="srft",
+        description="megatron-srft: SRFT (supervised + reinforcement fine-tuning) on Megatron-core with vLLM.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="subcommands:\n" + "\n".join(f"  {n:<10} {h}" for n, (_, h) in SUBCOMMANDS.items())
+        + "\n\nRun `srft <subcommand> --help` for its options.",
+    )
+    p.add_argument("--version", action="version", version=f"megatron-srft {__version__}")
+    p.add_argument("subcommand", nargs="?", choices=list(SUBCOMMANDS), metavar="subcommand")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _top_parser()
+    if not argv or argv[0] not in SUBCOMMANDS:
+        args, _ = top.parse_known_args(argv)
+        top.print_help()
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    name = argv[0]
+    module_name, help_text = SUBCOMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"srft {name}", description=help_text)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    from .config import ConfigError
+
+    try:
+        return int(module.main(args) or 0)
+    except (ConfigError, UserError, FileNotFoundError, FileExistsError) as e:
+        msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        print(f"srft {name}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Distributed start-up from torchrun's environment, and the process groups handed to the rest of the code.
+
+``init_distributed`` is the only place that reads megatron's ``parallel_state`` globals; everything below it
+receives a :class:`ParallelGroups` (the groups and sizes it needs) as an argument, so tests can build one
+for any layout on gloo ranks without stubs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from . import cpu_compat
+from .config import ConfigError, ParallelConfig
+
+
+@dataclass
+class ParallelGroups:
+    """Process groups and this rank's coordinates. ``None`` groups mean 'single rank' (no communication)."""
+
+    tp_group: Optional[dist.ProcessGroup]
+    pp_group: Optional[dist.ProcessGroup]
+    dp_group: Optional[dist.ProcessGroup]
+    mp_group: Optional[dist.ProcessGroup]  # TP x PP: ranks that hold one model replica
+    tp_size: int = 1
+    pp_size: int = 1
+    dp_size: int = 1
+    tp_rank: int = 0
+    pp_rank: int = 0
+    dp_rank: int = 0
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_first_pp_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_pp_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}: expected an integer, got {raw!r}") from None
+
+
+def device_for_rank() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", _env_int("LOCAL_RANK", 0))
+    return torch.device("cpu")
+
+
+def init_distributed(pcfg: ParallelConfig, seed: int = 1234) -> ParallelGroups:
+    """Start torch.distributed (NCCL on GPU, gloo on CPU) and Megatron's parallel state for TP/PP/DP.
+
+    Reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT as torchrun sets them; a single process
+    without them runs as world size 1 on a free local port. The world size must be divisible by TP x PP x CP:
+    that is checked before any group is created.
+    """
+    from megatron.core import parallel_state as mpu
+    from megatron.core import tensor_parallel
+
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    pcfg.check_world_size(world_size)
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        cpu_compat.enable()
+    backend = pcfg.backend if pcfg.backend != "auto" else ("nccl" if on_gpu else "gloo")
+    if backend == "nccl" and not on_gpu:
+        raise ConfigError("parallel.backend: 'nccl' needs CUDA GPUs; use 'gloo' or 'auto' on CPU")
+    device = device_for_rank()
+    if on_gpu:
+        torch.cuda.set_device(device)
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(_free_port())
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(minutes=pcfg.timeout_minutes))
+    if not mpu.model_parallel_is_initialized():
+        mpu.initialize_model_parallel(
+            tensor_model_parallel_size=pcfg.tensor_model_parallel_size,
+            pipeline_model_parallel_size=pcfg.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=pcfg.virtual_pipeline_model_parallel_size,
+            context_parallel_size=pcfg.context_parallel_size,
+            expert_model_parallel_size=pcfg.expert_model_parallel_size,
+            distributed_timeout_minutes=pcfg.timeout_minutes,
+        )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return groups_from_megatron(device)
+
+
+def groups_from_megatron(device: Optional[torch.device] = None) -> ParallelGroups:
+    """Collect the groups Megatron created into a :class:`ParallelGroups`."""
+    from megatron.core import parallel_state as mpu
+
+    return ParallelGroups(
+        tp_group=mpu.get_tensor_model_parallel_group(),
+        pp_group=mpu.get_pipeline_model_parallel_group(),
+        dp_group=mpu.get_data_parallel_group(),
+        mp_group=mpu.get_model_parallel_group(),
+        tp_size=mpu.get_tensor_model_parallel_world_size(),
+        pp_size=mpu.get_pipeline_model_parallel_world_size(),
+        dp_size=mpu.get_data_parallel_world_size(),
+        tp_rank=mpu.get_tensor_model_parallel_rank(),
+        pp_rank=mpu.get_pipeline_model_parallel_rank(),
+        dp_rank=mpu.get_data_parallel_rank(),
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        device=device or device_for_rank(),
+    )
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state as mpu
+
+    if mpu.model_parallel_is_initialized():
+        mpu.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
