@@ -63,7 +63,10 @@ class ModelConfig:
     recompute_granularity: Optional[Literal["full", "selective"]] = _f(None, "Activation recompute; null = off.")
     recompute_method: Optional[Literal["uniform", "block"]] = _f(None, "How full recompute splits layers.")
     recompute_num_layers: Optional[int] = _f(None, "Layers per recompute chunk (full recompute).")
-    make_vocab_size_divisible_by: int = _f(128, "Embedding rows are padded to a multiple of this x TP size.")
+    make_vocab_size_divisible_by: int = _f(
+        128, "Embedding rows are padded to a multiple of this (independent of TP, so checkpoints reshard); "
+        "must be a multiple of the TP size."
+    )
     attention_dropout: float = _f(0.0, "Attention dropout (0 for RL: log-probs must be deterministic).")
     hidden_dropout: float = _f(0.0, "Hidden dropout (0 for RL).")
 
@@ -299,6 +302,9 @@ class SRFTConfig:
                   "needs Transformer Engine and a CUDA GPU, which this machine lacks")
         if self.algorithm.preset != "sft":
             _need(self.train.prompts_per_step >= 1, "train.prompts_per_step", "expected >= 1")
+        _need(m.make_vocab_size_divisible_by % p.tensor_model_parallel_size == 0,
+              "model.make_vocab_size_divisible_by",
+              f"must be a multiple of parallel.tensor_model_parallel_size ({p.tensor_model_parallel_size})")
         if world_size is not None:
             dp = p.check_world_size(world_size)
             _need(self.train.prompts_per_minibatch % dp == 0, "train.prompts_per_minibatch",

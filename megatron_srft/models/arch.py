@@ -42,10 +42,16 @@ class ArchSpec:
     rope_scaling: Optional[dict] = None  # llama3 parameters, or None
     hf_config: dict = field(default_factory=dict, repr=False)
 
-    def padded_vocab_size(self, divisible_by: int, tp_size: int) -> int:
-        """Rows of the (TP-split) embedding: vocab rounded up to a multiple of divisible_by x TP."""
-        mult = divisible_by * tp_size
-        return int(math.ceil(self.vocab_size / mult) * mult)
+    def padded_vocab_size(self, divisible_by: int, tp_size: int = 1) -> int:
+        """Rows of the embedding: vocab rounded up to a multiple of ``divisible_by``.
+
+        The padding does not depend on TP (``divisible_by`` must be a multiple of the TP size), so a
+        distributed checkpoint has the same global shapes at every layout and reshards on load.
+        """
+        if divisible_by % tp_size:
+            raise ConfigError(f"model.make_vocab_size_divisible_by: {divisible_by} is not a multiple of "
+                              f"tensor_model_parallel_size ({tp_size})")
+        return int(math.ceil(self.vocab_size / divisible_by) * divisible_by)
 
     def num_params(self) -> int:
         h, f, v = self.hidden_size, self.ffn_hidden_size, self.vocab_size
