@@ -226,6 +226,9 @@ class AlgorithmConfig:
         _need(0 < self.clip_eps < 1, f"{path}.clip_eps", "expected 0 < eps < 1")
         _need(self.aggregation_constant is None or self.aggregation_constant > 0, f"{path}.aggregation_constant",
               "expected > 0")
+        _need(self.sft_coef is None or self.sft_coef >= 0, f"{path}.sft_coef", "expected >= 0")
+        _need(self.rl_pos_coef is None or self.rl_pos_coef >= 0, f"{path}.rl_pos_coef", "expected >= 0")
+        _need(self.sft_weight_max is None or self.sft_weight_max > 0, f"{path}.sft_weight_max", "expected > 0")
 
 
 @dataclass

@@ -19,7 +19,7 @@ def make_char_tokenizer(out_dir: str | Path, chars: Optional[list[str]] = None, 
 
     ``vocab_size`` pads the vocabulary with unused ``<extra_i>`` tokens (to exercise vocab padding/TP splits).
     """
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = list(dict.fromkeys(chars or DEFAULT_CHARS))
@@ -33,6 +33,7 @@ def make_char_tokenizer(out_dir: str | Path, chars: Optional[list[str]] = None, 
             vocab[f"<extra_{len(vocab)}>"] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()  # decode joins characters without spaces (the default joins with " ")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
                                    unk_token="<unk>", clean_up_tokenization_spaces=False)
     fast.chat_template = (

@@ -1,0 +1,267 @@
+"""The SRFT objective and its baselines as pure tensor functions over flat per-token tensors.
+
+One micro-batch is a :class:`TokenBatch` of [T] tensors (packed sequences, any order). The loss of the whole
+mini-batch is
+
+    L = sum_t c_t * (l1_t + l2_t + l3_t + l4_t + l5_t)
+
+over every loss token t of the mini-batch, where l1..l4 are the four SRFT terms and l5 the entropy bonus
+(see :class:`~megatron_srft.algorithms.presets.AlgoSettings` for their formulas), and c_t is the aggregation
+coefficient, computed from mini-batch totals (:class:`Normalizers`) and the token's own sequence only:
+
+    seq_mean_token_mean:  c_t = 1 / (num_sequences * |seq(t)|)   (mean over tokens of each sequence, then over
+                                                                  sequences: GRPO, the paper)
+    token_mean:           c_t = 1 / num_tokens                   (mean over all loss tokens: verl token-mean)
+    token_sum_norm:       c_t = 1 / (num_sequences * C)           (token sum / C per sequence, mean over sequences:
+                                                                  Dr.GRPO, the released code with C = 8192)
+
+Because c_t does not depend on how tokens are split, :func:`srft_objective` returns this micro-batch's share
+sum_{t in micro-batch} c_t * l_t, and summing the shares over micro-batches and DP ranks gives L exactly:
+invariant to micro-batching, packing and DP size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .metrics import MetricSums
+from .presets import AlgoSettings
+
+__all__ = [
+    "TokenBatch", "Normalizers", "srft_objective", "aggregation_coefficients", "weight_entropy", "sft_weight",
+    "rl_pos_weight", "sft_term", "demo_rl_term", "policy_gradient_term", "entropy_bonus_term",
+]
+
+
+@dataclass
+class TokenBatch:
+    """Flat per-token tensors [T] of one micro-batch. Positions with ``loss_mask`` False are ignored (any value).
+
+    logprob:        log pi_theta(y_t) (differentiable; from ops.logprob)
+    entropy:        H_t of pi_theta at t (differentiable; only the entropy bonus back-propagates through it,
+                    the SRFT weights use sg(H))
+    old_logprob:    log pi_old(y_t) from the trainer before this rollout step's updates (rollout tokens)
+    advantage:      the sequence's group advantage A_k broadcast to its tokens
+    is_demo:        bool, token of a demonstration (else of an on-policy rollout)
+    loss_mask:      bool, response token that counts in the loss
+    seq_index:      long, sequence id (unique within the mini-batch)
+    seq_num_tokens: loss tokens of this token's sequence (the whole sequence, whichever micro-batch holds it)
+    engine_logprob: optional log-prob the rollout engine reported; with ``settings.tis_cap`` = C the on-policy
+                    terms are multiplied by sg(min(exp(old_logprob - engine_logprob), C)) (truncated IS)
+    """
+
+    logprob: torch.Tensor
+    entropy: torch.Tensor
+    old_logprob: torch.Tensor
+    advantage: torch.Tensor
+    is_demo: torch.Tensor
+    loss_mask: torch.Tensor
+    seq_index: torch.Tensor
+    seq_num_tokens: torch.Tensor
+    engine_logprob: Optional[torch.Tensor] = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.logprob.shape[0])
+
+
+@dataclass
+class Normalizers:
+    """Totals of the WHOLE mini-batch (all micro-batches, all DP ranks), computed once by the adapter.
+
+    num_tokens:           loss tokens (loss_mask True) in the mini-batch
+    num_sequences:        sequences with at least one loss token in the mini-batch (demos and rollouts)
+    aggregation_constant: C of token_sum_norm (settings.aggregation_constant)
+    mean_entropy:         mini-batch mean of H over loss tokens; needed only when
+                          settings.entropy_granularity == "batch_mean" (e.g. from the old-logprob pass)
+    """
+
+    num_tokens: float
+    num_sequences: float
+    aggregation_constant: float = 8192.0
+    mean_entropy: Optional[float] = None
+
+    @classmethod
+    def for_settings(cls, settings: AlgoSettings, *, num_tokens: float, num_sequences: float,
+                     mean_entropy: Optional[float] = None) -> "Normalizers":
+        return cls(float(num_tokens), float(num_sequences), settings.aggregation_constant,
+                   None if mean_entropy is None else float(mean_entropy))
+
+
+# --------------------------------------------------------------------------------------------- pieces
+
+
+def aggregation_coefficients(batch: TokenBatch, settings: AlgoSettings, norm: Normalizers) -> torch.Tensor:
+    """c_t [T] fp32 (0 on masked tokens); see the module docstring for the three formulas."""
+    mask = batch.loss_mask.bool()
+    ones = torch.ones_like(batch.logprob, dtype=torch.float32)
+    if settings.aggregation == "seq_mean_token_mean":
+        per_seq = batch.seq_num_tokens.float().clamp(min=1.0)
+        coef = ones / (per_seq * max(norm.num_sequences, 1.0))
+    elif settings.aggregation == "token_mean":
+        coef = ones / max(norm.num_tokens, 1.0)
+    elif settings.aggregation == "token_sum_norm":
+        coef = ones / (max(norm.num_sequences, 1.0) * norm.aggregation_constant)
+    else:
+        raise ValueError(f"algorithm.aggregation: unknown {settings.aggregation!r}")
+    return torch.where(mask, coef, torch.zeros_like(coef))
+
+
+def weight_entropy(batch: TokenBatch, settings: AlgoSettings, norm: Normalizers) -> torch.Tensor:
+    """sg(H) [T] used inside the weights: per token, or the mini-batch mean broadcast."""
+    if settings.entropy_granularity == "token":
+        return batch.entropy.detach().float()
+    if norm.mean_entropy is None:
+        raise ValueError("Normalizers.mean_entropy: required when algorithm.entropy_granularity is 'batch_mean'")
+    return torch.full_like(batch.entropy, norm.mean_entropy, dtype=torch.float32)
+
+
+def sft_weight(h: torch.Tensor, settings: AlgoSettings) -> torch.Tensor:
+    """w_SFT [T] = min(sft_coef * g(h), sft_weight_max), g = exp(-h) | exp(h) | 1 | 0 (h already detached)."""
+    form = settings.sft_weight
+    if form == "exp_neg_entropy":
+        w = torch.exp(-h)
+    elif form == "exp_pos_entropy":
+        w = torch.exp(h)
+    elif form == "one":
+        w = torch.ones_like(h)
+    elif form == "zero":
+        w = torch.zeros_like(h)
+    else:
+        raise ValueError(f"algorithm.sft_weight: unknown {form!r}")
+    w = settings.sft_coef * w
+    if settings.sft_weight_max is not None:
+        w = w.clamp(max=settings.sft_weight_max)
+    return w
+
+
+def rl_pos_weight(h: torch.Tensor, settings: AlgoSettings) -> torch.Tensor:
+    """w_RL [T] = rl_pos_coef * (exp(h) | 1) (h already detached)."""
+    if settings.rl_pos_weight == "exp_pos_entropy":
+        return settings.rl_pos_coef * torch.exp(h)
+    if settings.rl_pos_weight == "one":
+        return torch.full_like(h, settings.rl_pos_coef)
+    raise ValueError(f"algorithm.rl_pos_weight: unknown {settings.rl_pos_weight!r}")
+
+
+def sft_term(logprob: torch.Tensor, w_sft: torch.Tensor) -> torch.Tensor:
+    """Term 1 per token: w_SFT * (-log pi(y_t))."""
+    return -w_sft * logprob
+
+
+def demo_rl_term(logprob: torch.Tensor, advantage: torch.Tensor, settings: AlgoSettings) -> torch.Tensor:
+    """Term 2 per token: -A * f(pi(y_t)), behaviour policy taken as 1, no clip; f = p | p/(p+gamma) | 0."""
+    if settings.demo_ratio == "off":
+        return torch.zeros_like(logprob)
+    p = torch.exp(logprob)
+    if settings.demo_ratio == "p":
+        f = p
+    elif settings.demo_ratio == "p_over_p_plus_gamma":
+        f = p / (p + settings.demo_gamma)
+    else:
+        raise ValueError(f"algorithm.demo_ratio: unknown {settings.demo_ratio!r}")
+    return -advantage * f
+
+
+def policy_gradient_term(logprob: torch.Tensor, old_logprob: torch.Tensor, advantage: torch.Tensor,
+                         settings: AlgoSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PG_t = -min(r_t A, clip(r_t, 1-eps, 1+eps) A) (or -r_t A without clip), r_t = exp(logprob - old_logprob).
+
+    Returns (pg [T], ratio [T] detached, clipped [T] bool: the clipped branch is the active one).
+    """
+    ratio = torch.exp(logprob - old_logprob)
+    unclipped = -ratio * advantage
+    if not settings.clip:
+        return unclipped, ratio.detach(), torch.zeros_like(ratio, dtype=torch.bool)
+    eps = settings.clip_eps
+    clipped_loss = -ratio.clamp(1.0 - eps, 1.0 + eps) * advantage
+    pg = torch.maximum(unclipped, clipped_loss)
+    active = ((advantage > 0) & (ratio > 1.0 + eps)) | ((advantage < 0) & (ratio < 1.0 - eps))
+    return pg, ratio.detach(), active.detach()
+
+
+def entropy_bonus_term(entropy: torch.Tensor, settings: AlgoSettings) -> torch.Tensor:
+    """Bonus per token: -beta * H_t (maximises entropy; differentiable through H)."""
+    return -settings.entropy_bonus * entropy
+
+
+def _tis_weight(batch: TokenBatch, old: torch.Tensor, mask: torch.Tensor, settings: AlgoSettings):
+    if settings.tis_cap is None or batch.engine_logprob is None:
+        return None
+    eng = torch.where(mask, batch.engine_logprob.float(), torch.zeros_like(old))
+    return torch.exp(old - eng).clamp(max=settings.tis_cap).detach()
+
+
+# --------------------------------------------------------------------------------------------- objective
+
+
+def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # where (not multiply): masked positions may hold inf/nan, which must not reach the sums or the grads
+    return torch.where(mask, x.float(), torch.zeros((), dtype=torch.float32, device=x.device))
+
+
+def _sum_count(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _masked(x, mask).sum().detach(), mask.sum().float()
+
+
+def _max(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    m = _masked(x, mask).detach()
+    return (m.max() if m.numel() else torch.zeros((), device=x.device)), torch.ones((), device=x.device)
+
+
+def srft_objective(batch: TokenBatch, settings: AlgoSettings, norm: Normalizers
+                   ) -> tuple[torch.Tensor, MetricSums]:
+    """This micro-batch's share of the mini-batch loss (0-d, differentiable), and its metrics.
+
+    Summing the returned loss over all micro-batches and DP ranks of a mini-batch gives the exact mini-batch
+    loss (module docstring). ``metrics``: name -> (sum, count) 0-d tensors (see algorithms/metrics.py):
+    loss_total / loss_sft / loss_demo_rl / loss_rl_pos / loss_rl_neg / loss_entropy_bonus (sum = the share,
+    count = this micro-batch's fraction of the mini-batch's loss tokens, so sum/count over everything = the
+    term's value), entropy_demo / entropy_rollout (mean H), w_sft_mean / w_sft_max (demo tokens),
+    w_rl_mean / w_rl_max (positive rollout tokens), clip_frac, ratio_mean / ratio_max (rollout tokens).
+    """
+    mask = batch.loss_mask.bool()
+    demo = mask & batch.is_demo.bool()
+    roll = mask & ~batch.is_demo.bool() & settings.use_rollouts
+    lp = _masked(batch.logprob, mask)
+    ent = _masked(batch.entropy, mask)
+    old = _masked(batch.old_logprob, mask)
+    adv = _masked(batch.advantage, mask)
+    coef = aggregation_coefficients(batch, settings, norm)
+    h = _masked(weight_entropy(batch, settings, norm), mask)
+
+    w_sft = sft_weight(h, settings)
+    l_sft = _masked(sft_term(lp, w_sft), demo)
+    l_demo = _masked(demo_rl_term(lp, adv, settings), demo)
+    pg, ratio, clipped = policy_gradient_term(lp, old, adv, settings)
+    tis = _tis_weight(batch, old, mask, settings)
+    if tis is not None:
+        pg = pg * tis
+    pos, neg = roll & (adv > 0), roll & (adv <= 0)
+    w_rl = rl_pos_weight(h, settings)
+    l_pos = _masked(w_rl * pg, pos)
+    l_neg = _masked(pg, neg)
+    l_bonus = _masked(entropy_bonus_term(ent, settings), mask) if settings.entropy_bonus else torch.zeros_like(lp)
+
+    terms = {"sft": l_sft, "demo_rl": l_demo, "rl_pos": l_pos, "rl_neg": l_neg, "entropy_bonus": l_bonus}
+    shares = {name: (coef * t).sum() for name, t in terms.items()}
+    loss = sum(shares.values())
+
+    frac = mask.sum().float() / max(norm.num_tokens, 1.0)
+    metrics: MetricSums = {f"loss_{name}": (s.detach(), frac) for name, s in shares.items()}
+    metrics["loss_total"] = (loss.detach(), frac)
+    metrics["entropy_demo"] = _sum_count(ent, demo)
+    metrics["entropy_rollout"] = _sum_count(ent, roll)
+    metrics["w_sft_mean"] = _sum_count(w_sft, demo)
+    metrics["w_sft_max"] = _max(w_sft, demo)
+    metrics["w_rl_mean"] = _sum_count(w_rl, pos)
+    metrics["w_rl_max"] = _max(w_rl, pos)
+    metrics["clip_frac"] = _sum_count(clipped.float(), roll)
+    metrics["ratio_mean"] = _sum_count(ratio, roll)
+    metrics["ratio_max"] = _max(ratio, roll)
+    if tis is not None:
+        metrics["tis_weight_mean"] = _sum_count(tis, roll)
+    return loss, metrics

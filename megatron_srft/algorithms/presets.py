@@ -1,0 +1,158 @@
+"""Algorithm presets: every open choice of SRFT (docs/algorithms.md, /work/shared/srft_method.md) as a concrete field.
+
+``PRESETS`` is the ONE table of presets (name -> function returning its :class:`AlgoSettings`);
+:func:`resolve` starts from the preset and lets every non-null field of ``AlgorithmConfig`` override it.
+Code elsewhere branches on settings (``settings.clip``, ``settings.demo_ratio``, ...), never on preset names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional
+
+from ..config import AlgorithmConfig, ConfigError
+
+SftWeight = Literal["exp_neg_entropy", "exp_pos_entropy", "one", "zero"]
+RlPosWeight = Literal["exp_pos_entropy", "one"]
+DemoRatio = Literal["p", "p_over_p_plus_gamma", "off"]
+Aggregation = Literal["seq_mean_token_mean", "token_mean", "token_sum_norm"]
+
+
+@dataclass(frozen=True)
+class AlgoSettings:
+    """A fully resolved objective: no field is left open.
+
+    Per token t (H_t = entropy, sg = stop-gradient, A = the sequence's group advantage):
+      term 1 (demo tokens):       w_SFT,t * (-log pi(y_t)),  w_SFT,t = min(sft_coef * g(sg(H_t)), sft_weight_max)
+                                  g = exp(-H) | exp(+H) | 1 | 0   (``sft_weight``)
+      term 2 (demo tokens):       -A * f(pi(y_t)),  f = p | p / (p + demo_gamma) | 0   (``demo_ratio``)
+      term 3 (rollouts, A > 0):   w_RL,t * PG_t,  w_RL,t = rl_pos_coef * (sg(exp(H_t)) | 1)   (``rl_pos_weight``)
+      term 4 (rollouts, A <= 0):  PG_t = -min(r_t A, clip(r_t, 1 - clip_eps, 1 + clip_eps) A)  (-r_t A if not clip)
+      bonus (all loss tokens):    -entropy_bonus * H_t
+    then aggregated over the mini-batch by ``aggregation`` (see losses.py).
+    """
+
+    use_rollouts: bool              # on-policy rollouts are generated and trained on (terms 3, 4)
+    num_demos: int                  # D: demonstrations per prompt
+    demos_in_group: bool            # demos join the reward group for the advantage (SRFT/LUFFY yes; SFT+RL no)
+    sft_weight: SftWeight
+    sft_coef: float
+    sft_weight_max: Optional[float]  # clamp of w_SFT; None = unclamped
+    rl_pos_weight: RlPosWeight
+    rl_pos_coef: float
+    entropy_granularity: Literal["token", "batch_mean"]
+    std_normalize: bool
+    adv_eps: float
+    demo_ratio: DemoRatio
+    demo_gamma: float
+    clip: bool
+    clip_eps: float
+    aggregation: Aggregation
+    aggregation_constant: float     # used by token_sum_norm only
+    entropy_bonus: float
+    tis_cap: Optional[float] = None  # truncated importance-sampling cap for engine/trainer mismatch; None = off
+
+    @property
+    def uses_demo_terms(self) -> bool:
+        return self.num_demos > 0 and (self.sft_weight != "zero" or self.demo_ratio != "off")
+
+
+def _srft() -> AlgoSettings:
+    """The paper's equations (Eq. 7-12): w_SFT = 0.5 exp(-H), f(p) = p, w_RL = 0.1 exp(H), clip 0.2, GRPO mean."""
+    return AlgoSettings(
+        use_rollouts=True, num_demos=1, demos_in_group=True,
+        sft_weight="exp_neg_entropy", sft_coef=0.5, sft_weight_max=None,
+        rl_pos_weight="exp_pos_entropy", rl_pos_coef=0.1, entropy_granularity="token",
+        std_normalize=True, adv_eps=1e-6, demo_ratio="p", demo_gamma=0.1,
+        clip=True, clip_eps=0.2, aggregation="seq_mean_token_mean", aggregation_constant=8192.0, entropy_bonus=0.0,
+    )
+
+
+def _srft_code() -> AlgoSettings:
+    """The released code: exp(+H) SFT weight, f = p/(p+0.1), no std, no clip, sum/8192, entropy bonus 0.001."""
+    return dataclasses.replace(
+        _srft(), sft_weight="exp_pos_entropy", std_normalize=False, demo_ratio="p_over_p_plus_gamma", clip=False,
+        aggregation="token_sum_norm", entropy_bonus=0.001,
+    )
+
+
+def _sft() -> AlgoSettings:
+    """Plain NLL on demonstrations (term 1 with w = 1); no rollouts."""
+    return dataclasses.replace(
+        _srft(), use_rollouts=False, demos_in_group=False, sft_weight="one", sft_coef=1.0, demo_ratio="off",
+        rl_pos_weight="one", rl_pos_coef=1.0,
+    )
+
+
+def _grpo() -> AlgoSettings:
+    """Terms 3 + 4 with w_RL = 1; no demonstrations."""
+    return dataclasses.replace(
+        _srft(), num_demos=0, demos_in_group=False, sft_weight="zero", demo_ratio="off",
+        rl_pos_weight="one", rl_pos_coef=1.0,
+    )
+
+
+def _luffy() -> AlgoSettings:
+    """Demos in the group, term 2 with f = p/(p+0.1), terms 3 + 4 with weight 1, no SFT term.
+
+    Advantage and aggregation follow the LUFFY-derived released code (no std, sum / 8192), like ``srft_code``.
+    """
+    return dataclasses.replace(
+        _grpo(), num_demos=1, demos_in_group=True, demo_ratio="p_over_p_plus_gamma", std_normalize=False,
+        aggregation="token_sum_norm",
+    )
+
+
+def _sft_plus_rl() -> AlgoSettings:
+    """Term 1 with w = 1 plus GRPO (the paper's Fig. 5 single-stage baseline); demos are not in the RL group."""
+    return dataclasses.replace(_grpo(), num_demos=1, sft_weight="one", sft_coef=1.0)
+
+
+#: The one table of presets. Adding a preset = one function + one row (and the name in AlgorithmConfig.preset).
+PRESETS: dict[str, Callable[[], AlgoSettings]] = {
+    "srft": _srft,
+    "srft_code": _srft_code,
+    "sft": _sft,
+    "grpo": _grpo,
+    "luffy": _luffy,
+    "sft_plus_rl": _sft_plus_rl,
+}
+
+#: AlgorithmConfig field -> AlgoSettings field, for the fields whose names differ.
+_RENAMED = {"num_demos_per_prompt": "num_demos"}
+
+
+def resolve(cfg: AlgorithmConfig, *, tis_cap: Optional[float] = None) -> AlgoSettings:
+    """The preset's settings with every non-null field of ``cfg`` applied on top.
+
+    ``tis_cap`` comes from ``rollout.tis_cap`` (it lives with the rollout engine in the config tree).
+    """
+    if cfg.preset not in PRESETS:
+        raise ConfigError(f"algorithm.preset: expected one of {', '.join(PRESETS)}, got {cfg.preset!r}")
+    settings = PRESETS[cfg.preset]()
+    names = {f.name for f in dataclasses.fields(AlgoSettings)}
+    overrides = {}
+    for f in dataclasses.fields(cfg):
+        target = _RENAMED.get(f.name, f.name)
+        value = getattr(cfg, f.name)
+        if f.name != "preset" and value is not None and target in names:
+            overrides[target] = value
+    if tis_cap is not None:
+        overrides["tis_cap"] = float(tis_cap)
+    settings = dataclasses.replace(settings, **overrides)
+    _check(settings)
+    return settings
+
+
+def _check(s: AlgoSettings) -> None:
+    if s.sft_coef < 0:
+        raise ConfigError(f"algorithm.sft_coef: expected >= 0, got {s.sft_coef}")
+    if s.rl_pos_coef < 0:
+        raise ConfigError(f"algorithm.rl_pos_coef: expected >= 0, got {s.rl_pos_coef}")
+    if s.sft_weight_max is not None and s.sft_weight_max <= 0:
+        raise ConfigError(f"algorithm.sft_weight_max: expected > 0 or null, got {s.sft_weight_max}")
+    if not s.use_rollouts and s.num_demos == 0:
+        raise ConfigError("algorithm.num_demos_per_prompt: this preset trains on demonstrations only; expected >= 1")
+    if s.tis_cap is not None and s.tis_cap < 1:
+        raise ConfigError(f"rollout.tis_cap: expected >= 1 or null, got {s.tis_cap}")

@@ -1,0 +1,130 @@
+"""Model checkpoints in Megatron's distributed format (torch_dist), loadable at any TP/PP layout.
+
+Layout of a model checkpoint directory ``PATH/``::
+
+    PATH/                 Megatron dist_checkpointing files (torch_dist: *.distcp, .metadata, common.pt,
+                          metadata.json)
+    PATH/srft_model.json  our metadata: family, padded_vocab_size, params_dtype, num_layers, hf_config, step, ...
+
+Global tensor shapes do not depend on the layout (the vocab padding is TP-independent, see
+docs/architecture.md), so Megatron reshards on load: save at TP=2, load at PP=2.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..config import ConfigError
+
+META_FILE = "srft_model.json"
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _sharded_state_dict(chunks: list) -> dict:
+    # The outer keys are not stored: ShardedTensor keys are global names (layer offsets applied), which is
+    # what makes the checkpoint independent of TP/PP/VPP.
+    if len(chunks) == 1:
+        return chunks[0].sharded_state_dict()
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def model_metadata(chunks: list, arch=None) -> dict:
+    """Shape facts about the model (padded vocab, dtype, layers) plus the HF config when ``arch`` is given."""
+    from ..models.builder import unwrap
+
+    model = unwrap(chunks[0])
+    dtype = next(model.parameters()).dtype
+    meta = {"padded_vocab_size": int(model.vocab_size), "params_dtype": _DTYPE_NAMES.get(dtype, str(dtype)),
+            "num_layers": int(model.config.num_layers)}
+    if arch is not None:
+        meta.update(family=arch.family, architecture=arch.architecture, hf_config=arch.hf_config)
+    return meta
+
+
+def save_model(chunks: list, path: str | Path, metadata: Optional[dict] = None, *, arch=None,
+               atomic: bool = True) -> Path:
+    """Collective (every rank calls it): save the model chunks as a torch_dist checkpoint at ``path``.
+
+    ``metadata`` (JSON-serialisable: step, ...) is written to ``path/srft_model.json`` together with
+    :func:`model_metadata` (pass ``arch`` so that ``srft convert mcore-to-hf`` needs no other file).
+    ``atomic``: write to the sibling ``.PATH.tmp`` and rename when complete (False when the caller already
+    writes into its own temporary directory).
+    """
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    target = path.parent / f".{path.name}.tmp" if atomic else path
+    if _rank() == 0:
+        if target.exists():
+            shutil.rmtree(target)
+        target.mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save(_sharded_state_dict(chunks), str(target))
+    meta = {**model_metadata(chunks, arch), **(metadata or {})}
+    if _rank() == 0:
+        (target / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+    _barrier()
+    if atomic and _rank() == 0:
+        if path.exists():
+            old = path.parent / f".{path.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            shutil.rmtree(old)
+        target.rename(path)
+    _barrier()
+    return path
+
+
+def read_metadata(path: str | Path) -> dict:
+    """``srft_model.json`` of a model checkpoint (``{}`` when absent)."""
+    meta = Path(path) / META_FILE
+    if not meta.is_file():
+        return {}
+    try:
+        return json.loads(meta.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{meta}: not valid JSON (line {e.lineno}: {e.msg})") from None
+
+
+def is_model_checkpoint(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / "metadata.json").is_file() and ((p / ".metadata").is_file() or (p / "common.pt").is_file())
+
+
+def load_model(chunks: list, path: str | Path) -> dict:
+    """Collective: load a torch_dist model checkpoint into the chunks (any TP/PP layout). Returns its metadata."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    if not is_model_checkpoint(path):
+        raise ConfigError(f"{path}: not a Megatron dist checkpoint (no metadata.json / .metadata)")
+    meta = read_metadata(path)
+    from ..models.builder import unwrap
+
+    padded = int(unwrap(chunks[0]).vocab_size)
+    if "padded_vocab_size" in meta and int(meta["padded_vocab_size"]) != padded:
+        raise ConfigError(f"{path / META_FILE}: padded_vocab_size {meta['padded_vocab_size']} != the model's "
+                          f"{padded}; set model.make_vocab_size_divisible_by as when it was saved")
+    state = dist_checkpointing.load(_sharded_state_dict(chunks), str(path))
+    for i, c in enumerate(chunks):
+        result = c.load_state_dict(state if len(chunks) == 1 else state[f"model{i}"], strict=False)
+        # _extra_state (TE / fp8 bookkeeping) may legitimately differ between layer specs; weights may not.
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing:
+            raise ConfigError(f"{path}: checkpoint has no tensor for model parameter {missing[0]!r}")
+    return meta

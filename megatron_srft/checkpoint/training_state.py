@@ -1,0 +1,145 @@
+"""Training checkpoints: model, optimizer (incl. fp32 master weights), LR/step, RNG states, data position.
+
+Layout of ``RUN_DIR/checkpoints/step_000010/``::
+
+    model/        Megatron dist checkpoint of the model (checkpoint.dist.save_model; `srft convert mcore-to-hf`
+                  reads it, and it loads at any TP/PP)
+    optimizer/    Megatron dist checkpoint of the optimizer state (same TP/PP/DP layout to resume)
+    rng/rank_R.pt per-rank RNG states (tensors only: loaded with weights_only=True)
+    state.json    step, data cursor, lr, config snapshot
+
+A checkpoint is written to ``step_000010.tmp`` on every rank and renamed by rank 0 after a barrier, so a killed run
+never leaves a directory that looks complete. The newest complete ``step_*`` directory is the resume point.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+_STEP_RE = re.compile(r"^step_(\d{6,})$")
+
+
+@dataclass
+class ResumeState:
+    step: int
+    data_cursor: int
+    extra: dict
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (``.tmp`` leftovers of a killed run are ignored)."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir()
+             and (p / "state.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(),
+             "numpy": torch.from_numpy(np.frombuffer(json.dumps(_np_state()).encode(), dtype=np.uint8).copy()),
+             "python": torch.from_numpy(np.frombuffer(json.dumps(_py_state()).encode(), dtype=np.uint8).copy())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _np_state() -> list:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _py_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = json.loads(bytes(state["numpy"].tolist()).decode())
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = json.loads(bytes(state["python"].tolist()).decode())
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_training_checkpoint(run_dir: str | Path, step: int, chunks, optimizer, *, data_cursor: int,
+                             metadata: dict, keep_last: int, rank: int, arch=None) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint path."""
+    from megatron.core import dist_checkpointing
+
+    from .dist import save_model
+
+    root = checkpoint_root(run_dir)
+    final = root / f"step_{step:06d}"
+    tmp = root / f"step_{step:06d}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+    _barrier()
+    save_model(chunks, tmp / "model", metadata={**metadata, "step": step}, arch=arch, atomic=False)
+    model_sd = chunks[0].sharded_state_dict()
+    opt_dir = tmp / "optimizer"
+    if rank == 0:
+        opt_dir.mkdir(exist_ok=True)
+    _barrier()
+    dist_checkpointing.save(optimizer.sharded_state_dict(model_sd), str(opt_dir))
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank}.pt")
+    if rank == 0:
+        (tmp / "state.json").write_text(json.dumps({"step": step, "data_cursor": data_cursor, **metadata}, indent=1))
+    _barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_training_checkpoint(path: str | Path, chunks, optimizer, *, rank: int) -> ResumeState:
+    """Collective. Restores model, optimizer, this rank's RNG; returns step and data cursor."""
+    from megatron.core import dist_checkpointing
+
+    from .dist import load_model
+
+    path = Path(path)
+    state_file = path / "state.json"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{state_file}: not found (incomplete or not a training checkpoint)")
+    state = json.loads(state_file.read_text())
+    load_model(chunks, path / "model")
+    model_sd = chunks[0].sharded_state_dict()
+    opt_sd = dist_checkpointing.load(optimizer.sharded_state_dict(model_sd, is_loading=True), str(path / "optimizer"))
+    optimizer.load_state_dict(opt_sd)
+    rng_file = path / "rng" / f"rank_{rank}.pt"
+    if rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+    return ResumeState(step=int(state["step"]), data_cursor=int(state["data_cursor"]), extra=state)

@@ -1,0 +1,238 @@
+"""Problems from JSONL or Parquet, in our layout or the verl/LUFFY layout, and their tokenization.
+
+Two row layouts are read as they are (a file may even mix them):
+
+- ours: ``prompt`` (a string, or a list of chat messages ``{"role", "content"}``), ``answer`` (string; an integer
+  is accepted and turned into its decimal string), optional ``demonstration`` (string), optional ``data_source``.
+- verl/LUFFY: ``prompt`` (chat messages), ``reward_model.ground_truth``, optional ``target`` (chat messages; the
+  demonstration is ``target[0].content``), ``data_source``; other columns (``ability``, ``extra_info``) are ignored.
+
+A malformed row stops loading with ``<file>:<line> (row <i>): <field>: <what was expected>``: nothing is
+silently skipped, because a quietly shrunken training set is worse than a loud error. Over-long problems
+are filtered where their length is known: in :func:`tokenize_problems`, which counts what it drops.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+from ..cli import UserError
+
+Messages = list[dict[str, str]]
+PromptType = Union[str, Messages]
+_ROLES = ("system", "user", "assistant")
+
+
+class DataError(UserError):
+    """A malformed data file or row; one line naming file, line/row and field."""
+
+
+@dataclass
+class Problem:
+    """One prompt with its reference answer and optional demonstration.
+
+    ``source`` is ``"<file>:<line>"`` (JSONL, 1-based line) or ``"<file>:row <i>"`` (Parquet, 0-based row),
+    for error messages downstream.
+    """
+
+    prompt: PromptType
+    answer: str
+    demonstration: Optional[str]
+    data_source: str
+    source: str
+
+
+@dataclass
+class TokenizedProblem:
+    """``prompt_ids``: the rendered prompt's token ids (template applied). ``demo_ids``: the demonstration's
+    response tokens including the final EOS (None when the problem has no demonstration)."""
+
+    prompt_ids: list[int]
+    demo_ids: Optional[list[int]]
+    answer: str
+    data_source: str
+    source: str = ""
+
+
+class TokenizedProblems(list):
+    """A list of :class:`TokenizedProblem` that also says how many problems the length filters dropped."""
+
+    num_dropped_prompt: int = 0
+    num_dropped_demo: int = 0
+
+    @property
+    def num_dropped(self) -> int:
+        return self.num_dropped_prompt + self.num_dropped_demo
+
+
+# --------------------------------------------------------------------------------------------- row parsing
+
+
+def _bad(where: str, field: str, msg: str) -> DataError:
+    return DataError(f"{where}: {field}: {msg}")
+
+
+def _messages(value: Any, where: str, field: str) -> Messages:
+    if not isinstance(value, (list, tuple)) or len(value) == 0:
+        raise _bad(where, field, f"expected a non-empty list of chat messages, got {type(value).__name__}")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise _bad(where, f"{field}[{i}]", f"expected a message {{role, content}}, got {type(m).__name__}")
+        role, content = m.get("role"), m.get("content")
+        if role not in _ROLES:
+            raise _bad(where, f"{field}[{i}].role", f"expected one of {', '.join(_ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise _bad(where, f"{field}[{i}].content", f"expected a string, got {type(content).__name__}")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _prompt(row: dict, where: str) -> PromptType:
+    if "prompt" not in row or row["prompt"] is None:
+        raise _bad(where, "prompt", "missing field")
+    p = row["prompt"]
+    if isinstance(p, str):
+        if not p.strip():
+            raise _bad(where, "prompt", "empty string")
+        return p
+    msgs = _messages(p, where, "prompt")
+    if not any(m["role"] == "user" for m in msgs):
+        raise _bad(where, "prompt", "chat messages hold no user message")
+    return msgs
+
+
+def _answer(row: dict, where: str) -> str:
+    if "answer" in row and row["answer"] is not None:
+        a = row["answer"]
+        field = "answer"
+    elif isinstance(row.get("reward_model"), dict) and row["reward_model"].get("ground_truth") is not None:
+        a = row["reward_model"]["ground_truth"]
+        field = "reward_model.ground_truth"
+    else:
+        raise _bad(where, "answer", "missing field (our layout: 'answer'; verl layout: 'reward_model.ground_truth')")
+    if isinstance(a, int) and not isinstance(a, bool):
+        a = str(a)
+    if not isinstance(a, str):
+        raise _bad(where, field, f"expected a string, got {type(a).__name__}")
+    if not a.strip():
+        raise _bad(where, field, "empty answer")
+    return a
+
+
+def _demonstration(row: dict, where: str, require_demo: bool) -> Optional[str]:
+    if row.get("demonstration") is not None:
+        d, field = row["demonstration"], "demonstration"
+        if not isinstance(d, str):
+            raise _bad(where, field, f"expected a string, got {type(d).__name__}")
+    elif row.get("target") is not None:
+        field = "target"
+        msgs = _messages(row["target"], where, field)
+        d, field = msgs[0]["content"], "target[0].content"
+    else:
+        if require_demo:
+            raise _bad(where, "demonstration", "missing field (our layout: 'demonstration'; verl layout: 'target'); "
+                       "this run needs a demonstration for every prompt")
+        return None
+    if not d.strip():
+        raise _bad(where, field, "empty demonstration")
+    return d
+
+
+def parse_row(row: Any, where: str, *, default_source: str, require_demo: bool = False) -> Problem:
+    """One row (a dict from JSON or Parquet) -> :class:`Problem`; ``where`` is ``file:line`` for errors."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
+    ds = row.get("data_source")
+    if ds is None:
+        ds = default_source
+    elif not isinstance(ds, str) or not ds:
+        raise _bad(where, "data_source", f"expected a non-empty string, got {ds!r}")
+    return Problem(prompt=_prompt(row, where), answer=_answer(row, where),
+                   demonstration=_demonstration(row, where, require_demo), data_source=ds, source=where)
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+        raise DataError(f"{path}: not a readable Parquet file ({e.__class__.__name__}: {str(e).splitlines()[0]})") \
+            from None
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024):
+        for rec in batch.to_pylist():
+            yield f"{path}:row {row}", rec
+            row += 1
+
+
+def load_problems(path: str | Path, *, require_demo: bool = False) -> list[Problem]:
+    """Read every row of a ``.jsonl``/``.json`` (one object per line) or ``.parquet`` file.
+
+    ``data_source`` defaults to the file's stem. Raises :class:`DataError` (one line: file, line/row, field).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: data file not found")
+    suffix = p.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        rows = _iter_jsonl(p)
+    elif suffix == ".parquet":
+        rows = _iter_parquet(p)
+    else:
+        raise DataError(f"{p}: unsupported data file type '{suffix}' (expected .jsonl or .parquet)")
+    problems = [parse_row(r, where, default_source=p.stem, require_demo=require_demo) for where, r in rows]
+    if not problems:
+        raise DataError(f"{p}: no rows")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------- tokenization
+
+
+def encode_demo(demonstration: str, tokenizer) -> list[int]:
+    """The demonstration's response tokens, ending in EOS (the rollout engine stops at EOS too)."""
+    ids = list(tokenizer(demonstration, add_special_tokens=False)["input_ids"])
+    return ids + [tokenizer.eos_token_id]
+
+
+def tokenize_problems(problems: list[Problem], tokenizer, template: str, max_prompt_length: int,
+                      max_response_length: int) -> TokenizedProblems:
+    """Render (``templates.render_prompt``) and tokenize; drop problems whose prompt has more than
+    ``max_prompt_length`` tokens or whose demonstration (with EOS) has more than ``max_response_length``.
+    The counts of dropped problems are on the returned list (``num_dropped_prompt``, ``num_dropped_demo``)."""
+    from .templates import encode_prompt
+
+    if tokenizer.eos_token_id is None:
+        raise DataError("tokenizer: has no eos_token; demonstrations must end in EOS")
+    out = TokenizedProblems()
+    for pr in problems:
+        prompt_ids = encode_prompt(pr, tokenizer, template)
+        if len(prompt_ids) > max_prompt_length:
+            out.num_dropped_prompt += 1
+            continue
+        demo_ids = None
+        if pr.demonstration is not None:
+            demo_ids = encode_demo(pr.demonstration, tokenizer)
+            if len(demo_ids) > max_response_length:
+                out.num_dropped_demo += 1
+                continue
+        out.append(TokenizedProblem(prompt_ids=prompt_ids, demo_ids=demo_ids, answer=pr.answer,
+                                    data_source=pr.data_source, source=pr.source))
+    return out

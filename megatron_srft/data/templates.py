@@ -1,0 +1,87 @@
+"""Prompt templates: how a :class:`~megatron_srft.data.dataset.Problem`'s prompt becomes the model's input text.
+
+``TEMPLATES`` (name -> one-line description; ``data.template`` picks one):
+
+- ``chat``: the messages through the tokenizer's chat template as they are, with the generation prompt.
+- ``paper``: the SRFT setup: a system instruction asking for the reasoning inside ``<think>\\n ... </think>\\n``
+  and then a solution with the final answer in ``\\boxed{}`` (pair it with ``require_think`` in the reward).
+  A prompt that already holds a system message (the verl/LUFFY files do) keeps its own.
+- ``boxed``: the user message plus "reason step by step, final answer in \\boxed{}", through the chat template.
+- ``plain``: the raw prompt string (a chat prompt's message contents joined by blank lines); no chat template.
+
+A string prompt counts as one user message. Without a chat template on the tokenizer, ``paper`` and ``boxed``
+join the message contents by blank lines (base-model style); ``chat`` is an error there.
+"""
+
+from __future__ import annotations
+
+from ..cli import UserError
+
+#: Our wording of the SRFT/LUFFY system instruction.
+PAPER_SYSTEM_PROMPT = (
+    "Solve the problem by reasoning carefully before you answer. First write your reasoning in the form "
+    "\"<think>\n {reasoning} </think>\n\": work through the problem step by step, try approaches, check "
+    "intermediate results and correct any mistakes you find. After \"</think>\n\", give a concise final "
+    "solution that follows from your reasoning, and put the final answer in \\boxed{}."
+)
+
+BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+TEMPLATES: dict[str, str] = {
+    "chat": "the tokenizer's chat template as is (add_generation_prompt)",
+    "paper": "SRFT system prompt: <think> reasoning </think> then the answer in \\boxed{}",
+    "boxed": "reason step by step, final answer in \\boxed{}",
+    "plain": "the raw prompt string",
+}
+
+#: Templates whose reward should insist on the think tags.
+THINKING_TEMPLATES = frozenset({"paper"})
+
+
+def _as_messages(prompt) -> list[dict]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [dict(m) for m in prompt]
+
+
+def _join(messages: list[dict]) -> str:
+    return "\n\n".join(m["content"] for m in messages)
+
+
+def template_messages(prompt, template: str) -> list[dict]:
+    """The chat messages that ``template`` sends (before any chat template is applied)."""
+    msgs = _as_messages(prompt)
+    if template == "paper":
+        if not any(m["role"] == "system" for m in msgs):
+            msgs = [{"role": "system", "content": PAPER_SYSTEM_PROMPT}] + msgs
+    elif template == "boxed":
+        last_user = max(i for i, m in enumerate(msgs) if m["role"] == "user")
+        msgs[last_user]["content"] = msgs[last_user]["content"].rstrip() + "\n" + BOXED_INSTRUCTION
+    return msgs
+
+
+def _check(template: str) -> None:
+    if template not in TEMPLATES:
+        raise UserError(f"data.template: unknown template '{template}' (expected one of {', '.join(TEMPLATES)})")
+
+
+def render_prompt(problem, tokenizer, template: str) -> str:
+    """The prompt text the model sees (``problem`` is a Problem or anything with a ``prompt`` attribute)."""
+    _check(template)
+    msgs = template_messages(problem.prompt, template)
+    if template == "plain":
+        return problem.prompt if isinstance(problem.prompt, str) else _join(msgs)
+    if getattr(tokenizer, "chat_template", None) is None:
+        if template == "chat":
+            raise UserError("data.template: 'chat' needs a tokenizer with a chat template; this one has none "
+                            "(use 'plain', 'boxed' or 'paper')")
+        return _join(msgs) + "\n\n"
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompt(problem, tokenizer, template: str) -> list[int]:
+    """Token ids of :func:`render_prompt`. A chat template writes its own special tokens (BOS included), so
+    they are not added again; ``plain`` text gets the tokenizer's usual special tokens (e.g. a BOS)."""
+    text = render_prompt(problem, tokenizer, template)
+    add_special = template == "plain" or getattr(tokenizer, "chat_template", None) is None
+    return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])

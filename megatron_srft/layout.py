@@ -1,0 +1,153 @@
+"""Check a parallel layout against a model's shapes, and estimate its memory, without building the model.
+
+``validate_layout`` runs every divisibility rule that Megatron and vLLM would otherwise hit minutes into a
+multi-node job (or silently work around): it needs only the config, the :class:`ArchSpec` read from the
+model's ``config.json`` and the world size. ``memory_per_gpu`` is the arithmetic behind the memory budgets
+written in ``examples/configs/*.yaml``; it is an estimate from shapes, not a measurement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import ConfigError, SRFTConfig, _te_available
+from .models.arch import ArchSpec
+
+GIB = 1024 ** 3
+_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def _need(cond: bool, path: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{path}: {msg}")
+
+
+def validate_layout(cfg: SRFTConfig, arch: ArchSpec, world_size: int) -> None:
+    """Raise :class:`ConfigError` naming the field when ``cfg``'s layout cannot run ``arch`` on ``world_size`` ranks.
+
+    Checks: TP divides attention heads, KV heads and the FFN width; PP (x virtual stages) divides the
+    layers; TP x PP x CP divides the world; TP divides the vocabulary padding multiple; sequence
+    parallelism has TP > 1; FP8 / Transformer Engine have a GPU; DP divides the prompts of a step and of
+    a mini-batch; the vLLM TP size divides the world and the heads; the sequence lengths fit the model's
+    positions and one micro-batch.
+    """
+    p, m, t, d, r = cfg.parallel, cfg.model, cfg.train, cfg.data, cfg.rollout
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    _need(world_size >= 1, "world_size", f"expected >= 1, got {world_size}")
+    tp_path = "parallel.tensor_model_parallel_size"
+    for count, name in ((arch.num_attention_heads, "num_attention_heads"),
+                        (arch.num_query_groups, "num_key_value_heads"),
+                        (arch.ffn_hidden_size, "intermediate_size")):
+        _need(count % tp == 0, tp_path, f"{tp} does not divide the model's {name} ({count})")
+    stages = pp * (p.virtual_pipeline_model_parallel_size or 1)
+    _need(arch.num_layers % stages == 0, "parallel.pipeline_model_parallel_size",
+          f"pipeline stages ({pp}" + (f" x {p.virtual_pipeline_model_parallel_size} virtual" if stages != pp else "")
+          + f") do not divide the model's num_hidden_layers ({arch.num_layers})")
+    dp = p.check_world_size(world_size)
+    _need(m.make_vocab_size_divisible_by % tp == 0, "model.make_vocab_size_divisible_by",
+          f"{m.make_vocab_size_divisible_by} is not a multiple of {tp_path} ({tp})")
+    _need(not p.sequence_parallel or tp > 1, "parallel.sequence_parallel", f"needs {tp_path} > 1")
+    if m.fp8 is not None or m.transformer_impl == "transformer_engine":
+        _need(_te_available(), "model.fp8" if m.fp8 is not None else "model.transformer_impl",
+              "needs Transformer Engine and a CUDA GPU, which this machine lacks")
+    _need(t.prompts_per_step % dp == 0, "train.prompts_per_step",
+          f"{t.prompts_per_step} is not divisible by the data-parallel size ({dp} = world {world_size} / "
+          f"(TP {tp} x PP {pp} x CP {p.context_parallel_size}))")
+    _need(t.prompts_per_minibatch % dp == 0, "train.prompts_per_minibatch",
+          f"{t.prompts_per_minibatch} is not divisible by the data-parallel size ({dp})")
+    rtp = r.tensor_parallel_size
+    _need(world_size % rtp == 0, "rollout.tensor_parallel_size", f"{rtp} does not divide the world size ({world_size})")
+    _need(arch.num_attention_heads % rtp == 0, "rollout.tensor_parallel_size",
+          f"{rtp} does not divide the model's num_attention_heads ({arch.num_attention_heads})")
+    # vLLM splits KV heads when TP <= kv heads and replicates them when TP is a multiple of kv heads.
+    kv = arch.num_query_groups
+    _need(kv % rtp == 0 or rtp % kv == 0, "rollout.tensor_parallel_size",
+          f"{rtp} neither divides nor is a multiple of the model's num_key_value_heads ({kv})")
+    seq = d.max_prompt_length + d.max_response_length
+    _need(seq <= arch.max_position_embeddings, "data.max_response_length",
+          f"max_prompt_length + max_response_length = {seq} exceeds the model's max_position_embeddings "
+          f"({arch.max_position_embeddings}); shorten them or raise max_position_embeddings (and rope_theta) "
+          "in the model's config.json")
+    if r.max_model_len is not None:
+        _need(seq <= r.max_model_len <= arch.max_position_embeddings, "rollout.max_model_len",
+              f"expected {seq} (prompt + response) <= max_model_len <= {arch.max_position_embeddings} "
+              f"(max_position_embeddings), got {r.max_model_len}")
+    _need(t.micro_batch_tokens >= seq, "train.micro_batch_tokens",
+          f"{t.micro_batch_tokens} cannot hold one full sequence (max_prompt_length + max_response_length = {seq})")
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per GPU on the most loaded pipeline stage; see :func:`memory_per_gpu` for the formulas."""
+
+    params_per_gpu: int  # parameter count held by one GPU (not bytes)
+    weights: int
+    grads: int
+    optimizer: int
+    activations: int
+    logits: int
+    vllm: int
+
+    @property
+    def training(self) -> int:
+        return self.weights + self.grads + self.optimizer + self.activations + self.logits
+
+    def as_gib(self) -> dict[str, float]:
+        names = ("weights", "grads", "optimizer", "activations", "logits", "vllm", "training")
+        return {n: round(getattr(self, n) / GIB, 1) for n in names} | {"params_per_gpu_b": self.params_per_gpu / 1e9}
+
+
+def params_per_gpu(arch: ArchSpec, tp: int, pp: int, padded_vocab: int) -> int:
+    """Parameters on one GPU of the most loaded pipeline stage (the first holds the embedding, the last the head).
+
+    Per layer: QKV h*(q+2kv) (+ biases q+2kv), output q*h, SwiGLU 3*h*f, two norms 2h (+ q/k norms 2*head_dim);
+    all split by TP except the norms, which we count whole (they are tiny).
+    """
+    h, f = arch.hidden_size, arch.ffn_hidden_size
+    q, kv = arch.num_attention_heads * arch.head_dim, arch.num_query_groups * arch.head_dim
+    split = h * (q + 2 * kv) + q * h + 3 * h * f + ((q + 2 * kv) if arch.qkv_bias else 0)
+    whole = 2 * h + (2 * arch.head_dim if arch.qk_norm else 0)
+    layer = split // tp + whole
+    layers = (arch.num_layers // pp) * layer
+    emb = padded_vocab * h // tp
+    if pp == 1:
+        return layers + emb + h + (0 if arch.tie_word_embeddings else emb)
+    # Last stage: its layers, the final norm and the output layer (Megatron keeps a copy of a tied
+    # embedding there under PP); the first stage has only layers + embedding, so the last is the larger.
+    return layers + h + emb
+
+
+def memory_per_gpu(cfg: SRFTConfig, arch: ArchSpec, world_size: int, gpu_memory_gib: float = 80.0) -> MemoryEstimate:
+    """Estimate one GPU's memory for ``cfg`` (call :func:`validate_layout` first).
+
+    - weights: P x bytes(params_dtype); grads: P x 4 (Megatron DDP reduces grads in fp32 here);
+      optimizer: fp32 master copy (when params are not fp32) + Adam m and v = P x 12 (or 8), divided by DP
+      with the distributed optimizer (Megatron-LM docs, "Distributed Optimizer": 6 + 12/d bytes per param
+      for bf16 params with fp32 grads).
+    - activations, full recompute: each layer keeps its input, T x h x 2 bytes (/TP with sequence
+      parallelism), for the stage's layers and up to PP micro-batches in flight (1F1B); plus one layer
+      recomputed at a time, ~34 x T x h bytes / TP (Korthikanti et al. 2022, flash attention so no a*s term).
+      Without recompute every layer costs that 34 x T x h / TP. T = train.micro_batch_tokens.
+    - logits: T x padded_vocab / TP x 4 bytes (fp32) on the last stage; an upper bound, chunking lowers it.
+    - vllm: rollout.gpu_memory_utilization x GPU memory (vLLM's own budget while it is awake).
+    """
+    p, m = cfg.parallel, cfg.model
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    dp = world_size // (tp * pp * p.context_parallel_size)
+    padded = arch.padded_vocab_size(m.make_vocab_size_divisible_by, tp)
+    n = params_per_gpu(arch, tp, pp, padded)
+    pbytes = _DTYPE_BYTES[m.params_dtype]
+    opt_per_param = 12 if pbytes != 4 else 8
+    opt = n * opt_per_param // (dp if p.use_distributed_optimizer else 1)
+    tokens, h = cfg.train.micro_batch_tokens, arch.hidden_size
+    layers = arch.num_layers // pp
+    act_layer = 34 * tokens * h // tp
+    if m.recompute_granularity == "full":
+        kept = tokens * h * pbytes // (tp if p.sequence_parallel else 1)
+        act = kept * layers * pp + act_layer
+    else:
+        act = act_layer * layers * pp
+    logits = tokens * padded // tp * 4
+    vllm = int(cfg.rollout.gpu_memory_utilization * gpu_memory_gib * GIB)
+    return MemoryEstimate(params_per_gpu=n, weights=n * pbytes, grads=n * 4, optimizer=opt, activations=act,
+                          logits=logits, vllm=vllm)

@@ -1,0 +1,23 @@
+"""Initial weights of a training run: from an HF directory or from a Megatron checkpoint, at any TP/PP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def load_initial_weights(handle, model_dir: str | Path, groups) -> str:
+    """Fill the built model chunks from ``model_dir``; returns the source kind ("hf" or "mcore").
+
+    An HF directory is read tensor by tensor (each rank takes its TP shard of its PP stage's layers); a converted
+    directory or training checkpoint is loaded through Megatron's dist_checkpointing (resharded on load).
+    """
+    from ..checkpoint.convert import resolve_source
+    from ..checkpoint.dist import load_model
+    from .mapping import load_hf_into_model
+
+    source = resolve_source(model_dir)
+    if source.kind == "hf":
+        load_hf_into_model(handle.chunks, handle.arch, source.model_dir, groups)
+    else:
+        load_model(handle.chunks, source.model_dir)
+    return source.kind

@@ -1,0 +1,292 @@
+"""Samples -> packed micro-batches, and the one model call that consumes them.
+
+A sequence k is ``prompt_ids + response_ids`` (P_k + R_k tokens). The model at position t predicts token t+1, so
+the per-token tensors of a micro-batch are indexed by the *predicting* position:
+
+    targets[t]    = tokens[t + 1]                       (0 at a sequence's last position)
+    loss_mask[t]  = 1  iff  tokens[t + 1] is a response token, i.e. P_k - 1 <= t - start_k <= P_k + R_k - 2
+    old_logprob[t], engine_logprob[t] = the sample's value for response token (t - start_k) - (P_k - 1)
+
+so the response token j of sequence k is predicted at position start_k + P_k - 1 + j. Every per-token tensor is
+flat [T]; ``tokens`` and ``position_ids`` are [1, T] (one packed row), as Megatron's GPTModel expects.
+
+Packing is first-fit-decreasing by length into micro-batches of at most ``micro_batch_tokens`` tokens; a longer
+sequence gets a micro-batch of its own. Sequences in one row never attend to each other: on Megatron's local
+spec through a block-diagonal causal mask, on the Transformer Engine spec through ``PackedSeqParams`` (THD
+format, cumulative sequence lengths). On the local spec Megatron's RoPE uses the row position 0..T-1 rather
+than ``position_ids``; rotary attention scores depend only on the distance q - k, which is the same inside a
+contiguous sequence, so packed and unpacked logits agree up to float rounding (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = [
+    "Sample",
+    "MicroBatch",
+    "pack_micro_batches",
+    "split_for_data_parallel",
+    "empty_micro_batch",
+    "block_causal_mask",
+    "model_forward",
+    "per_sequence_values",
+]
+
+#: token id used for padding positions (they carry loss_mask 0, so its value never matters).
+PAD_ID = 0
+
+
+@dataclass
+class Sample:
+    """One sequence of a mini-batch: a rollout or a demonstration, with its sequence-level advantage.
+
+    ``old_logprobs`` / ``engine_logprobs``: one value per response token (len == len(response_ids)), from the
+    trainer's pre-update forward and from the rollout engine; None when not (yet) known.
+    """
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    advantage: float
+    is_demo: bool
+    group: int
+    reward: float
+    old_logprobs: Optional[list[float]] = None
+    engine_logprobs: Optional[list[float]] = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+    def check(self, where: str) -> None:
+        if len(self.prompt_ids) < 1:
+            raise ValueError(f"{where}: prompt_ids is empty (the first response token needs a predicting position)")
+        if len(self.response_ids) < 1:
+            raise ValueError(f"{where}: response_ids is empty")
+        for name in ("old_logprobs", "engine_logprobs"):
+            vals = getattr(self, name)
+            if vals is not None and len(vals) != len(self.response_ids):
+                raise ValueError(f"{where}: {name} has {len(vals)} values, expected one per response token "
+                                 f"({len(self.response_ids)})")
+
+
+@dataclass
+class MicroBatch:
+    """One packed row of sequences. Per-token tensors are [T] (T = num_tokens, padding included).
+
+    cu_seqlens [S + 1] int32: segment boundaries (S = num_sequences, plus one trailing padding segment when the
+    row is padded), so cu_seqlens[-1] == T. seq_index [T]: the sequence's position in the list given to
+    :func:`pack_micro_batches` (-1 on padding). seq_num_tokens [T]: number of loss tokens (= response length) of
+    the token's sequence (0 on padding). loss_mask [T] float 0/1; is_demo [T] bool; advantage, old_logprob,
+    engine_logprob [T] float32 (0 where unknown or masked).
+    """
+
+    tokens: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    targets: torch.Tensor
+    loss_mask: torch.Tensor
+    advantage: torch.Tensor
+    is_demo: torch.Tensor
+    seq_index: torch.Tensor
+    seq_num_tokens: torch.Tensor
+    old_logprob: torch.Tensor
+    engine_logprob: Optional[torch.Tensor]
+    num_sequences: int  # real sequences (padding segment not counted)
+    max_seqlen: int  # longest segment, for THD attention kernels
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[1])
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(self.loss_mask.sum().item())
+
+    def to(self, device: torch.device) -> "MicroBatch":
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return MicroBatch(**moved)
+
+
+def _build(samples: Sequence[Sample], indices: Sequence[int], pad_to: int) -> MicroBatch:
+    """Concatenate ``samples[i] for i in indices`` into one row of ``pad_to`` (>= total length) tokens."""
+    total = sum(samples[i].num_tokens for i in indices)
+    T = max(pad_to, total)
+    tokens = torch.full((T,), PAD_ID, dtype=torch.long)
+    position_ids = torch.zeros(T, dtype=torch.long)
+    targets = torch.full((T,), PAD_ID, dtype=torch.long)
+    loss_mask = torch.zeros(T, dtype=torch.float32)
+    advantage = torch.zeros(T, dtype=torch.float32)
+    is_demo = torch.zeros(T, dtype=torch.bool)
+    seq_index = torch.full((T,), -1, dtype=torch.long)
+    seq_num_tokens = torch.zeros(T, dtype=torch.long)
+    old_logprob = torch.zeros(T, dtype=torch.float32)
+    any_engine = any(samples[i].engine_logprobs is not None for i in indices)
+    engine_logprob = torch.zeros(T, dtype=torch.float32) if any_engine else None
+    cu = [0]
+    start = 0
+    for i in indices:
+        s = samples[i]
+        P, R = len(s.prompt_ids), len(s.response_ids)
+        L = P + R
+        seq = torch.tensor(list(s.prompt_ids) + list(s.response_ids), dtype=torch.long)
+        tokens[start:start + L] = seq
+        position_ids[start:start + L] = torch.arange(L)
+        targets[start:start + L - 1] = seq[1:]
+        # response token j (0 <= j < R) is predicted at position start + P - 1 + j
+        pred = slice(start + P - 1, start + P - 1 + R)
+        loss_mask[pred] = 1.0
+        advantage[start:start + L] = float(s.advantage)
+        is_demo[start:start + L] = bool(s.is_demo)
+        seq_index[start:start + L] = i
+        seq_num_tokens[start:start + L] = R
+        if s.old_logprobs is not None:
+            old_logprob[pred] = torch.tensor(s.old_logprobs, dtype=torch.float32)
+        if s.engine_logprobs is not None:
+            engine_logprob[pred] = torch.tensor(s.engine_logprobs, dtype=torch.float32)
+        start += L
+        cu.append(start)
+    if T > start:  # trailing padding: its own segment, so it attends only to itself
+        position_ids[start:] = torch.arange(T - start)
+        cu.append(T)
+    cu_seqlens = torch.tensor(cu, dtype=torch.int32)
+    return MicroBatch(tokens=tokens[None], position_ids=position_ids[None], cu_seqlens=cu_seqlens, targets=targets,
+                      loss_mask=loss_mask, advantage=advantage, is_demo=is_demo, seq_index=seq_index,
+                      seq_num_tokens=seq_num_tokens, old_logprob=old_logprob, engine_logprob=engine_logprob,
+                      num_sequences=len(indices), max_seqlen=int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item()))
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def pack_micro_batches(samples: Sequence[Sample], micro_batch_tokens: int, *, packing: bool = True,
+                       pad_to_multiple: int = 1) -> list[MicroBatch]:
+    """Pack ``samples`` into micro-batches of at most ``micro_batch_tokens`` tokens each.
+
+    packing=True: first-fit-decreasing by sequence length (ties keep input order, so the result is
+    deterministic); a sequence longer than the budget gets a micro-batch of its own. packing=False: one sequence
+    per micro-batch, every row padded to the longest sequence (the padded reference layout).
+    ``pad_to_multiple`` pads each row's length up to a multiple (sequence parallelism needs T % TP == 0).
+    """
+    if micro_batch_tokens < 1:
+        raise ValueError(f"micro_batch_tokens: expected >= 1, got {micro_batch_tokens}")
+    if pad_to_multiple < 1:
+        raise ValueError(f"pad_to_multiple: expected >= 1, got {pad_to_multiple}")
+    for i, s in enumerate(samples):
+        s.check(f"samples[{i}]")
+    if not samples:
+        return []
+    if not packing:
+        longest = _round_up(max(s.num_tokens for s in samples), pad_to_multiple)
+        return [_build(samples, [i], longest) for i in range(len(samples))]
+    order = sorted(range(len(samples)), key=lambda i: (-samples[i].num_tokens, i))
+    bins: list[list[int]] = []
+    loads: list[int] = []
+    for i in order:
+        n = samples[i].num_tokens
+        for b, load in enumerate(loads):
+            if load + n <= micro_batch_tokens:
+                bins[b].append(i)
+                loads[b] += n
+                break
+        else:
+            bins.append([i])
+            loads.append(n)
+    return [_build(samples, b, _round_up(load, pad_to_multiple)) for b, load in zip(bins, loads)]
+
+
+def split_for_data_parallel(samples: Sequence[Sample], dp_size: int) -> list[list[int]]:
+    """Indices of ``samples`` for each DP rank, balanced by tokens (longest first onto the lightest rank).
+
+    Every rank gets a sequence before any gets a second (empty ranks are the lightest); each list keeps the
+    input order. A rank may still get none when there are fewer samples than ranks (see empty_micro_batch).
+    """
+    if dp_size < 1:
+        raise ValueError(f"dp_size: expected >= 1, got {dp_size}")
+    loads = [0] * dp_size
+    shards: list[list[int]] = [[] for _ in range(dp_size)]
+    for i in sorted(range(len(samples)), key=lambda i: (-samples[i].num_tokens, i)):
+        r = min(range(dp_size), key=lambda r: (loads[r], r))
+        shards[r].append(i)
+        loads[r] += samples[i].num_tokens
+    return [sorted(s) for s in shards]
+
+
+def empty_micro_batch() -> MicroBatch:
+    """A one-token micro-batch with nothing to learn (loss_mask 0): lets a DP rank without data join collectives."""
+    one = torch.zeros(1, dtype=torch.long)
+    return MicroBatch(tokens=one[None], position_ids=one[None], cu_seqlens=torch.tensor([0, 1], dtype=torch.int32),
+                      targets=one.clone(), loss_mask=torch.zeros(1), advantage=torch.zeros(1),
+                      is_demo=torch.zeros(1, dtype=torch.bool), seq_index=torch.full((1,), -1),
+                      seq_num_tokens=torch.zeros(1, dtype=torch.long), old_logprob=torch.zeros(1),
+                      engine_logprob=None, num_sequences=0, max_seqlen=1)
+
+
+def block_causal_mask(cu_seqlens: torch.Tensor, num_tokens: int, device=None) -> torch.Tensor:
+    """[1, 1, T, T] bool, True = masked: query i sees key j iff j <= i and both lie in the same segment."""
+    bounds = cu_seqlens.to(device=device, dtype=torch.long)
+    segment = torch.bucketize(torch.arange(num_tokens, device=device), bounds[1:], right=True)  # [T]
+    pos = torch.arange(num_tokens, device=device)
+    allowed = (segment[:, None] == segment[None, :]) & (pos[None, :] <= pos[:, None])
+    return (~allowed)[None, None]
+
+
+def _uses_transformer_engine(model) -> bool:
+    from ..models.builder import unwrap
+
+    return getattr(unwrap(model).config, "transformer_impl", "local") == "transformer_engine"
+
+
+def model_forward(model, mb: MicroBatch):
+    """Run one micro-batch through this rank's model chunk.
+
+    On the last pipeline stage returns logits [T, V_local] (this rank's vocab shard); on other stages returns
+    the hidden states Megatron sends downstream ([T, 1, H], or [T/TP, 1, H] with sequence parallelism).
+    Non-first stages take their input from ``set_input_tensor`` (the schedule does that); ``tokens`` is unused
+    there.
+    """
+    from ..models.builder import unwrap
+
+    inner = unwrap(model)
+    device = next(inner.parameters()).device
+    tokens = mb.tokens.to(device)
+    position_ids = mb.position_ids.to(device)
+    if _uses_transformer_engine(model):
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        # THD: TE's fused attention takes the packed row with cumulative lengths; RoPE restarts per sequence.
+        cu = mb.cu_seqlens.to(device=device, dtype=torch.int32)
+        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
+                                 cu_seqlens_kv_padded=cu, max_seqlen_q=mb.max_seqlen, max_seqlen_kv=mb.max_seqlen)
+        out = model(input_ids=tokens, position_ids=position_ids, attention_mask=None, packed_seq_params=packed)
+    else:
+        mask = block_causal_mask(mb.cu_seqlens, mb.num_tokens, device=device)
+        out = model(input_ids=tokens, position_ids=position_ids, attention_mask=mask)
+    if getattr(inner, "post_process", True):
+        return out[0]  # GPTModel returns [1, T, V_local] batch-first logits
+    return out
+
+
+def per_sequence_values(micro_batches: Sequence[MicroBatch], values: Sequence[torch.Tensor],
+                        num_samples: int) -> list[torch.Tensor]:
+    """Scatter per-token ``values[i]`` [T_i] of each micro-batch back to per-sample response-token tensors.
+
+    Returns a list of ``num_samples`` tensors [R_k] (in the order the samples were packed), e.g. old log-probs
+    to store in ``Sample.old_logprobs`` or engine/trainer mismatch per sequence.
+    """
+    out: list[Optional[torch.Tensor]] = [None] * num_samples
+    for mb, v in zip(micro_batches, values):
+        v = v.detach().to("cpu")
+        for s in range(mb.num_sequences):
+            a, b = int(mb.cu_seqlens[s]), int(mb.cu_seqlens[s + 1])
+            k = int(mb.seq_index[a])
+            sel = mb.loss_mask[a:b] > 0
+            out[k] = v[a:b][sel]
+    missing = [k for k, t in enumerate(out) if t is None]
+    if missing:
+        raise ValueError(f"per_sequence_values: samples {missing[:5]} are in none of the micro-batches")
+    return out  # type: ignore[return-value]

@@ -1,0 +1,25 @@
+"""``srft train --config X.yaml [key.sub=value ...]`` (under torchrun for more than one rank)."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", help="YAML config (see docs/config.md); optional if everything is overridden")
+    p.add_argument("--resume", choices=["auto", "never", "must"], default=None,
+                   help="override checkpoint.resume (default: the config's, 'auto')")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.num_steps=10")
+
+
+def main(args) -> int:
+    from ..config import load_config
+    from .loop import train
+
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    cfg = load_config(args.config, overrides)  # world-size checks run once the ranks are up
+    metrics = train(cfg)
+    print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, sort_keys=True))
+    return 0

@@ -1,0 +1,123 @@
+"""Run metrics: ``RUN_DIR/metrics.jsonl`` (one line per step), optional TensorBoard, a console progress line.
+
+Only the logging rank writes. Values are plain floats; the step's wall-clock phases are recorded as
+``time/<phase>`` so a user can see where a step's time goes (rollout, reward, old_logprob, train, sync, ...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+
+class PhaseTimer:
+    """``with timer("rollout"): ...`` accumulates seconds per phase for the current step."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def as_metrics(self) -> dict[str, float]:
+        return {f"time/{k}": v for k, v in self.seconds.items()}
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | Path, *, enabled: bool, total_steps: int, tensorboard: bool = False,
+                 progress_bar: bool = True, log_every: int = 1) -> None:
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.progress_bar = progress_bar
+        self.log_every = log_every
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._tb = None
+        self._t0 = time.time()
+        self._first_step: Optional[int] = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except Exception as e:  # the package is optional
+                raise RuntimeError("logging.tensorboard: needs the 'tensorboard' package (pip install tensorboard)") \
+                    from e
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop lines of steps that the restored checkpoint had not reached (a killed run's tail)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        self.path.write_text("".join(ln + "\n" for ln in kept))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _clean(v) for k, v in sorted(metrics.items())}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+        if self._first_step is None:
+            self._first_step = step
+            self._t0 = time.time()
+        if step % self.log_every == 0 or step == self.total_steps:
+            self._print(step, row)
+
+    def _print(self, step: int, row: dict) -> None:
+        done = step - (self._first_step or 0)
+        elapsed = time.time() - self._t0
+        remaining = self.total_steps - step
+        eta = elapsed / max(done, 1) * remaining if done else float("nan")
+        keys = ["reward/mean", "accuracy/rollout", "loss/total", "entropy/rollout", "entropy/demo", "weight/sft_mean",
+                "weight/rl_mean", "response/length_mean", "eval/accuracy"]
+        parts = [f"{k.split('/')[-1] if k != 'eval/accuracy' else 'eval_acc'}={row[k]:.4g}" for k in keys
+                 if isinstance(row.get(k), (int, float))]
+        width = 20
+        filled = int(width * step / max(self.total_steps, 1))
+        bar = "#" * filled + "." * (width - filled)
+        eta_s = "?" if math.isnan(eta) else f"{eta:.0f}s"
+        if self.progress_bar:
+            print(f"[{bar}] step {step}/{self.total_steps} eta {eta_s} | " + " ".join(parts), file=sys.stderr,
+                  flush=True)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _clean(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return None
+    return v
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (is this a run directory?)")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}:{i}: not valid JSON") from None
+    return rows

@@ -1,0 +1,245 @@
+"""The Megatron adapter: the one place that owns Megatron's loss-scaling contract.
+
+The pure loss (``algorithms.losses.srft_objective``) returns, per micro-batch m on DP rank r, its SHARE
+``l_{r,m}`` of the mini-batch loss, normalised with mini-batch-global counts (:func:`compute_normalizers`), so
+
+    L = sum_r sum_m l_{r,m}                                                                       (1)
+
+independently of micro-batching, packing and the DP/PP/TP layout. This module makes Megatron's gradient
+equal dL/dtheta exactly. The mode is chosen on purpose: megatron-core 0.16's default,
+``TransformerConfig.calculate_per_token_loss = False`` (what ``models.builder`` builds). In that mode
+
+  * the schedule (``forward_step_calc_loss``) takes a loss_func returning ``(loss, reduced)`` and
+    back-propagates ``loss * cp_size / M_r`` (M_r = micro-batches on rank r; cp_size = 1 here);
+  * Megatron DDP pre-scales each rank's grads by 1 / dp_size and SUMS over DP (or averages in the collective;
+    both give the DP mean).
+
+So the loss_func returns ``l_{r,m} * M_r * dp_size`` and the gradient after the DP reduction is
+
+    (1 / dp) * sum_r sum_m (1 / M_r) * d(l_{r,m} * M_r * dp) / dtheta  =  sum_r sum_m dl_{r,m}/dtheta = dL/dtheta.
+
+(The other mode, ``calculate_per_token_loss = True``, divides by a token count that Megatron all-reduces; our
+normalisers are already global and per-algorithm, so that division would have to be undone.) The factor is a
+power of two in the usual layouts; otherwise it costs one rounding of the scalar loss.
+
+Megatron's schedules read the parallel state globals (set by ``parallel.init_distributed``); everything else
+here uses the groups passed in as :class:`ParallelGroups`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..parallel import ParallelGroups
+from .batch import MicroBatch, empty_micro_batch, model_forward
+
+__all__ = ["compute_normalizers", "forward_logprobs", "train_minibatch", "token_batch", "configure_schedule"]
+
+
+def _all_reduce_sum(t: torch.Tensor, group, size: int) -> torch.Tensor:
+    if size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def compute_normalizers(micro_batches: Sequence[MicroBatch], settings, groups: ParallelGroups):
+    """The mini-batch-global denominators, computed once before the micro-batch loop.
+
+    Counts are summed over this rank's micro-batches and all-reduced over DP (ranks of one model replica hold
+    the same micro-batches, so TP/PP need no reduction): loss tokens, sequences, and their demo/rollout splits.
+    """
+    from ..algorithms.losses import Normalizers
+
+    counts = torch.zeros(6, dtype=torch.float64)
+    for mb in micro_batches:
+        mask = mb.loss_mask > 0
+        demo_seq = torch.zeros(0, dtype=torch.bool)
+        if mb.num_sequences:
+            demo_seq = mb.is_demo[mb.cu_seqlens[:mb.num_sequences].long()]
+        counts += torch.tensor([
+            float(mask.sum()),
+            float(mb.num_sequences),
+            float((mask & mb.is_demo).sum()),
+            float((mask & ~mb.is_demo).sum()),
+            float(demo_seq.sum()),
+            float((~demo_seq).sum()),
+        ], dtype=torch.float64)
+    counts = _all_reduce_sum(counts.to(groups.device), groups.dp_group, groups.dp_size).cpu()
+    return Normalizers.from_counts(
+        num_tokens=int(counts[0]), num_sequences=int(counts[1]), num_demo_tokens=int(counts[2]),
+        num_rollout_tokens=int(counts[3]), num_demo_sequences=int(counts[4]),
+        num_rollout_sequences=int(counts[5]), settings=settings,
+    )
+
+
+def token_batch(mb: MicroBatch, logprob: torch.Tensor, entropy: torch.Tensor):
+    """The pure loss's input for one micro-batch: the model's per-token log-probs/entropies plus the batch."""
+    from ..algorithms.losses import TokenBatch
+
+    dev = logprob.device
+    return TokenBatch(
+        logprob=logprob, entropy=entropy, old_logprob=mb.old_logprob.to(dev), advantage=mb.advantage.to(dev),
+        is_demo=mb.is_demo.to(dev), loss_mask=mb.loss_mask.to(dev), seq_index=mb.seq_index.to(dev),
+        seq_num_tokens=mb.seq_num_tokens.to(dev),
+        engine_logprob=None if mb.engine_logprob is None else mb.engine_logprob.to(dev),
+    )
+
+
+def configure_schedule(chunks: list, optimizer=None) -> Any:
+    """Give the shared TransformerConfig what Megatron's schedules call back into (idempotent).
+
+    finalize_model_grads: DP reduction, TP-replicated (norm) grads, tied-embedding grads across PP stages;
+    grad_scale_func: the fp16 loss scale (identity for fp32/bf16); no_sync_func: one DP reduction per mini-batch.
+    """
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(chunks[0])
+    if config.calculate_per_token_loss:
+        raise ValueError("training.step: expects TransformerConfig.calculate_per_token_loss=False "
+                         "(this module's loss-scaling contract; see its docstring)")
+    if getattr(config, "context_parallel_size", 1) != 1:
+        raise ValueError("training.step: context parallelism is not supported in this release")
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss if optimizer is not None else None
+    no_sync = [c.no_sync for c in chunks if hasattr(c, "no_sync")]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else (no_sync or None)
+    return config
+
+
+def _schedule(chunks, micro_batches, forward_step, forward_only: bool):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    func = get_forward_backward_func()
+    return func(forward_step_func=forward_step, data_iterator=iter(micro_batches), model=chunks,
+                num_microbatches=len(micro_batches), seq_length=max(mb.num_tokens for mb in micro_batches),
+                micro_batch_size=1, forward_only=forward_only)
+
+
+def _last_stage_rank(groups: ParallelGroups) -> int:
+    return dist.get_global_rank(groups.pp_group, groups.pp_size - 1)
+
+
+def forward_logprobs(chunks: list, micro_batches: Sequence[MicroBatch], groups: ParallelGroups,
+                     vocab_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Forward only, through Megatron's pipeline schedule: per micro-batch (logprob [T], entropy [T]) fp32, CPU.
+
+    Values at position t are for target ``mb.targets[t]`` (meaningful where ``loss_mask`` is 1). Available on
+    EVERY rank of the model-parallel group: TP ranks agree by construction, the last PP stage broadcasts.
+    """
+    from ..ops.logprob import vocab_parallel_logprob_entropy
+
+    if not micro_batches:
+        return []
+    configure_schedule(chunks)
+    results: list[torch.Tensor] = []
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        out = model_forward(model, mb)
+
+        def loss_func(logits):
+            lp, ent = vocab_parallel_logprob_entropy(logits, mb.targets.to(logits.device), tp_group=groups.tp_group,
+                                                     vocab_size=vocab_size)
+            results.append(torch.stack([lp, ent]).float())
+            return logits.new_zeros(()), {}
+
+        return out, loss_func
+
+    with torch.no_grad():
+        _schedule(chunks, list(micro_batches), forward_step, forward_only=True)
+    sizes = [mb.num_tokens for mb in micro_batches]
+    if groups.is_last_pp_stage:
+        flat = torch.cat(results, dim=1)
+    else:
+        flat = torch.empty(2, sum(sizes), dtype=torch.float32, device=groups.device)
+    if groups.pp_size > 1:
+        dist.broadcast(flat, src=_last_stage_rank(groups), group=groups.pp_group)
+    flat = flat.cpu()
+    return [(p[0], p[1]) for p in torch.split(flat, sizes, dim=1)]
+
+
+def _reduce_metrics(metrics: dict[str, tuple[float, float]], groups: ParallelGroups) -> dict[str, tuple[float, float]]:
+    """Broadcast the last stage's (sum, count) metrics over PP, then sum over DP. Names may differ per DP rank."""
+    if groups.pp_size > 1:
+        box = [metrics if groups.is_last_pp_stage else None]
+        dist.broadcast_object_list(box, src=_last_stage_rank(groups), group=groups.pp_group)
+        metrics = box[0]
+    if groups.dp_size > 1:
+        gathered: list[Optional[dict]] = [None] * groups.dp_size
+        dist.all_gather_object(gathered, metrics, group=groups.dp_group)
+        total: dict[str, tuple[float, float]] = {}
+        for part in gathered:
+            for k, (s, c) in part.items():
+                s0, c0 = total.get(k, (0.0, 0.0))
+                total[k] = (s0 + s, c0 + c)
+        metrics = total
+    return metrics
+
+
+def train_minibatch(chunks: list, optimizer, micro_batches: Sequence[MicroBatch], settings, groups: ParallelGroups,
+                    vocab_size: int, *, loss_fn: Optional[Callable] = None, norm=None) -> dict[str, float]:
+    """One optimizer step on this rank's micro-batches of a mini-batch; returns metrics reduced over DP.
+
+    ``loss_fn(batch: TokenBatch, settings, norm) -> (loss_share, {name: (sum, count)})`` defaults to
+    ``srft_objective``; ``norm`` defaults to :func:`compute_normalizers` (pass it when the mini-batch was
+    counted elsewhere). Gradient = d(sum of loss shares over micro-batches and DP)/dtheta exactly (module doc).
+    A DP rank without micro-batches runs one empty micro-batch (loss 0) so the collectives line up.
+
+    Returns ``loss`` (the mini-batch loss, eq. (1)), every metric as sum/count, ``grad_norm`` (before
+    clipping), ``num_skipped`` (1 when the fp16 scaler found inf/nan and skipped the update) and
+    ``num_micro_batches`` (this rank's).
+    """
+    if loss_fn is None:
+        from ..algorithms.losses import srft_objective as loss_fn
+    from ..ops.logprob import vocab_parallel_logprob_entropy
+
+    mbs = list(micro_batches) or [empty_micro_batch()]
+    if norm is None:
+        norm = compute_normalizers(list(micro_batches), settings, groups)
+    config = configure_schedule(chunks, optimizer)
+    for c in chunks:
+        if hasattr(c, "zero_grad_buffer"):
+            c.zero_grad_buffer()
+    optimizer.zero_grad()
+
+    num_mb = len(mbs)
+    undo_schedule = float(num_mb * groups.dp_size)  # cancels the schedule's 1/M_r and DDP's 1/dp (module doc)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    metric_sums: dict[str, list[float]] = {}
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        out = model_forward(model, mb)
+
+        def loss_func(logits):
+            nonlocal loss_sum
+            lp, ent = vocab_parallel_logprob_entropy(logits, mb.targets.to(logits.device), tp_group=groups.tp_group,
+                                                     vocab_size=vocab_size)
+            loss, metrics = loss_fn(token_batch(mb, lp, ent), settings, norm)
+            loss_sum = loss_sum + loss.detach().double().cpu()
+            for k, (s, c) in metrics.items():
+                acc = metric_sums.setdefault(k, [0.0, 0.0])
+                acc[0] += float(s)
+                acc[1] += float(c)
+            return loss * undo_schedule, {}
+
+        return out, loss_func
+
+    _schedule(chunks, mbs, forward_step, forward_only=False)
+    update_successful, grad_norm, _ = optimizer.step()
+
+    local = {k: (v[0], v[1]) for k, v in metric_sums.items()}
+    local["loss"] = (float(loss_sum), 1.0)
+    reduced = _reduce_metrics(local, groups)
+    out = {k: (s / c if c > 0 else float("nan")) for k, (s, c) in reduced.items() if k != "loss"}
+    out["loss"] = reduced["loss"][0]  # sum of shares over micro-batches and DP = the mini-batch loss
+    out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    out["num_skipped"] = 0.0 if update_successful else 1.0
+    out["num_micro_batches"] = float(num_mb)
+    del config
+    return out

@@ -1,0 +1,103 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from megatron_srft.data.dataset import DataError, Problem, load_problems, tokenize_problems
+from megatron_srft.models.tiny import make_char_tokenizer
+
+SHARED = "/work/shared/data"
+
+
+def _jsonl(tmp_path, rows, name="d.jsonl"):
+    p = tmp_path / name
+    p.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return p
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return make_char_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=128)
+
+
+def test_our_layout_jsonl(tmp_path):
+    p = _jsonl(tmp_path, [
+        {"prompt": "1+2", "answer": "3", "demonstration": "1+2=3. \\boxed{3}"},
+        {"prompt": [{"role": "user", "content": "2+2"}], "answer": 4, "data_source": "arith"},
+        "",
+    ])
+    probs = load_problems(p)
+    assert probs[0] == Problem("1+2", "3", "1+2=3. \\boxed{3}", "d", f"{p}:1")
+    assert probs[1].prompt == [{"role": "user", "content": "2+2"}]
+    assert probs[1].answer == "4" and probs[1].demonstration is None and probs[1].data_source == "arith"
+
+
+def test_verl_layout_parquet(tmp_path):
+    rows = [{"data_source": "openr1", "prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],
+             "ability": "math", "reward_model": {"ground_truth": "\\frac{1}{2}", "style": "rule"},
+             "target": [{"role": "assistant", "content": "<think>\nx</think>\n\\boxed{\\frac12}"}],
+             "extra_info": {"index": 0}}]
+    p = tmp_path / "t.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), p)
+    (pr,) = load_problems(p, require_demo=True)
+    assert pr.answer == "\\frac{1}{2}" and pr.demonstration.startswith("<think>") and pr.data_source == "openr1"
+    assert pr.source == f"{p}:row 0" and pr.prompt[0]["role"] == "system"
+
+
+@pytest.mark.parametrize("name,n,sources", [("math_eval", 2019, {"aime", "amc", "math", "minerva", "olympiad_bench"}),
+                                            ("ood_arc_c", 1172, {"arc_c"}), ("ood_gpqa", 198, {"gpqa"})])
+def test_shared_parquet_files(name, n, sources):
+    probs = load_problems(f"{SHARED}/{name}.parquet")
+    assert len(probs) == n and {p.data_source for p in probs} == sources
+    assert all(isinstance(p.prompt, list) and p.prompt[0]["role"] == "system" and p.answer for p in probs)
+
+
+@pytest.mark.parametrize("row,msg", [
+    ({"answer": "1"}, "d.jsonl:2: prompt: missing field"),
+    ({"prompt": "x"}, "d.jsonl:2: answer: missing field"),
+    ({"prompt": "x", "answer": "1", "demonstration": "  "}, "d.jsonl:2: demonstration: empty demonstration"),
+    ({"prompt": "x", "answer": 1.5}, "d.jsonl:2: answer: expected a string, got float"),
+    ({"prompt": 3, "answer": "1"}, "d.jsonl:2: prompt: expected a non-empty list of chat messages, got int"),
+    ({"prompt": [{"role": "bot", "content": "x"}], "answer": "1"}, "d.jsonl:2: prompt[0].role: expected one of"),
+    ({"prompt": "x", "answer": "1", "target": []}, "d.jsonl:2: target: expected a non-empty list"),
+    ({"prompt": "x", "reward_model": {"style": "rule"}}, "d.jsonl:2: answer: missing field"),
+    ("{not json", "d.jsonl:2: not valid JSON"),
+    ("[1, 2]", "d.jsonl:2: expected a JSON object per line, got list"),
+])
+def test_malformed_rows_name_file_line_field(tmp_path, row, msg):
+    p = _jsonl(tmp_path, [{"prompt": "ok", "answer": "1"}, row])
+    with pytest.raises(DataError) as e:
+        load_problems(p)
+    assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_require_demo_and_bad_files(tmp_path):
+    p = _jsonl(tmp_path, [{"prompt": "ok", "answer": "1"}])
+    with pytest.raises(DataError, match=r"d.jsonl:1: demonstration: missing field"):
+        load_problems(p, require_demo=True)
+    with pytest.raises(DataError, match="data file not found"):
+        load_problems(tmp_path / "nope.jsonl")
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match="unsupported data file type"):
+        load_problems(tmp_path / "x.csv")
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        load_problems(tmp_path / "bad.parquet")
+    bad = [{"prompt": "q", "reward_model": {"ground_truth": "1"}, "target": [{"role": "assistant", "content": ""}]}]
+    pq.write_table(pa.Table.from_pylist(bad), tmp_path / "e.parquet")
+    with pytest.raises(DataError, match=r"e.parquet:row 0: target\[0\].content: empty demonstration"):
+        load_problems(tmp_path / "e.parquet")
+
+
+def test_tokenize_filters_and_counts(tok, tmp_path):
+    probs = [Problem("1+2", "3", "1+2=3", "a", "f:1"),
+             Problem("9" * 50, "9", None, "a", "f:2"),  # prompt too long
+             Problem("1", "1", "x" * 40, "a", "f:3"),  # demo too long
+             Problem("5", "5", None, "b", "f:4")]
+    out = tokenize_problems(probs, tok, "chat", max_prompt_length=20, max_response_length=10)
+    assert len(out) == 2 and out.num_dropped_prompt == 1 and out.num_dropped_demo == 1 and out.num_dropped == 2
+    t = out[0]
+    assert tok.decode(t.prompt_ids) == "Q:1+2\nA:"
+    assert t.demo_ids[-1] == tok.eos_token_id and tok.decode(t.demo_ids[:-1]) == "1+2=3"
+    assert out[1].demo_ids is None and out[1].data_source == "b" and out[1].answer == "5"

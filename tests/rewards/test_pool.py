@@ -1,0 +1,49 @@
+import time
+
+import pytest
+
+from megatron_srft.data.dataset import load_problems
+from megatron_srft.rewards.pool import RewardPool
+
+
+def sleepy_reward(response, answer, *, require_think=False):
+    """Module level so spawned workers can import it: 'hang' hangs, 'boom' raises, else exact."""
+    if response == "hang":
+        time.sleep(600)
+    if response == "boom":
+        raise ValueError("verifier bug")
+    return float(response == answer)
+
+
+def test_every_math_eval_ground_truth_scores_one():
+    probs = load_problems("/work/shared/data/math_eval.parquet")
+    responses = [f"<think>\nwork</think>\nThe answer is \\boxed{{{p.answer}}}" for p in probs]
+    answers = [p.answer for p in probs]
+    with RewardPool("math", timeout_s=30, num_workers=2, require_think=True) as pool:
+        scores, num_timeouts = pool.score(responses, answers)
+        assert num_timeouts == 0
+        assert [p.source for p, s in zip(probs, scores) if s != 1.0] == []
+        # and a wrong answer scores 0, through the same pool
+        scores, _ = pool.score(["<think>x</think>\\boxed{204}", "\\boxed{204}", "<think>x</think>no box"],
+                               ["205", "204", "204"])
+        assert scores == [0.0, 0.0, 0.0]
+
+
+def test_timeout_kills_and_replaces_worker():
+    with RewardPool(sleepy_reward, timeout_s=1.0, num_workers=2, require_think=False) as pool:
+        t0 = time.monotonic()
+        scores, num_timeouts = pool.score(["a", "hang", "b", "boom", "hang", "c"], ["a", "x", "x", "x", "x", "c"])
+        assert time.monotonic() - t0 < 30
+        assert scores == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0] and num_timeouts == 2
+        assert pool.total_restarts == 2 and pool.total_timeouts == 2
+        scores, num_timeouts = pool.score(["z"] * 5, ["z"] * 5)  # the replacements work
+        assert scores == [1.0] * 5 and num_timeouts == 0
+
+
+def test_pool_arguments():
+    with pytest.raises(ValueError, match="unknown reward 'nope'"):
+        RewardPool("nope", timeout_s=1, num_workers=1, require_think=False)
+    with RewardPool("exact", timeout_s=5, num_workers=1, require_think=False) as pool:
+        assert pool.score([], []) == ([], 0)
+        with pytest.raises(ValueError, match="2 responses but 1 answers"):
+            pool.score(["a", "b"], ["a"])

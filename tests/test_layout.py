@@ -1,0 +1,161 @@
+"""Layout validation and memory arithmetic against the real ArchSpecs of public models (config.json values)."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_srft.config import ConfigError, SRFTConfig
+from megatron_srft.layout import memory_per_gpu, params_per_gpu, validate_layout
+from megatron_srft.models.arch import arch_from_hf_config
+
+# Values from the models' public config.json files on the Hugging Face Hub.
+QWEN25_7B = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu", "hidden_size": 3584,
+    "intermediate_size": 18944, "max_position_embeddings": 131072, "num_attention_heads": 28,
+    "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+    "sliding_window": 131072, "use_sliding_window": False, "tie_word_embeddings": False, "vocab_size": 152064,
+}
+# Qwen2.5-Math-7B: the same shapes, 4k positions and rope theta 10k as released.
+QWEN25_MATH_7B = QWEN25_7B | {"max_position_embeddings": 4096, "rope_theta": 10000.0, "sliding_window": 4096}
+QWEN25_32B = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu", "hidden_size": 5120,
+    "intermediate_size": 27648, "max_position_embeddings": 131072, "num_attention_heads": 40,
+    "num_hidden_layers": 64, "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0,
+    "use_sliding_window": False, "tie_word_embeddings": False, "vocab_size": 152064,
+}
+LLAMA3_70B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "hidden_size": 8192,
+    "intermediate_size": 28672, "max_position_embeddings": 8192, "num_attention_heads": 64,
+    "num_hidden_layers": 80, "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+    "tie_word_embeddings": False, "vocab_size": 128256, "attention_bias": False, "mlp_bias": False,
+}
+
+
+def arch(d):
+    return arch_from_hf_config(d, "test-config.json")
+
+
+def cfg_with(tp=1, pp=1, vpp=None, sp=False, rollout_tp=1, prompt=1024, response=8192, micro_tokens=16384,
+             step=128, minibatch=64) -> SRFTConfig:
+    """A config built directly (not through load_config), so validate_layout is the only check that runs."""
+    c = SRFTConfig()
+    c.parallel.tensor_model_parallel_size = tp
+    c.parallel.pipeline_model_parallel_size = pp
+    c.parallel.virtual_pipeline_model_parallel_size = vpp
+    c.parallel.sequence_parallel = sp
+    c.rollout.tensor_parallel_size = rollout_tp
+    c.data.max_prompt_length, c.data.max_response_length = prompt, response
+    c.train.micro_batch_tokens = micro_tokens
+    c.train.prompts_per_step, c.train.prompts_per_minibatch = step, minibatch
+    return c
+
+
+def expect_error(field: str, words: str, cfg: SRFTConfig, spec, world: int) -> str:
+    with pytest.raises(ConfigError) as e:
+        validate_layout(cfg, spec, world)
+    msg = str(e.value)
+    assert msg.startswith(field), msg
+    assert words in msg, msg
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.mark.parametrize("spec,tp,pp,vpp,world,rtp", [
+    (QWEN25_7B, 2, 1, None, 32, 2),
+    (QWEN25_7B, 4, 1, None, 64, 4),
+    (QWEN25_32B, 4, 2, None, 32, 4),
+    (QWEN25_32B, 8, 2, 4, 64, 8),
+    (LLAMA3_70B, 8, 4, None, 64, 8),
+    (LLAMA3_70B, 8, 2, 5, 64, 16),  # vLLM TP 16 > 8 KV heads: replicated, allowed
+])
+def test_valid_layouts_pass(spec, tp, pp, vpp, world, rtp):
+    response = 8192 if spec is not LLAMA3_70B else 6144  # Llama-3 has 8k positions
+    validate_layout(cfg_with(tp=tp, pp=pp, vpp=vpp, sp=tp > 1, rollout_tp=rtp, response=response), arch(spec), world)
+
+
+def test_tp_must_divide_heads_kv_heads():
+    expect_error("parallel.tensor_model_parallel_size", "num_attention_heads (28)", cfg_with(tp=8), arch(QWEN25_7B), 8)
+    # 7 divides 28 heads but not 4 KV heads
+    expect_error("parallel.tensor_model_parallel_size", "num_key_value_heads (4)", cfg_with(tp=7), arch(QWEN25_7B), 7)
+
+
+def test_pp_must_divide_layers_including_virtual_stages():
+    expect_error("parallel.pipeline_model_parallel_size", "num_hidden_layers (28)", cfg_with(pp=3), arch(QWEN25_7B), 3)
+    msg = expect_error("parallel.pipeline_model_parallel_size", "num_hidden_layers (64)", cfg_with(tp=4, pp=4, vpp=3),
+                       arch(QWEN25_32B), 16)
+    assert "3 virtual" in msg
+
+
+def test_world_must_be_divisible_by_model_parallel_size():
+    expect_error("parallel", "world size 48", cfg_with(tp=8, pp=4, response=6144), arch(LLAMA3_70B), 48)
+
+
+def test_vocab_padding_multiple_of_tp():
+    c = cfg_with(tp=8, response=6144)
+    c.model.make_vocab_size_divisible_by = 4
+    expect_error("model.make_vocab_size_divisible_by", "not a multiple", c, arch(LLAMA3_70B), 8)
+
+
+def test_sequence_parallel_needs_tp():
+    expect_error("parallel.sequence_parallel", "> 1", cfg_with(tp=1, sp=True), arch(QWEN25_7B), 8)
+
+
+def test_fp8_without_gpu_is_a_config_error():
+    c = cfg_with(tp=2)
+    c.model.fp8 = "e4m3"
+    expect_error("model.fp8", "Transformer Engine and a CUDA GPU", c, arch(QWEN25_7B), 8)
+    c = cfg_with(tp=2)
+    c.model.transformer_impl = "transformer_engine"
+    expect_error("model.transformer_impl", "CUDA GPU", c, arch(QWEN25_7B), 8)
+
+
+def test_batches_divisible_by_dp():
+    expect_error("train.prompts_per_step", "data-parallel size (48", cfg_with(), arch(QWEN25_7B), 48)
+    expect_error("train.prompts_per_minibatch", "data-parallel size (128)", cfg_with(), arch(QWEN25_7B), 128)
+
+
+def test_rollout_tp():
+    expect_error("rollout.tensor_parallel_size", "world size (8)", cfg_with(rollout_tp=16), arch(QWEN25_7B), 8)
+    expect_error("rollout.tensor_parallel_size", "num_attention_heads (28)", cfg_with(rollout_tp=8), arch(QWEN25_7B), 8)
+    expect_error("rollout.tensor_parallel_size", "num_key_value_heads (8)", cfg_with(rollout_tp=5, step=120,
+                 minibatch=40), arch(QWEN25_32B), 40)
+
+
+def test_lengths_fit_positions_and_micro_batch():
+    # Qwen2.5-Math-7B as released has 4k positions: the paper raises them to 16k (rope theta 40k) in config.json.
+    msg = expect_error("data.max_response_length", "max_position_embeddings (4096)", cfg_with(tp=2),
+                       arch(QWEN25_MATH_7B), 8)
+    assert "9216" in msg
+    validate_layout(cfg_with(tp=2), arch(QWEN25_MATH_7B | {"max_position_embeddings": 16384, "rope_theta": 40000.0}), 8)
+    expect_error("train.micro_batch_tokens", "9216", cfg_with(tp=2, micro_tokens=8192), arch(QWEN25_7B), 8)
+    c = cfg_with(tp=2)
+    c.rollout.max_model_len = 4096
+    expect_error("rollout.max_model_len", "got 4096", c, arch(QWEN25_7B), 8)
+
+
+@pytest.mark.parametrize("spec,billions", [(QWEN25_7B, 7.62), (QWEN25_32B, 32.76), (LLAMA3_70B, 70.55)])
+def test_param_count_matches_published_sizes(spec, billions):
+    a = arch(spec)
+    n = params_per_gpu(a, tp=1, pp=1, padded_vocab=a.vocab_size)
+    assert abs(n / 1e9 - billions) / billions < 0.005, n
+    # Splitting by TP x PP: every GPU holds about 1/(TP*PP) of it (plus the embedding on the last stage).
+    tp, pp = (8 if a.num_query_groups >= 8 else 4), 2
+    n_split = params_per_gpu(a, tp=tp, pp=pp, padded_vocab=a.vocab_size)
+    assert n / (tp * pp) < n_split < n / (tp * pp) + a.vocab_size * a.hidden_size / tp
+
+
+def test_memory_formula_distributed_optimizer():
+    """bf16 params + fp32 grads + 12 bytes of fp32 optimizer state sharded over DP (Megatron: 6 + 12/d)."""
+    a = arch(LLAMA3_70B)
+    c = cfg_with(tp=8, pp=4, sp=True, rollout_tp=8, response=6144)
+    c.model.recompute_granularity, c.model.recompute_method, c.model.recompute_num_layers = "full", "uniform", 1
+    est = memory_per_gpu(c, a, world_size=64)
+    n = est.params_per_gpu
+    assert est.weights == 2 * n and est.grads == 4 * n and est.optimizer == 12 * n // 2
+    c.parallel.use_distributed_optimizer = False
+    assert memory_per_gpu(c, a, world_size=64).optimizer == 12 * n
+    c.model.params_dtype = "fp32"
+    assert memory_per_gpu(c, a, world_size=64).optimizer == 8 * n
+    # Full recompute keeps far less than storing every layer's activations.
+    c2 = cfg_with(tp=8, pp=4, sp=True, rollout_tp=8, response=6144)
+    assert memory_per_gpu(c2, a, 64).activations > 5 * est.activations

@@ -1,0 +1,146 @@
+"""Shared by the parallel-invariance tests: a tiny HF model, a rank-side run at any layout, plain CE loss.
+
+``run_layout`` runs inside a rank (spawned by ``tests.dist.run_ranks``): it starts Megatron at the given TP/PP
+(DP = world / (TP * PP)), builds the model from the HF directory, splits the samples over DP, trains one
+mini-batch with ``train_minibatch`` and returns what the tests compare, as full (unsharded) HF-named tensors.
+"""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+
+VOCAB = 112  # padded to 128 by make_vocab_size_divisible_by=64: exercises the padded-column masking
+
+
+def make_model_dir(path) -> str:
+    from megatron_srft.models.tiny import make_tiny_hf_model
+
+    make_tiny_hf_model(path, family="qwen2", seed=0, vocab_size=VOCAB, hidden_size=128, num_layers=2, num_heads=4,
+                       num_kv_heads=2, intermediate_size=256, tie_word_embeddings=True)
+    return str(path)
+
+
+def make_samples(n: int = 8, seed: int = 0, group_size: int = 4):
+    """Groups of ``group_size`` with one demo each, mixed rewards, varied lengths, old/engine log-probs set."""
+    from megatron_srft.training.batch import Sample
+
+    rng = random.Random(seed)
+    out = []
+    for k in range(n):
+        P, R = rng.randint(2, 7), rng.randint(2, 11)
+        is_demo = k % group_size == 0
+        out.append(Sample(prompt_ids=[rng.randint(4, VOCAB - 1) for _ in range(P)],
+                          response_ids=[rng.randint(4, VOCAB - 1) for _ in range(R)],
+                          advantage=rng.choice([-1.0, -0.5, 0.5, 1.0]), is_demo=is_demo, group=k // group_size,
+                          reward=float(rng.random() < 0.5),
+                          old_logprobs=[-rng.uniform(3.5, 5.5) for _ in range(R)],
+                          engine_logprobs=[-rng.uniform(3.5, 5.5) for _ in range(R)]))
+    return out
+
+
+def ce_loss(batch, settings, norm):
+    """Plain next-token NLL over loss tokens, token-mean over the whole mini-batch: sum(-logp * mask) / N."""
+    mask = batch.loss_mask.to(batch.logprob.dtype)
+    nll = -(batch.logprob * mask).sum()
+    loss = nll / norm.num_tokens
+    return loss, {"nll": (nll.detach(), mask.sum().detach()), "entropy": ((batch.entropy * mask).sum().detach(),
+                                                                          mask.sum().detach())}
+
+
+def setup_rank(hf_dir: str, tp: int, pp: int, *, use_distributed_optimizer: bool = True):
+    """Start Megatron at TP x PP on this rank; returns (groups, handle, optimizer, arch)."""
+    from megatron_srft.config import ModelConfig, OptimizerConfig, ParallelConfig
+    from megatron_srft.models.arch import load_arch
+    from megatron_srft.models.builder import build_model, build_optimizer
+    from megatron_srft.models.mapping import load_hf_into_model
+    from megatron_srft.parallel import init_distributed
+
+    pcfg = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                          use_distributed_optimizer=use_distributed_optimizer)
+    mcfg = ModelConfig(params_dtype="fp32", transformer_impl="local", make_vocab_size_divisible_by=64)
+    groups = init_distributed(pcfg, seed=1234)
+    arch = load_arch(hf_dir)
+    handle = build_model(arch, mcfg, pcfg)
+    load_hf_into_model(handle.chunks, arch, hf_dir, groups)  # before the optimizer copies master weights
+    # Megatron's distributed optimizer is Adam-only. Adam's first step is -lr * g / (|g| + eps) (bias-corrected
+    # moments are g and g^2); with lr = eps = 1e4 that is -g * (1 - |g|/1e4 + ...): linear in the gradient to
+    # ~1e-5 relative, so parameters after one step compare gradients (Adam's usual eps would compare sign(g)).
+    ocfg = OptimizerConfig(name="adam", lr=1e4, adam_eps=1e4, clip_grad=0.0)
+    opt = build_optimizer(handle, ocfg, mcfg, pcfg)
+    return groups, handle, opt, arch
+
+
+def full_params(handle, arch, groups) -> dict[str, torch.Tensor]:
+    from megatron_srft.models.mapping import export_hf_weights
+
+    return {n: t.detach().cpu().clone() for n, t in export_hf_weights(handle.chunks, arch, groups)}
+
+
+def run_layout(hf_dir: str, tp: int, pp: int, samples, micro_batch_tokens: int, *, packing: bool = True,
+               loss: str = "ce", preset: Optional[str] = None, want_logits: bool = False) -> dict:
+    """One mini-batch on this rank's layout. Returns loss, grad_norm, metrics, params after the step (rank 0 of
+    each replica returns them; others return None for the tensors to keep pickles small)."""
+    from megatron_srft.training.batch import pack_micro_batches, split_for_data_parallel
+    from megatron_srft.training.step import compute_normalizers, forward_logprobs, train_minibatch
+
+    groups, handle, opt, arch = setup_rank(hf_dir, tp, pp)
+    shards = split_for_data_parallel(samples, groups.dp_size)
+    mine = [samples[i] for i in shards[groups.dp_rank]]
+    mbs = pack_micro_batches(mine, micro_batch_tokens, packing=packing)
+    out: dict = {"dp_size": groups.dp_size, "num_micro_batches": len(mbs)}
+    lp = forward_logprobs(handle.chunks, mbs, groups, arch.vocab_size)
+    # per-sample log-probs, keyed by the global sample index, so any layout can be compared
+    from megatron_srft.training.batch import per_sequence_values
+
+    per_seq = per_sequence_values(mbs, [p for p, _ in lp], len(mine))
+    out["seq_logprobs"] = {shards[groups.dp_rank][k]: v for k, v in enumerate(per_seq)}
+    if want_logits:
+        out["logits"] = _full_logits(handle, mbs[0], groups)
+    if loss == "ce":
+        norm_counts = torch.tensor([float(sum(mb.num_loss_tokens for mb in mbs))])
+        if groups.dp_size > 1:
+            torch.distributed.all_reduce(norm_counts, group=groups.dp_group)
+        settings, norm, loss_fn = None, SimpleNamespace(num_tokens=float(norm_counts[0])), ce_loss
+    else:
+        from megatron_srft.algorithms.losses import srft_objective
+        from megatron_srft.algorithms.presets import resolve
+        from megatron_srft.config import AlgorithmConfig
+
+        settings = resolve(AlgorithmConfig(preset=preset or "srft"))
+        norm, loss_fn = compute_normalizers(mbs, settings, groups), srft_objective
+    metrics = train_minibatch(handle.chunks, opt, mbs, settings, groups, arch.vocab_size, loss_fn=loss_fn, norm=norm)
+    out["metrics"] = metrics
+    params = full_params(handle, arch, groups)
+    out["params"] = params if groups.rank == 0 else None
+    return to_numpy(out)
+
+
+def to_numpy(obj):
+    """Tensors -> numpy arrays, recursively: a torch tensor sent through a multiprocessing queue travels as a
+    shared-memory handle that dies with the exiting rank process; numpy arrays are pickled by value."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().numpy()
+    if isinstance(obj, dict):
+        return {k: to_numpy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_numpy(v) for v in obj)
+    return obj
+
+
+def _full_logits(handle, mb, groups) -> Optional[torch.Tensor]:
+    """Logits [T, V_padded] of one micro-batch (TP shards gathered); None except on the last PP stage."""
+    from megatron_srft.training.batch import model_forward
+
+    if not groups.is_last_pp_stage or groups.pp_size > 1:
+        return None
+    with torch.no_grad():
+        local = model_forward(handle.chunks[0], mb)
+    if groups.tp_size > 1:
+        parts = [torch.empty_like(local) for _ in range(groups.tp_size)]
+        torch.distributed.all_gather(parts, local.contiguous(), group=groups.tp_group)
+        local = torch.cat(parts, dim=-1)
+    return local.detach().cpu()
