@@ -22,8 +22,8 @@ from pathlib import Path
 from .config import load_config
 
 #: The demo's settings. SFT warm-up: enough to be clearly above 0 on held-out problems but far from 100%.
-WARMUP = dict(steps=60, lr=1e-3, prompts_per_step=32)
-RL = dict(steps=40, lr=2e-4, prompts_per_step=16, rollouts=7, eval_every=10, num_eval=100)
+WARMUP = dict(steps=400, lr=2e-3, prompts_per_step=32)
+RL = dict(steps=60, lr=1e-3, prompts_per_step=16, rollouts=7, eval_every=10, num_eval=100)
 
 
 def _common(toy: Path, run_dir: Path, model: Path) -> list[str]:
@@ -31,7 +31,7 @@ def _common(toy: Path, run_dir: Path, model: Path) -> list[str]:
         f"run_dir={run_dir}", f"model.path={model}", "model.params_dtype=fp32",
         f"data.train_files=[{toy / 'train.jsonl'}]", "data.template=chat",
         "data.max_prompt_length=32", "data.max_response_length=64",
-        "train.reward=exact", "train.reward_workers=1", "train.micro_batch_tokens=4096",
+        "train.reward=exact", "train.reward_workers=1", "train.micro_batch_tokens=1024",
         "rollout.dtype=fp32", "rollout.cpu_kvcache_space_gib=1",
         "optimizer.clip_grad=1.0", "optimizer.weight_decay=0.0",
         "checkpoint.resume=never", "checkpoint.save_every=0", "checkpoint.keep_last=1",

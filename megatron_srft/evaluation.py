@@ -206,7 +206,7 @@ def main(args) -> int:
     from .cli import UserError
     from .config import RolloutConfig
     from .data.dataset import load_problems, tokenize_problems
-    from .data.templates import THINKING_TEMPLATES
+    from .data.templates import THINKING_TEMPLATES, load_tokenizer
     from .models.arch import load_arch
     from .rewards.pool import RewardPool
 
@@ -216,9 +216,7 @@ def main(args) -> int:
     if max_prompt < 1:
         raise UserError(f"--max-tokens: {args.max_tokens} leaves no room for a prompt within the model's "
                         f"{arch.max_position_embeddings} positions")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = load_tokenizer(args.model)
     problems, dropped = [], {}
     for f in args.data:
         tok = tokenize_problems(load_problems(f), tokenizer, args.template, max_prompt, sys.maxsize)

@@ -19,7 +19,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world_size, port, fn, args, queue):
+def _entry(rank, world_size, port, fn, args, queue, collected):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     import torch
@@ -28,6 +28,8 @@ def _entry(rank, world_size, port, fn, args, queue):
     try:
         result = fn(*args)
         queue.put((rank, True, result))
+        # Tensors travel through shared memory owned by this process: stay alive until the parent has them.
+        collected.wait(timeout=120)
     except BaseException:  # noqa: BLE001 - report any failure to the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -42,8 +44,10 @@ def _entry(rank, world_size, port, fn, args, queue):
 def run_ranks(fn, world_size: int, *args, timeout: float = 600.0):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
+    collected = ctx.Event()
     port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue, collected))
+             for r in range(world_size)]
     for p in procs:
         p.start()
     results, errors = {}, []
@@ -56,6 +60,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 600.0):
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break
     finally:
+        collected.set()
         for p in procs:
             p.join(timeout=5 if errors else 60)
             if p.is_alive():

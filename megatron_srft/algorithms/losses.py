@@ -74,14 +74,14 @@ class Normalizers:
 
     num_tokens:           loss tokens (loss_mask True) in the mini-batch
     num_sequences:        sequences with at least one loss token in the mini-batch (demos and rollouts)
-    aggregation_constant: C of token_sum_norm (settings.aggregation_constant)
+    aggregation_constant: C of token_sum_norm; None = settings.aggregation_constant
     mean_entropy:         mini-batch mean of H over loss tokens; needed only when
                           settings.entropy_granularity == "batch_mean" (e.g. from the old-logprob pass)
     """
 
     num_tokens: float
     num_sequences: float
-    aggregation_constant: float = 8192.0
+    aggregation_constant: Optional[float] = None
     mean_entropy: Optional[float] = None
 
     @classmethod
@@ -104,7 +104,8 @@ def aggregation_coefficients(batch: TokenBatch, settings: AlgoSettings, norm: No
     elif settings.aggregation == "token_mean":
         coef = ones / max(norm.num_tokens, 1.0)
     elif settings.aggregation == "token_sum_norm":
-        coef = ones / (max(norm.num_sequences, 1.0) * norm.aggregation_constant)
+        const = settings.aggregation_constant if norm.aggregation_constant is None else norm.aggregation_constant
+        coef = ones / (max(norm.num_sequences, 1.0) * const)
     else:
         raise ValueError(f"algorithm.aggregation: unknown {settings.aggregation!r}")
     return torch.where(mask, coef, torch.zeros_like(coef))
@@ -228,7 +229,7 @@ def srft_objective(batch: TokenBatch, settings: AlgoSettings, norm: Normalizers
     roll = mask & ~batch.is_demo.bool() & settings.use_rollouts
     lp = _masked(batch.logprob, mask)
     ent = _masked(batch.entropy, mask)
-    old = _masked(batch.old_logprob, mask)
+    old = _masked(batch.old_logprob, roll)  # demo tokens have no old/engine log-prob: keep any value out
     adv = _masked(batch.advantage, mask)
     coef = aggregation_coefficients(batch, settings, norm)
     h = _masked(weight_entropy(batch, settings, norm), mask)
@@ -237,7 +238,7 @@ def srft_objective(batch: TokenBatch, settings: AlgoSettings, norm: Normalizers
     l_sft = _masked(sft_term(lp, w_sft), demo)
     l_demo = _masked(demo_rl_term(lp, adv, settings), demo)
     pg, ratio, clipped = policy_gradient_term(lp, old, adv, settings)
-    tis = _tis_weight(batch, old, mask, settings)
+    tis = _tis_weight(batch, old, roll, settings)
     if tis is not None:
         pg = pg * tis
     pos, neg = roll & (adv > 0), roll & (adv <= 0)

@@ -243,7 +243,10 @@ def mcore_to_hf(ckpt: str | Path, out_dir: str | Path, overwrite: bool = False,
         groups = groups_from_megatron()
         handle = build_and_load(source, ParallelConfig(), groups)
         dtype = source.meta.get("params_dtype") or "bf16"
-        write_safetensors(export_hf_weights(handle.chunks, source.arch, groups), tmp, max_shard_bytes)
+        # Megatron's local-spec norms stay fp32 whatever params_dtype is; the HF files use one dtype.
+        torch_dtype = getattr(torch, _TORCH_NAMES.get(dtype, "bfloat16"))
+        items = ((n, t.to(torch_dtype)) for n, t in export_hf_weights(handle.chunks, source.arch, groups))
+        write_safetensors(items, tmp, max_shard_bytes)
         del handle
         (tmp / "config.json").write_text(json.dumps(_hf_config_for_export(source, dtype), indent=2))
         copied = copy_side_files(source.root, tmp)

@@ -27,6 +27,9 @@ import torch
 import torch.distributed as dist
 
 _STEP_RE = re.compile(r"^step_(\d{6,})$")
+# The distributed optimizer's state is saved per DP shard ("dp_reshardable": fully parallel, no gather on one
+# rank); a resumed run keeps the TP/PP layout (DP may change). The model itself reshards to any layout.
+_OPTIM_META = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 @dataclass
@@ -109,7 +112,7 @@ def save_training_checkpoint(run_dir: str | Path, step: int, chunks, optimizer, 
     if rank == 0:
         opt_dir.mkdir(exist_ok=True)
     _barrier()
-    dist_checkpointing.save(optimizer.sharded_state_dict(model_sd), str(opt_dir))
+    dist_checkpointing.save(optimizer.sharded_state_dict(model_sd, metadata=_OPTIM_META), str(opt_dir))
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank}.pt")
     if rank == 0:
         (tmp / "state.json").write_text(json.dumps({"step": step, "data_cursor": data_cursor, **metadata}, indent=1))
@@ -137,7 +140,8 @@ def load_training_checkpoint(path: str | Path, chunks, optimizer, *, rank: int) 
     state = json.loads(state_file.read_text())
     load_model(chunks, path / "model")
     model_sd = chunks[0].sharded_state_dict()
-    opt_sd = dist_checkpointing.load(optimizer.sharded_state_dict(model_sd, is_loading=True), str(path / "optimizer"))
+    opt_sd = dist_checkpointing.load(optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIM_META),
+                                     str(path / "optimizer"))
     optimizer.load_state_dict(opt_sd)
     rng_file = path / "rng" / f"rank_{rank}.pt"
     if rng_file.is_file():

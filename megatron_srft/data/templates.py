@@ -79,6 +79,26 @@ def render_prompt(problem, tokenizer, template: str) -> str:
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
+def load_tokenizer(model_dir):
+    """The tokenizer of an HF model directory, as its ``tokenizer_config.json`` declares it.
+
+    transformers 5's ``AutoTokenizer`` replaces a generic tokenizer (``tokenizer_class`` TokenizersBackend /
+    PreTrainedTokenizerFast) by the model family's own class when config.json says e.g. qwen2, and that class
+    rebuilds the pre-tokenizer: our character tokenizer then silently drops spaces and newlines. A generic
+    class is therefore loaded as itself; anything else goes through ``AutoTokenizer``.
+    """
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    cfg_path = Path(model_dir) / "tokenizer_config.json"
+    declared = json.loads(cfg_path.read_text()).get("tokenizer_class") if cfg_path.is_file() else None
+    if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
 def encode_prompt(problem, tokenizer, template: str) -> list[int]:
     """Token ids of :func:`render_prompt`. A chat template writes its own special tokens (BOS included), so
     they are not added again; ``plain`` text gets the tokenizer's usual special tokens (e.g. a BOS)."""

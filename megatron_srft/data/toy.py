@@ -1,10 +1,14 @@
 """The CPU toy task: arithmetic chains a tiny model learns in minutes on 2 cores.
 
-A problem is a chain of single-digit additions and subtractions, e.g. the prompt ``3+5-2`` with the worked
-demonstration ``3+5=8,8-2=6. \\boxed{6}`` and the answer ``6``. Every step of the demonstration is one operation
-on a number below ``max_value`` and a digit, so a small transformer can learn the steps; chaining
-``num_ops`` of them without a slip is what makes longer problems hard. The difficulty knob is ``max_ops``
-(problems have 2..max_ops operations), ``max_value`` bounds every intermediate result (0 <= v < max_value).
+A problem is a chain of additions and subtractions of small numbers, e.g. the prompt ``3+5-2`` with the
+worked demonstration ``3+5=8,8-2=6. \\boxed{6}`` and the answer ``6``. Every step of the demonstration is one
+operation on two small numbers, so a small transformer can learn the steps; chaining them without a slip is
+what makes longer problems hard. The difficulty knobs are ``max_ops``
+(problems have 2..max_ops operations), ``max_operand`` (operands 1..max_operand) and ``max_value`` (every
+intermediate result v has 0 <= v < max_value). The defaults (4, 19, 100) are tuned so that a short plain SFT
+leaves room for RL: on 2 CPU cores, AdamW lr 1e-3, batch 32, greedy held-out accuracy went
+0% (0 steps) -> 5.5% (300 steps) -> 57% (600 steps); single-digit operands (max_operand 9) saturate
+near 90-98% by 600 steps.
 
 ``srft make-toy --out DIR`` writes::
 
@@ -37,8 +41,8 @@ class ToySettings:
     num_train: int = 4000
     num_test: int = 200
     max_ops: int = 4
-    max_operand: int = 9
-    max_value: int = 30
+    max_operand: int = 19
+    max_value: int = 100
     # model (head_dim = hidden / heads = 32: vLLM's CPU attention rejects 16)
     vocab_size: int = 128
     hidden_size: int = 128

@@ -403,18 +403,17 @@ def export_hf_weights(chunks: list, arch: ArchSpec, groups) -> Iterator[tuple[st
     The owning pipeline stage gathers the TP shards (all_gather over ``groups.tp_group``), then broadcasts the
     full Megatron tensor over ``groups.pp_group``; every rank converts it to HF tensors (vocab padding trimmed).
     At most one full tensor (plus its shards) is alive per step: consume each yielded tensor before the next.
-    Tied models yield no ``lm_head.weight`` (HF ties it to ``model.embed_tokens.weight``).
+    Tied models yield no ``lm_head.weight`` (HF ties it to ``model.embed_tokens.weight``). Tensors keep the
+    parameters' dtypes (the local spec keeps norms in fp32 even for bf16 models): cast as the consumer needs.
     """
     from .builder import unwrap
 
     owned: dict[tuple[str, Optional[int]], torch.Tensor] = {}
-    dtype = None
     for chunk in chunks:
         model = unwrap(chunk)
         params = dict(model.named_parameters())
         for rule, layer, name in _stage_rules(model, arch):
             owned[(rule.mcore, layer)] = params[name]
-            dtype = dtype or params[name].dtype
     keys = list(owned)
     if groups.pp_size > 1:
         all_keys: list = [None] * groups.pp_size

@@ -104,9 +104,10 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         num_tokens = logits.shape[0]
         num_valid, chunk = ctx.num_valid, ctx.chunk_tokens
         cdt = _compute_dtype(logits.dtype)
-        grad = torch.zeros_like(logits)
         if num_valid == 0:
-            return grad, None, None, None, None
+            return torch.zeros_like(logits), None, None, None, None
+        grad = torch.empty_like(logits)
+        grad[:, num_valid:].zero_()  # padding columns: not part of the softmax
         g_logp = g_logp.to(cdt)
         g_ent = g_ent.to(cdt)
         local_t = targets - ctx.vocab_start

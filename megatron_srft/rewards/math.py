@@ -9,6 +9,7 @@ complete boxed answer scores 0.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -68,6 +69,14 @@ def _normalise(s: str) -> str:
     return " ".join(s.strip().split())
 
 
+@functools.lru_cache(maxsize=4096)
+def _parse_gold(answer: str):
+    """Parsed reference answer; cached because a group scores the same answer G + D times (parsing costs ms)."""
+    from math_verify import parse
+
+    return parse("\\boxed{" + answer + "}")
+
+
 def math_score(response: str, answer: str, *, require_think: bool = False) -> float:
     """1.0 if the extracted boxed answer verifies against ``answer`` (math-verify), else 0.0."""
     part = answer_part(response, require_think)
@@ -80,7 +89,7 @@ def math_score(response: str, answer: str, *, require_think: bool = False) -> fl
         return 1.0
     from math_verify import parse, verify  # imported lazily: it pulls in sympy (seconds)
 
-    gold = parse("\\boxed{" + answer + "}")
+    gold = _parse_gold(answer)
     target = parse("\\boxed{" + pred + "}")
     if not gold or not target:
         return 0.0

@@ -35,7 +35,9 @@ def _worker_main(conn: Connection, reward: Union[str, RewardFn], require_think: 
         from . import REWARDS
 
         fn = REWARDS[reward]
-        fn("\\boxed{1}", "1", require_think=False)  # warm the lazy imports before saying ready
+        # warm the lazy imports (sympy, math-verify: seconds) before saying ready, so that they do not eat into
+        # the first sample's timeout; 1/2 vs 0.5 misses the string quick path and reaches math-verify
+        fn("\\boxed{\\frac{1}{2}}", "0.5", require_think=False)
     else:
         fn = reward
     conn.send(("ready", None))
@@ -161,6 +163,9 @@ class RewardPool:
                     except (EOFError, OSError):
                         msg = None
                     if msg is None:  # the worker died
+                        if not w.ready:  # before its first sample: a broken verifier, not a bad sample
+                            raise RuntimeError(f"reward worker for '{self.reward}' exited during start-up "
+                                               f"(exit code {w.proc.exitcode}); see its traceback above")
                         if w.task is not None:
                             num_done, num_timeouts = num_done + 1, num_timeouts + 1
                         self._replace(i)

@@ -62,6 +62,25 @@ def _first_line(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else exc.__class__.__name__)[:300]
 
 
+def _refresh_tied_output_layer(worker) -> bool:
+    """Re-pack a tied output layer after an in-place reload (runs on the vLLM worker; CPU only).
+
+    vLLM's CPU backend packs every linear weight, the LM head included, into a kernel-specific copy when
+    weights are processed. With tied embeddings no tensor named for the LM head arrives in a reload, so the
+    in-place reload leaves its packed copy holding the OLD embedding (the shared weight itself is updated).
+    Re-running the layer's weight processing re-packs it from the updated shared weight. GPU kernels read the
+    weight directly, so this is not needed there.
+    """
+    model = worker.model_runner.get_model()
+    lm_head = getattr(model, "lm_head", None)
+    config = getattr(model, "config", None)
+    method = getattr(lm_head, "quant_method", None)
+    if lm_head is None or method is None or not getattr(config, "tie_word_embeddings", False):
+        return False
+    method.process_weights_after_loading(lm_head)
+    return True
+
+
 class RolloutEngine:
     """vLLM in the training process. See the module docstring for the design.
 
@@ -192,8 +211,11 @@ class RolloutEngine:
             raise UserError(f"rollout generate: temperature must be >= 0, got {temperature}")
         if not 0 < top_p <= 1:
             raise UserError(f"rollout generate: top_p must be in (0, 1], got {top_p}")
+        if temperature == 0 and n > 1:
+            raise UserError(f"rollout generate: greedy sampling (temperature 0) gives one sample; got n={n}")
         self.check_prompts(prompt_token_ids, max_tokens)
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMValidationError
         from vllm.inputs import TokensPrompt
 
         params = []
@@ -207,7 +229,7 @@ class RolloutEngine:
         prompts = [TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompt_token_ids]
         try:
             outputs = llm.generate(prompts, params, use_tqdm=False)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, VLLMValidationError) as e:
             raise UserError(f"rollout generate: {_first_line(e)}") from e
         result = []
         for out in outputs:
@@ -241,6 +263,8 @@ class RolloutEngine:
                 yield name, tensor
 
         llm.collective_rpc("reload_weights", kwargs={"weights_iterator": counted()})
+        if not self.on_gpu:
+            llm.collective_rpc(_refresh_tied_output_layer)
         llm.reset_prefix_cache()
         return count
 

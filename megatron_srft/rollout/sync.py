@@ -91,3 +91,71 @@ def sync_weights(chunks, arch, groups, engine, bucket_mb: int) -> dict:
 
     with torch.no_grad():
         return stream_weights(export_hf_weights(chunks, arch, groups), engine, bucket_mb)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Engines in another process (GPU): vLLM's weight-transfer engines.
+#
+# The colocated engine above lives in the trainer's process (external_launcher / uni), so a sync is a function
+# call that reads the trainer's tensors directly; no transport is needed, on CPU or GPU. When the engine runs in
+# its own processes, vLLM's weight-transfer API (vllm/distributed/weight_transfer) moves the tensors:
+#   "ipc"  - same GPUs, other process: CUDA IPC handles of the trainer's tensors (packed into buffers),
+#   "nccl" - disaggregated GPUs: an NCCL group {trainer rank 0} + engine workers, packed broadcasts.
+# Both take a `WeightSource` (names/dtypes/shapes up front, then the tensors in the same order) and a client
+# with four control-plane calls. `MegatronWeightSource` and `EngineSyncClient` adapt ours to that API:
+#
+#   from vllm.config import WeightTransferConfig     # engine built with weight_transfer_config=...(backend=...)
+#   from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+#   from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
+#   sender = WeightTransferTrainerFactory.trainer_init(IPCTrainerInitInfo(rank=groups.rank, packed=True),
+#                                                      client=EngineSyncClient(llm), source=source)
+#   sender.send_weights()            # every trainer rank, every step (the export is a collective)
+#
+# (NCCLTrainerInitInfo(rank=..., master_address=..., master_port=..., world_size=1 + engine workers) for NCCL.)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def megatron_weight_source(chunks, arch, groups):
+    """A vLLM ``WeightSource`` over :func:`export_hf_weights` (every rank iterates it in lockstep).
+
+    ``metadata()`` runs one export pass on first use (a collective on every rank, as vLLM's contract allows
+    for Megatron sources) and caches the names, dtypes and full shapes; each iteration is a fresh export.
+    """
+    from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
+
+    from ..models.mapping import export_hf_weights
+
+    class MegatronWeightSource(WeightSource):
+        def __init__(self):
+            self._meta = None
+
+        def metadata(self):
+            if self._meta is None:
+                self._meta = [ParamMeta(n, t.dtype, tuple(t.shape)) for n, t in export_hf_weights(chunks, arch, groups)]
+            return self._meta
+
+        def __iter__(self):
+            with torch.no_grad():
+                yield from export_hf_weights(chunks, arch, groups)
+
+    return MegatronWeightSource()
+
+
+class EngineSyncClient:
+    """vLLM's ``VLLMWeightSyncClient`` protocol over ``LLM.collective_rpc`` (the worker methods of the same names)."""
+
+    def __init__(self, llm):
+        self.llm = llm
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self.llm.collective_rpc("init_weight_transfer_engine", args=(init_info,))
+
+    def start_weight_update(self) -> None:
+        self.llm.collective_rpc("start_weight_update")
+
+    def update_weights(self, update_info) -> None:
+        self.llm.collective_rpc("update_weights", args=(update_info,))
+
+    def finish_weight_update(self, weight_version=None) -> None:
+        self.llm.collective_rpc("finish_weight_update")
+        self.llm.reset_prefix_cache()

@@ -474,8 +474,8 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
                                          arch=policy.handle.arch)
             if stopping or (stop_after is not None and step >= stop_after):
                 break
-        if cfg.checkpoint.export_hf and groups.world_size >= 1:
-            export_final_hf(policy, groups, run_dir / "hf")
+        if cfg.checkpoint.export_hf:
+            export_final_hf(policy, groups, run_dir / "hf", cfg.model.params_dtype)
     logger.close()
     if engine is not None:
         engine.close()
@@ -495,7 +495,10 @@ def _make_engine(cfg: SRFTConfig, policy: Policy, groups: ParallelGroups):
 
     dtype = cfg.rollout.dtype if cfg.rollout.dtype != "auto" else cfg.model.params_dtype
     max_len = cfg.rollout.max_model_len or (cfg.data.max_prompt_length + cfg.data.max_response_length)
-    return RolloutEngine(cfg.rollout, str(policy.model_dir), dtype=dtype, seed=cfg.rollout.seed, max_model_len=max_len)
+    # Dummy weights: the first sync (right after start-up) brings the trainer's, so a converted Megatron
+    # checkpoint (config + tokenizer, no safetensors) starts an engine just as well as an HF directory.
+    return RolloutEngine(cfg.rollout, str(policy.model_dir), dtype=dtype, seed=cfg.rollout.seed, max_model_len=max_len,
+                         load_format="dummy")
 
 
 def sync_weights_to_engine(policy: Policy, engine, groups: ParallelGroups, cfg: SRFTConfig) -> dict:
@@ -512,27 +515,28 @@ def sync_weights_to_engine(policy: Policy, engine, groups: ParallelGroups, cfg: 
     return {}
 
 
-def export_final_hf(policy: Policy, groups: ParallelGroups, out_dir: Path) -> None:
+def export_final_hf(policy: Policy, groups: ParallelGroups, out_dir: Path, params_dtype: str) -> None:
     """Collective: the live model as an HF directory (safetensors, config, tokenizer), written by rank 0 into a
-    temporary sibling and renamed when complete."""
+    temporary sibling and renamed when complete. Tensors are cast to the run's dtype (Megatron's local spec
+    keeps norm weights in fp32)."""
     import json
     import shutil
 
     from ..checkpoint.convert import copy_side_files, write_safetensors
+    from ..models.builder import torch_dtype
     from ..models.mapping import export_hf_weights
 
+    dtype = torch_dtype(params_dtype)
     with torch.no_grad():
         items = export_hf_weights(policy.chunks, policy.handle.arch, groups)
         if groups.rank == 0:
             tmp = out_dir.parent / f".{out_dir.name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            write_safetensors(items, tmp, 2 << 30)
+            write_safetensors(((n, t.to(dtype)) for n, t in items), tmp, 2 << 30)
             hf_cfg = dict(policy.handle.arch.hf_config)
-            hf_cfg["dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[
-                str(next(policy.chunks[0].parameters()).dtype).replace("torch.float32", "fp32")
-                .replace("torch.bfloat16", "bf16").replace("torch.float16", "fp16")]
             hf_cfg.pop("torch_dtype", None)
+            hf_cfg["dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[params_dtype]
             (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
             copy_side_files(policy.model_dir, tmp)
             if out_dir.exists():

@@ -28,7 +28,6 @@ here uses the groups passed in as :class:`ParallelGroups`.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -46,34 +45,34 @@ def _all_reduce_sum(t: torch.Tensor, group, size: int) -> torch.Tensor:
     return t
 
 
-def compute_normalizers(micro_batches: Sequence[MicroBatch], settings, groups: ParallelGroups):
-    """The mini-batch-global denominators, computed once before the micro-batch loop.
+def compute_normalizers(micro_batches: Sequence[MicroBatch], settings, groups: ParallelGroups,
+                        entropies: Optional[Sequence[torch.Tensor]] = None):
+    """The mini-batch-global denominators (``algorithms.losses.Normalizers``), computed once before the loop.
 
-    Counts are summed over this rank's micro-batches and all-reduced over DP (ranks of one model replica hold
-    the same micro-batches, so TP/PP need no reduction): loss tokens, sequences, and their demo/rollout splits.
+    Loss tokens and sequences are summed over this rank's micro-batches and all-reduced over DP (the ranks of one
+    model replica hold the same micro-batches, so TP/PP need no reduction). ``entropies``: per micro-batch
+    entropy [T] (e.g. from :func:`forward_logprobs`), required when ``settings.entropy_granularity`` is
+    'batch_mean': mean_entropy = sum(H * mask) / sum(mask) over the whole mini-batch.
     """
     from ..algorithms.losses import Normalizers
 
-    counts = torch.zeros(6, dtype=torch.float64)
-    for mb in micro_batches:
+    counts = torch.zeros(3, dtype=torch.float64)
+    for i, mb in enumerate(micro_batches):
         mask = mb.loss_mask > 0
-        demo_seq = torch.zeros(0, dtype=torch.bool)
-        if mb.num_sequences:
-            demo_seq = mb.is_demo[mb.cu_seqlens[:mb.num_sequences].long()]
-        counts += torch.tensor([
-            float(mask.sum()),
-            float(mb.num_sequences),
-            float((mask & mb.is_demo).sum()),
-            float((mask & ~mb.is_demo).sum()),
-            float(demo_seq.sum()),
-            float((~demo_seq).sum()),
-        ], dtype=torch.float64)
+        counts[0] += float(mask.sum())
+        counts[1] += float(mb.num_sequences)
+        if entropies is not None:
+            counts[2] += float(torch.where(mask, entropies[i].double().cpu(), 0.0).sum())
     counts = _all_reduce_sum(counts.to(groups.device), groups.dp_group, groups.dp_size).cpu()
-    return Normalizers.from_counts(
-        num_tokens=int(counts[0]), num_sequences=int(counts[1]), num_demo_tokens=int(counts[2]),
-        num_rollout_tokens=int(counts[3]), num_demo_sequences=int(counts[4]),
-        num_rollout_sequences=int(counts[5]), settings=settings,
-    )
+    num_tokens, num_sequences = float(counts[0]), float(counts[1])
+    mean_entropy = float(counts[2]) / max(num_tokens, 1.0) if entropies is not None else None
+    if settings is None:  # a custom loss_fn that needs only the counts
+        return Normalizers(num_tokens=num_tokens, num_sequences=num_sequences, mean_entropy=mean_entropy)
+    if settings.entropy_granularity == "batch_mean" and mean_entropy is None:
+        raise ValueError("compute_normalizers: algorithm.entropy_granularity 'batch_mean' needs the per-token "
+                         "entropies of the mini-batch (pass entropies= from forward_logprobs)")
+    return Normalizers.for_settings(settings, num_tokens=num_tokens, num_sequences=num_sequences,
+                                    mean_entropy=mean_entropy)
 
 
 def token_batch(mb: MicroBatch, logprob: torch.Tensor, entropy: torch.Tensor):
@@ -113,7 +112,15 @@ def configure_schedule(chunks: list, optimizer=None) -> Any:
 
 def _schedule(chunks, micro_batches, forward_step, forward_only: bool):
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.utils import get_model_config
 
+    config = get_model_config(chunks[0])
+    if config.sequence_parallel:
+        tp = config.tensor_model_parallel_size
+        bad = [mb.num_tokens for mb in micro_batches if mb.num_tokens % tp]
+        if bad:
+            raise ValueError(f"training.step: sequence parallelism needs micro-batch lengths divisible by TP ({tp}), "
+                             f"got {bad[0]}; pack with pack_micro_batches(..., pad_to_multiple={tp})")
     func = get_forward_backward_func()
     return func(forward_step_func=forward_step, data_iterator=iter(micro_batches), model=chunks,
                 num_microbatches=len(micro_batches), seq_length=max(mb.num_tokens for mb in micro_batches),
@@ -163,22 +170,29 @@ def forward_logprobs(chunks: list, micro_batches: Sequence[MicroBatch], groups: 
     return [(p[0], p[1]) for p in torch.split(flat, sizes, dim=1)]
 
 
-def _reduce_metrics(metrics: dict[str, tuple[float, float]], groups: ParallelGroups) -> dict[str, tuple[float, float]]:
-    """Broadcast the last stage's (sum, count) metrics over PP, then sum over DP. Names may differ per DP rank."""
+def _reduce_metrics(metrics: dict, loss_sum: float, groups: ParallelGroups) -> tuple[dict, float]:
+    """The last stage's (sum, count) metrics and loss, broadcast over PP, then reduced over DP (SUM, and MAX for
+    ``*_max`` names, per algorithms.metrics). Metric names may differ between DP ranks (e.g. a rank without
+    engine log-probs): the union is used, a missing metric counting as (0, 0)."""
+    from ..algorithms.metrics import all_reduce_metrics, is_max
+
     if groups.pp_size > 1:
-        box = [metrics if groups.is_last_pp_stage else None]
+        box = [(metrics, loss_sum) if groups.is_last_pp_stage else None]
         dist.broadcast_object_list(box, src=_last_stage_rank(groups), group=groups.pp_group)
-        metrics = box[0]
+        metrics, loss_sum = box[0]
     if groups.dp_size > 1:
-        gathered: list[Optional[dict]] = [None] * groups.dp_size
-        dist.all_gather_object(gathered, metrics, group=groups.dp_group)
-        total: dict[str, tuple[float, float]] = {}
-        for part in gathered:
-            for k, (s, c) in part.items():
-                s0, c0 = total.get(k, (0.0, 0.0))
-                total[k] = (s0 + s, c0 + c)
-        metrics = total
-    return metrics
+        names: list = [None] * groups.dp_size
+        dist.all_gather_object(names, sorted(metrics), group=groups.dp_group)
+        for name in sorted(set().union(*names)) if names else []:
+            if name not in metrics:
+                empty = torch.tensor(float("-inf") if is_max(name) else 0.0)
+                metrics[name] = (empty, torch.tensor(1.0 if is_max(name) else 0.0))
+        dev = groups.device  # NCCL reduces device tensors only
+        metrics = all_reduce_metrics({k: (s.to(dev), c.to(dev)) for k, (s, c) in metrics.items()}, groups.dp_group)
+        total = torch.tensor([loss_sum], dtype=torch.float64, device=dev)
+        dist.all_reduce(total, group=groups.dp_group)
+        loss_sum = float(total[0])
+    return metrics, loss_sum
 
 
 def train_minibatch(chunks: list, optimizer, micro_batches: Sequence[MicroBatch], settings, groups: ParallelGroups,
@@ -187,21 +201,28 @@ def train_minibatch(chunks: list, optimizer, micro_batches: Sequence[MicroBatch]
 
     ``loss_fn(batch: TokenBatch, settings, norm) -> (loss_share, {name: (sum, count)})`` defaults to
     ``srft_objective``; ``norm`` defaults to :func:`compute_normalizers` (pass it when the mini-batch was
-    counted elsewhere). Gradient = d(sum of loss shares over micro-batches and DP)/dtheta exactly (module doc).
+    counted elsewhere; with ``entropy_granularity='batch_mean'`` the default costs one extra forward pass).
+    Gradient = d(sum of loss shares over micro-batches and DP)/dtheta exactly (module doc).
     A DP rank without micro-batches runs one empty micro-batch (loss 0) so the collectives line up.
 
-    Returns ``loss`` (the mini-batch loss, eq. (1)), every metric as sum/count, ``grad_norm`` (before
-    clipping), ``num_skipped`` (1 when the fp16 scaler found inf/nan and skipped the update) and
-    ``num_micro_batches`` (this rank's).
+    Returns ``loss`` (the mini-batch loss, eq. (1)), every metric finalised (sum/count, or max for ``*_max``
+    names; see algorithms.metrics), ``grad_norm`` (before clipping), ``num_skipped`` (1 when the fp16 scaler
+    found inf/nan and skipped the update) and ``num_micro_batches`` (this rank's).
     """
+    from ..algorithms.metrics import accumulate, finalize
+    from ..ops.logprob import vocab_parallel_logprob_entropy
+
     if loss_fn is None:
         from ..algorithms.losses import srft_objective as loss_fn
-    from ..ops.logprob import vocab_parallel_logprob_entropy
 
     mbs = list(micro_batches) or [empty_micro_batch()]
     if norm is None:
-        norm = compute_normalizers(list(micro_batches), settings, groups)
-    config = configure_schedule(chunks, optimizer)
+        entropies = None
+        if settings is not None and settings.entropy_granularity == "batch_mean":
+            # the mini-batch mean of H under the current weights: one extra forward pass
+            entropies = [ent for _, ent in forward_logprobs(chunks, micro_batches, groups, vocab_size)]
+        norm = compute_normalizers(list(micro_batches), settings, groups, entropies=entropies)
+    configure_schedule(chunks, optimizer)
     for c in chunks:
         if hasattr(c, "zero_grad_buffer"):
             c.zero_grad_buffer()
@@ -210,7 +231,7 @@ def train_minibatch(chunks: list, optimizer, micro_batches: Sequence[MicroBatch]
     num_mb = len(mbs)
     undo_schedule = float(num_mb * groups.dp_size)  # cancels the schedule's 1/M_r and DDP's 1/dp (module doc)
     loss_sum = torch.zeros((), dtype=torch.float64)
-    metric_sums: dict[str, list[float]] = {}
+    metric_sums: dict = {}
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
@@ -222,10 +243,7 @@ def train_minibatch(chunks: list, optimizer, micro_batches: Sequence[MicroBatch]
                                                      vocab_size=vocab_size)
             loss, metrics = loss_fn(token_batch(mb, lp, ent), settings, norm)
             loss_sum = loss_sum + loss.detach().double().cpu()
-            for k, (s, c) in metrics.items():
-                acc = metric_sums.setdefault(k, [0.0, 0.0])
-                acc[0] += float(s)
-                acc[1] += float(c)
+            accumulate(metric_sums, {k: (s.cpu(), c.cpu()) for k, (s, c) in metrics.items()})
             return loss * undo_schedule, {}
 
         return out, loss_func
@@ -233,13 +251,10 @@ def train_minibatch(chunks: list, optimizer, micro_batches: Sequence[MicroBatch]
     _schedule(chunks, mbs, forward_step, forward_only=False)
     update_successful, grad_norm, _ = optimizer.step()
 
-    local = {k: (v[0], v[1]) for k, v in metric_sums.items()}
-    local["loss"] = (float(loss_sum), 1.0)
-    reduced = _reduce_metrics(local, groups)
-    out = {k: (s / c if c > 0 else float("nan")) for k, (s, c) in reduced.items() if k != "loss"}
-    out["loss"] = reduced["loss"][0]  # sum of shares over micro-batches and DP = the mini-batch loss
+    reduced, total_loss = _reduce_metrics(metric_sums, float(loss_sum), groups)
+    out = finalize(reduced)
+    out["loss"] = total_loss  # sum of the shares over micro-batches and DP = the mini-batch loss, eq. (1)
     out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     out["num_skipped"] = 0.0 if update_successful else 1.0
     out["num_micro_batches"] = float(num_mb)
-    del config
     return out

@@ -284,3 +284,18 @@ def test_batch_mean_needs_mean_entropy():
     s = dataclasses.replace(PRESETS["srft"](), entropy_granularity="batch_mean")
     with pytest.raises(ValueError, match="mean_entropy"):
         srft_objective(make_batch(0), s, Normalizers(10, 2))
+
+
+def test_garbage_old_and_engine_logprob_on_demo_tokens_is_ignored():
+    s = dataclasses.replace(PRESETS["srft"](), tis_cap=2.0)
+    batch = make_batch(4, with_engine=True)
+    clean, _ = srft_objective(batch, s, normalizers(batch, s))
+    g_clean = grads(clean, batch)
+    with torch.no_grad():
+        batch.old_logprob[batch.is_demo] = float("-inf")
+        batch.engine_logprob[batch.is_demo] = float("nan")
+    dirty, _ = srft_objective(batch, s, normalizers(batch, s))
+    g_dirty = grads(dirty, batch)
+    torch.testing.assert_close(dirty, clean)
+    torch.testing.assert_close(g_dirty[0], g_clean[0])
+    assert torch.isfinite(g_dirty[0]).all()

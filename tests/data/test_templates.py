@@ -38,7 +38,6 @@ def test_encode_and_errors(tok):
     assert tok.decode(encode_prompt(P("2+3"), tok, "chat")) == "Q:2+3\nA:"
     with pytest.raises(UserError, match="unknown template 'nope'"):
         render_prompt(P("x"), tok, "nope")
-    tok2 = make_char_tokenizer.__globals__["PreTrainedTokenizerFast"] if False else None  # noqa: F841
     saved = tok.chat_template
     try:
         tok.chat_template = None

@@ -29,6 +29,23 @@ def test_every_math_eval_ground_truth_scores_one():
         assert scores == [0.0, 0.0, 0.0]
 
 
+def verify_only(response, answer, *, require_think=False):
+    """math-verify itself, without the string quick path of math_score (module level for spawned workers)."""
+    from math_verify import parse, verify
+
+    from megatron_srft.rewards import extract_boxed
+
+    return float(verify(parse("\\boxed{" + answer + "}"), parse("\\boxed{" + extract_boxed(response) + "}")))
+
+
+def test_math_verify_accepts_ground_truths_themselves():
+    """The quick path above short-cuts identical strings; here math-verify compares every 5th ground truth."""
+    answers = [p.answer for p in load_problems("/work/shared/data/math_eval.parquet")][::5]
+    with RewardPool(verify_only, timeout_s=30, num_workers=2, require_think=False) as pool:
+        scores, num_timeouts = pool.score([f"\\boxed{{{a}}}" for a in answers], answers)
+    assert num_timeouts == 0 and [a for a, s in zip(answers, scores) if s != 1.0] == []
+
+
 def test_timeout_kills_and_replaces_worker():
     with RewardPool(sleepy_reward, timeout_s=1.0, num_workers=2, require_think=False) as pool:
         t0 = time.monotonic()

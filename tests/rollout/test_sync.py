@@ -105,6 +105,15 @@ def _rank_fn(hf_dir):
         return model.eval()
 
     out = {"rank": groups.rank}
+    # The adapter for vLLM's weight-transfer engines (GPU, engine in another process): metadata agrees with
+    # iteration, and vLLM's layer grouping puts each decoder layer in its own group.
+    from megatron_srft.rollout.sync import megatron_weight_source
+
+    source = megatron_weight_source(handle.chunks, arch, groups)
+    meta = source.metadata()
+    streamed = [(n, t.dtype, tuple(t.shape)) for n, t in source]
+    out["source_meta_matches"] = [(m.name, m.dtype, m.shape) for m in meta] == streamed
+    out["source_num_groups"] = len(source.groups())
     stats = sync_weights(handle.chunks, arch, groups, engine, bucket_mb=0.05)
     out["stats"] = stats
     ref = hf_model_from_export()
@@ -125,9 +134,12 @@ def _rank_fn(hf_dir):
     out["mismatch_1"] = mismatch_stats(eng, hf, torch.ones_like(eng, dtype=torch.bool))
 
     # Perturb the Megatron weights (as an optimizer step would), sync again.
-    gen = torch.Generator().manual_seed(100 + groups.rank)
+    # TP-split parameters get per-rank noise; replicated ones (norms) the same noise on both ranks, as an
+    # optimizer step keeps replicas equal.
+    shared, local = torch.Generator().manual_seed(100), torch.Generator().manual_seed(200 + groups.tp_rank)
     with torch.no_grad():
         for p in handle.chunks[0].parameters():
+            gen = local if getattr(p, "tensor_model_parallel", False) else shared
             p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     sync_weights(handle.chunks, arch, groups, engine, bucket_mb=1)
     new_ref = hf_model_from_export()
@@ -143,10 +155,11 @@ def _rank_fn(hf_dir):
     out["mismatch_new"] = mismatch_stats(eng2, new_hf, mask)
     out["mismatch_old"] = mismatch_stats(eng2, old_hf, mask)
     engine.close()
+    print(f"rank {groups.rank}: sync {stats}, mismatch {out['mismatch_1']}, after update {out['mismatch_new']}, "
+          f"vs old weights {out['mismatch_old']}")
     return out
 
 
-@pytest.mark.slow
 def test_sync_tp2_matches_transformers(tmp_path):
     from megatron_srft.models.tiny import make_tiny_hf_model
 
@@ -154,10 +167,12 @@ def test_sync_tp2_matches_transformers(tmp_path):
     make_tiny_hf_model(hf_dir, family="qwen2", vocab_size=100, hidden_size=128, num_heads=4, num_kv_heads=2,
                        intermediate_size=256, tie_word_embeddings=True)
     results = run_ranks(_rank_fn, 2, str(hf_dir), timeout=900)
+    assert results[0]["greedy_engine"] == results[1]["greedy_engine"]  # both ranks' engines hold the same model
     for r in results:
         s = r["stats"]
         largest_tensor = 256 * 128 * 4  # an MLP matrix: the only tensors larger than the 0.05 MiB bucket travel alone
         assert s["num_buckets"] > 1 and s["peak_extra_bytes"] <= max(s["bucket_bytes"], largest_tensor), s
+        assert r["source_meta_matches"] and r["source_num_groups"] == 2 + 2  # embed | 2 layers | final norm
         assert r["greedy_engine"] == r["greedy_hf"], r
         assert r["mismatch_1"]["abs_diff_mean"] <= 1e-3, r["mismatch_1"]
         assert r["mismatch_new"]["abs_diff_mean"] <= 1e-3, r["mismatch_new"]

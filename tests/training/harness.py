@@ -81,11 +81,12 @@ def full_params(handle, arch, groups) -> dict[str, torch.Tensor]:
 
 
 def run_layout(hf_dir: str, tp: int, pp: int, samples, micro_batch_tokens: int, *, packing: bool = True,
-               loss: str = "ce", preset: Optional[str] = None, want_logits: bool = False) -> dict:
+               loss: str = "ce", preset: Optional[str] = None, algo_overrides: Optional[dict] = None,
+               want_logits: bool = False) -> dict:
     """One mini-batch on this rank's layout. Returns loss, grad_norm, metrics, params after the step (rank 0 of
     each replica returns them; others return None for the tensors to keep pickles small)."""
     from megatron_srft.training.batch import pack_micro_batches, split_for_data_parallel
-    from megatron_srft.training.step import compute_normalizers, forward_logprobs, train_minibatch
+    from megatron_srft.training.step import forward_logprobs, train_minibatch
 
     groups, handle, opt, arch = setup_rank(hf_dir, tp, pp)
     shards = split_for_data_parallel(samples, groups.dp_size)
@@ -110,8 +111,8 @@ def run_layout(hf_dir: str, tp: int, pp: int, samples, micro_batch_tokens: int, 
         from megatron_srft.algorithms.presets import resolve
         from megatron_srft.config import AlgorithmConfig
 
-        settings = resolve(AlgorithmConfig(preset=preset or "srft"))
-        norm, loss_fn = compute_normalizers(mbs, settings, groups), srft_objective
+        settings = resolve(AlgorithmConfig(preset=preset or "srft", **(algo_overrides or {})))
+        norm, loss_fn = None, srft_objective  # train_minibatch's default: compute_normalizers
     metrics = train_minibatch(handle.chunks, opt, mbs, settings, groups, arch.vocab_size, loss_fn=loss_fn, norm=norm)
     out["metrics"] = metrics
     params = full_params(handle, arch, groups)

@@ -1,0 +1,147 @@
+"""``srft generate``: sample from a model through the rollout engine (vLLM), for a quick look at a checkpoint.
+
+``--ckpt`` is an HF directory (vLLM reads its weights), or a Megatron checkpoint in the converted layout
+(``DIR/config.json`` + tokenizer beside ``DIR/model/``, see checkpoint/convert.py), a training checkpoint or
+its ``model/`` directory: then the engine starts on the HF config with dummy weights, the Megatron model is
+loaded in this process (one rank, TP=1) and its weights are synced into the engine exactly as during
+training, which also exercises the sync path.
+
+Prompts: a ``.jsonl`` file with a ``"prompt"`` string per line, or any other text file with one prompt per
+line. Output: one JSON line per sample (``prompt_index, sample_index, prompt, text, token_ids, logprobs,
+finish_reason``) on stdout, or into ``--out`` (written to a temporary file and renamed when complete).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..cli import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, help="HF model directory or Megatron checkpoint (converted layout).")
+    parser.add_argument("--prompts", required=True, help="Prompts: .jsonl with a 'prompt' field, or one per line.")
+    parser.add_argument("--n", type=int, default=1, help="Samples per prompt.")
+    parser.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (0 = greedy).")
+    parser.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling.")
+    parser.add_argument("--max-tokens", type=int, default=256, help="Max new tokens per sample.")
+    parser.add_argument("--seed", type=int, default=0, help="Sampling seed.")
+    parser.add_argument("--chat", action="store_true", help="Wrap each prompt in the tokenizer's chat template.")
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                        help="Engine dtype; auto = fp32 on CPU, bf16 on GPU.")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="Engine context; default = longest prompt + max tokens (capped by the model).")
+    parser.add_argument("--out", default=None, help="Write JSONL here instead of stdout.")
+
+
+def read_prompts(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{path}: prompts file not found")
+    lines = p.read_text(encoding="utf-8").splitlines()
+    prompts = []
+    if p.suffix == ".jsonl":
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise UserError(f"{path}:{i}: expected an object with a string field 'prompt'")
+            prompts.append(row["prompt"])
+    else:
+        prompts = [ln for ln in lines if ln.strip()]
+    if not prompts:
+        raise UserError(f"{path}: no prompts")
+    return prompts
+
+
+def _tokenize(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]:
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError("--chat: the tokenizer has no chat template")
+        return [list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                   tokenize=True, return_dict=False)) for p in prompts]
+    return [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..checkpoint.convert import resolve_source
+    from ..config import RolloutConfig
+    from .engine import RolloutEngine
+
+    if args.n < 1:
+        raise UserError(f"--n: expected >= 1, got {args.n}")
+    if args.max_tokens < 1:
+        raise UserError(f"--max-tokens: expected >= 1, got {args.max_tokens}")
+    prompts = read_prompts(args.prompts)
+    source = resolve_source(args.ckpt)
+    hf_dir = source.root
+    if not (hf_dir / "config.json").is_file():
+        raise UserError(f"{hf_dir}: the engine needs the HF config.json and tokenizer next to the checkpoint "
+                        f"(the layout `srft convert hf-to-mcore` writes)")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    except Exception as e:  # noqa: BLE001 - report the cause in one line
+        raise UserError(f"{hf_dir}: cannot load the tokenizer ({str(e).splitlines()[0] if str(e) else e})") from e
+    token_ids = _tokenize(tokenizer, prompts, args.chat)
+    dtype = args.dtype if args.dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
+    longest = max(len(t) for t in token_ids)
+    max_len = args.max_model_len or min(source.arch.max_position_embeddings, longest + args.max_tokens)
+
+    engine = handle = None
+    started_dist = False
+    try:
+        if source.kind == "hf":
+            engine = RolloutEngine(RolloutConfig(), str(hf_dir), dtype=dtype, seed=args.seed, max_model_len=max_len)
+        else:
+            from ..checkpoint.convert import build_and_load
+            from ..config import ParallelConfig
+            from ..parallel import init_distributed
+            from .sync import sync_weights
+
+            pcfg = ParallelConfig()
+            groups = init_distributed(pcfg)
+            started_dist = True
+            handle = build_and_load(source, pcfg, groups, params_dtype=dtype)
+            engine = RolloutEngine(RolloutConfig(), str(hf_dir), dtype=dtype, seed=args.seed, max_model_len=max_len,
+                                   load_format="dummy")
+            sync_weights(handle.chunks, source.arch, groups, engine, bucket_mb=RolloutConfig().sync_bucket_mb)
+            del handle
+        results = engine.generate(token_ids, n=args.n, temperature=args.temperature, top_p=args.top_p,
+                                  max_tokens=args.max_tokens, seed=args.seed)
+    finally:
+        if engine is not None:
+            engine.close()
+        if started_dist:
+            from ..parallel import destroy
+
+            destroy()
+    rows = []
+    for i, (prompt, samples) in enumerate(zip(prompts, results)):
+        for j, c in enumerate(samples):
+            rows.append({"prompt_index": i, "sample_index": j, "prompt": prompt,
+                         "text": tokenizer.decode(c.token_ids, skip_special_tokens=True),
+                         "token_ids": c.token_ids, "logprobs": [round(x, 6) for x in c.logprobs],
+                         "finish_reason": c.finish_reason})
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out)
+        print(f"srft generate: wrote {len(rows)} samples to {out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0

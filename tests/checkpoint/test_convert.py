@@ -1,0 +1,122 @@
+"""`srft convert`: HF -> Megatron -> HF bit-exact for every tensor, loadable by transformers; each bad input's error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from megatron_srft import cli
+from tests.dist import run_ranks
+from tests.models.tiny_cases import CASES, hf_logits, make_case
+
+
+def _convert_both_ways(pairs):
+    """In a 1-rank world (spawned: the CLI sets up Megatron's parallel state), run both conversions per case."""
+    codes = []
+    for hf, mc, back, extra in pairs:
+        codes.append(cli.main(["convert", "hf-to-mcore", "--hf", hf, "--out", mc, *extra]))
+        codes.append(cli.main(["convert", "mcore-to-hf", "--ckpt", mc, "--out", back, "--max-shard-mb", "1"]))
+    return codes
+
+
+def test_round_trip_bit_exact_and_loadable(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    pairs = []
+    for c in sorted(CASES):
+        hf = make_case(tmp_path / c / "hf", c)
+        pairs.append((str(hf), str(tmp_path / c / "mc"), str(tmp_path / c / "back"), ["--dtype", "fp32"]))
+    # bf16 conversion of one model: the checkpoint dtype follows --dtype
+    pairs.append((pairs[0][0], str(tmp_path / "bf16" / "mc"), str(tmp_path / "bf16" / "back"), ["--dtype", "bf16"]))
+    (codes,) = run_ranks(_convert_both_ways, 1, pairs)
+    assert codes == [0] * len(codes)
+    for hf, mc, back, extra in pairs:
+        ref = load_file(f"{hf}/model.safetensors")
+        index = json.loads(open(f"{back}/model.safetensors.index.json").read())
+        got = {}
+        for fname in sorted(set(index["weight_map"].values())):
+            got.update(load_file(f"{back}/{fname}"))
+        tied = json.loads(open(f"{hf}/config.json").read())["tie_word_embeddings"]
+        assert set(got) == set(ref) - ({"lm_head.weight"} if tied else set())
+        dtype = torch.bfloat16 if "bf16" in extra else torch.float32
+        for name, t in got.items():
+            assert torch.equal(t, ref[name].to(dtype)), (hf, name)
+        assert json.loads(open(f"{mc}/model/srft_model.json").read())["params_dtype"] == ("bf16" if "bf16" in extra
+                                                                                        else "fp32")
+    # the exported directory is a working HF model + tokenizer
+    hf, _, back, _ = pairs[1]
+    ids = torch.randint(0, 100, (1, 20))
+    assert torch.equal(hf_logits(back, ids), hf_logits(hf, ids))
+    assert AutoTokenizer.from_pretrained(back)("1+2=3")["input_ids"] == AutoTokenizer.from_pretrained(hf)("1+2=3")[
+        "input_ids"]
+    index = json.loads(open(f"{back}/model.safetensors.index.json").read())
+    assert len(set(index["weight_map"].values())) > 1  # --max-shard-mb 1 split the fp32 weights (1.3 MB)
+
+
+def _err(capsys, argv):
+    capsys.readouterr()  # drop earlier output (e.g. transformers' progress bars)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return make_case(tmp_path_factory.mktemp("hf") / "m", "qwen2_untied")
+
+
+def test_unsupported_architecture_lists_supported(tmp_path, hf_dir, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(hf_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["architectures"] = ["MistralForCausalLM"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    err = _err(capsys, ["convert", "hf-to-mcore", "--hf", str(bad), "--out", str(tmp_path / "o")])
+    assert "unsupported architecture 'MistralForCausalLM'" in err and "Qwen2ForCausalLM" in err
+    assert "LlamaForCausalLM" in err and "Qwen3ForCausalLM" in err
+
+
+def test_config_layers_differ_from_weights_names_the_tensor(tmp_path, hf_dir, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(hf_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["num_hidden_layers"] = 1
+    (bad / "config.json").write_text(json.dumps(cfg))
+    err = _err(capsys, ["convert", "hf-to-mcore", "--hf", str(bad), "--out", str(tmp_path / "o")])
+    assert "model.layers.1." in err and "num_hidden_layers=1" in err
+    cfg["num_hidden_layers"] = 3
+    (bad / "config.json").write_text(json.dumps(cfg))
+    err = _err(capsys, ["convert", "hf-to-mcore", "--hf", str(bad), "--out", str(tmp_path / "o")])
+    assert "missing tensor 'model.layers.2." in err
+
+
+def test_missing_shard_names_the_file(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    make_case(tmp_path / "src", "qwen2_untied")
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "src")).save_pretrained(sharded, max_shard_size="100KB")
+    shards = sorted(p.name for p in sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    (sharded / shards[1]).unlink()
+    err = _err(capsys, ["convert", "hf-to-mcore", "--hf", str(sharded), "--out", str(tmp_path / "o")])
+    assert f"shard file '{shards[1]}'" in err
+
+
+def test_non_empty_output_refused_and_wrong_kind(tmp_path, hf_dir, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    err = _err(capsys, ["convert", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(out)])
+    assert "not empty" in err and "--overwrite" in err
+    assert (out / "keep.txt").exists()
+    err = _err(capsys, ["convert", "mcore-to-hf", "--ckpt", str(hf_dir), "--out", str(tmp_path / "o2")])
+    assert "expected a Megatron checkpoint" in err
+    err = _err(capsys, ["convert", "hf-to-mcore", "--hf", str(tmp_path / "nope"), "--out", str(tmp_path / "o3")])
+    assert "not a directory" in err
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
