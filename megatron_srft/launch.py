@@ -142,7 +142,7 @@ def torchrun_command(*, num_nodes: int, gpus_per_node: int, node_rank: int, rdzv
 
 
 def torchrun_forwards_signals() -> bool:
-    """Whether the installed torchrun has ``--signals-to-handle`` (added to PyTorch in 2025, PR #160690)."""
+    """Whether the installed torchrun has ``--signals-to-handle`` (torch 2.13 has it; older releases may not)."""
     try:
         from torch.distributed.run import get_args_parser
     except Exception:

@@ -28,6 +28,10 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"  
 CONTAINER_IMAGE="${CONTAINER_IMAGE:-}"
 CONTAINER_MOUNTS="${CONTAINER_MOUNTS:-}"   # extra "src:dst[,src:dst]" (models, data); the work dir is mounted
 SRFT_BIN="${SRFT_BIN:-srft}"               # the `srft` entry point on the compute nodes (or in the image)
+# Extra `srft launch` flags, e.g. "--shutdown-timeout 800 --rdzv-port 29600". The trainer checkpoints at the end
+# of the step it is in when SIGUSR1 arrives, so the --signal lead time (300 s in the sbatch headers) and
+# --shutdown-timeout (270 s by default) must cover one step plus one checkpoint save: raise both for long steps.
+SRFT_LAUNCH_ARGS="${SRFT_LAUNCH_ARGS:-}"
 
 srft_on_usr1() {
     # SLURM sends SIGUSR1 to this batch shell (--signal=B:USR1@300). srun relays signals it receives to its
@@ -46,6 +50,8 @@ srft_run() {
     local config="$1"
     shift
     local -a srun_args=(--ntasks-per-node=1 --kill-on-bad-exit=1 --cpu-bind=none)
+    local -a launch_args=()
+    read -r -a launch_args <<< "$SRFT_LAUNCH_ARGS"
     if [[ -n "$CONTAINER_IMAGE" ]]; then
         srun_args+=(--container-image="$CONTAINER_IMAGE" --container-workdir="$PWD"
                     --container-mounts="$PWD:$PWD${CONTAINER_MOUNTS:+,$CONTAINER_MOUNTS}")
@@ -54,7 +60,9 @@ srft_run() {
          "restart count ${SLURM_RESTART_COUNT:-0}, config $config" >&2
     SRFT_REQUEUE=0
     trap srft_on_usr1 USR1
-    srun "${srun_args[@]}" "$SRFT_BIN" launch --gpus-per-node "$GPUS_PER_NODE" --config "$config" -- "$@" &
+    # ${a[@]+"${a[@]}"}: an empty array under `set -u` is an error in bash < 4.4 (RHEL 7's 4.2)
+    srun "${srun_args[@]}" "$SRFT_BIN" launch --gpus-per-node "$GPUS_PER_NODE" ${launch_args[@]+"${launch_args[@]}"} \
+        --config "$config" -- "$@" &
     SRFT_SRUN_PID=$!
     local rc=0
     while true; do

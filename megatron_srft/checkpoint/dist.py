@@ -37,10 +37,13 @@ def _barrier() -> None:
 
 def _sharded_state_dict(chunks: list) -> dict:
     # The outer keys are not stored: ShardedTensor keys are global names (layer offsets applied), which is
-    # what makes the checkpoint independent of TP/PP/VPP.
+    # what makes the checkpoint independent of TP/PP/VPP. Always from the bare GPTModel: Megatron's DDP
+    # wrapper has no sharded_state_dict of its own and would prefix every key with "module.".
+    from ..models.builder import unwrap
+
     if len(chunks) == 1:
-        return chunks[0].sharded_state_dict()
-    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+        return unwrap(chunks[0]).sharded_state_dict()
+    return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
 def model_metadata(chunks: list, arch=None) -> dict:
@@ -122,7 +125,8 @@ def load_model(chunks: list, path: str | Path) -> dict:
                           f"{padded}; set model.make_vocab_size_divisible_by as when it was saved")
     state = dist_checkpointing.load(_sharded_state_dict(chunks), str(path))
     for i, c in enumerate(chunks):
-        result = c.load_state_dict(state if len(chunks) == 1 else state[f"model{i}"], strict=False)
+        # DDP's load_state_dict returns nothing: load into the wrapped GPTModel (same tensors, copied in place).
+        result = unwrap(c).load_state_dict(state if len(chunks) == 1 else state[f"model{i}"], strict=False)
         # _extra_state (TE / fp8 bookkeeping) may legitimately differ between layer specs; weights may not.
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         if missing:

@@ -97,6 +97,7 @@ def save_training_checkpoint(run_dir: str | Path, step: int, chunks, optimizer, 
     """Collective: every rank calls it. Returns the final checkpoint path."""
     from megatron.core import dist_checkpointing
 
+    from ..models.builder import unwrap
     from .dist import save_model
 
     root = checkpoint_root(run_dir)
@@ -107,7 +108,7 @@ def save_training_checkpoint(run_dir: str | Path, step: int, chunks, optimizer, 
         (tmp / "rng").mkdir(parents=True)
     _barrier()
     save_model(chunks, tmp / "model", metadata={**metadata, "step": step}, arch=arch, atomic=False)
-    model_sd = chunks[0].sharded_state_dict()
+    model_sd = unwrap(chunks[0]).sharded_state_dict()  # maps optimizer state to params by identity
     opt_dir = tmp / "optimizer"
     if rank == 0:
         opt_dir.mkdir(exist_ok=True)
@@ -127,10 +128,24 @@ def save_training_checkpoint(run_dir: str | Path, step: int, chunks, optimizer, 
     return final
 
 
+def _ensure_optimizer_state(optimizer) -> None:
+    """A fresh optimizer has no Adam state until its first step, and Megatron's sharded_state_dict needs one
+    to describe what it loads into: fill it with placeholders (zero grads, one step), replaced by the load."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or len(inner.state) > 0:
+            continue
+        if hasattr(opt, "_init_optimizer_states_with_dummy_values"):  # DistributedOptimizer
+            opt._init_optimizer_states_with_dummy_values()
+        elif getattr(opt, "init_state_fn", None) is not None:
+            opt.init_state_fn(inner, getattr(opt, "config", None))
+
+
 def load_training_checkpoint(path: str | Path, chunks, optimizer, *, rank: int) -> ResumeState:
     """Collective. Restores model, optimizer, this rank's RNG; returns step and data cursor."""
     from megatron.core import dist_checkpointing
 
+    from ..models.builder import unwrap
     from .dist import load_model
 
     path = Path(path)
@@ -139,10 +154,12 @@ def load_training_checkpoint(path: str | Path, chunks, optimizer, *, rank: int) 
         raise FileNotFoundError(f"{state_file}: not found (incomplete or not a training checkpoint)")
     state = json.loads(state_file.read_text())
     load_model(chunks, path / "model")
-    model_sd = chunks[0].sharded_state_dict()
+    model_sd = unwrap(chunks[0]).sharded_state_dict()  # maps optimizer state to params by identity
+    _ensure_optimizer_state(optimizer)
     opt_sd = dist_checkpointing.load(optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIM_META),
                                      str(path / "optimizer"))
-    optimizer.load_state_dict(opt_sd)
+    with torch.no_grad():  # Megatron copies into the fp32 master params (leaves that require grad) in place
+        optimizer.load_state_dict(opt_sd)
     rng_file = path / "rng" / f"rank_{rank}.pt"
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=True))

@@ -103,5 +103,9 @@ def encode_prompt(problem, tokenizer, template: str) -> list[int]:
     """Token ids of :func:`render_prompt`. A chat template writes its own special tokens (BOS included), so
     they are not added again; ``plain`` text gets the tokenizer's usual special tokens (e.g. a BOS)."""
     text = render_prompt(problem, tokenizer, template)
-    add_special = template == "plain" or getattr(tokenizer, "chat_template", None) is None
-    return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=prompt_adds_special_tokens(tokenizer, template))["input_ids"])
+
+
+def prompt_adds_special_tokens(tokenizer, template: str) -> bool:
+    """Whether encoding the rendered prompt adds the tokenizer's special tokens (only when no chat template ran)."""
+    return template == "plain" or getattr(tokenizer, "chat_template", None) is None

@@ -164,6 +164,7 @@ class RewardPool:
                         msg = None
                     if msg is None:  # the worker died
                         if not w.ready:  # before its first sample: a broken verifier, not a bad sample
+                            w.proc.join(timeout=5)
                             raise RuntimeError(f"reward worker for '{self.reward}' exited during start-up "
                                                f"(exit code {w.proc.exitcode}); see its traceback above")
                         if w.task is not None:

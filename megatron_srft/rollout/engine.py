@@ -57,6 +57,26 @@ class Completion:
     finish_reason: str
 
 
+def resolve_dtype(rollout_dtype: str, params_dtype: str) -> str:
+    """``rollout.dtype`` with ``auto`` resolved: the model's params dtype on GPU, fp32 on CPU (exact tests and
+    vLLM's CPU kernels are fastest and exact in fp32)."""
+    if rollout_dtype != "auto":
+        return rollout_dtype
+    return params_dtype if torch.cuda.is_available() else "fp32"
+
+
+def engine_settings(cfg, model_dir: str) -> dict:
+    """The engine's dtype, seed and max_model_len from an SRFTConfig, with ``auto`` / null resolved:
+    dtype via :func:`resolve_dtype`; max_model_len null = data.max_prompt_length + data.max_response_length,
+    capped by the model's max_position_embeddings."""
+    from ..models.arch import load_arch
+
+    r = cfg.rollout
+    max_len = r.max_model_len or min(cfg.data.max_prompt_length + cfg.data.max_response_length,
+                                     load_arch(model_dir).max_position_embeddings)
+    return {"dtype": resolve_dtype(r.dtype, cfg.model.params_dtype), "seed": r.seed, "max_model_len": max_len}
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0] if text else exc.__class__.__name__)[:300]
@@ -131,6 +151,11 @@ class RolloutEngine:
             raise UserError(f"rollout engine failed to start for {self.model_dir}: {_first_line(e)}") from e
         self.startup_seconds = time.perf_counter() - start
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
+
+    @classmethod
+    def from_config(cls, cfg, model_dir: str, *, load_format: str = "auto") -> "RolloutEngine":
+        """Build from the whole :class:`~megatron_srft.config.SRFTConfig` (see :func:`engine_settings`)."""
+        return cls(cfg.rollout, model_dir, load_format=load_format, **engine_settings(cfg, model_dir))
 
     # ------------------------------------------------------------------------------------------ set-up
 
@@ -286,9 +311,8 @@ class RolloutEngine:
         """Re-allocate GPU memory. Around a weight update: ``wake_up(["weights"])``, update, then
         ``wake_up(["kv_cache"])`` (see the module docstring). ``None`` wakes everything."""
         if self.on_gpu and self._asleep:
-            self._require_llm_for_update().wake_up(tags=tags)
-            if tags is None or "kv_cache" in tags:
-                self._asleep = False
+            # vLLM resumes scheduling only once weights and KV cache are both resident again.
+            self._asleep = not self._require_llm_for_update().wake_up(tags=tags)
         else:
             self._asleep = False
 

@@ -80,8 +80,9 @@ def build_policy(cfg: SRFTConfig, groups: ParallelGroups) -> Policy:
         raise ConfigError(f"model.path: {cfg.model.path!r} is not a directory (an HF model or a converted checkpoint)")
     arch = load_arch(model_dir)
     handle = build_model(arch, cfg.model, cfg.parallel)
-    optimizer = build_optimizer(handle, cfg.optimizer, cfg.model, cfg.parallel)
     load_initial_weights(handle, model_dir, groups)
+    # After the weights: the optimizer copies its fp32 master weights from the model when it is built.
+    optimizer = build_optimizer(handle, cfg.optimizer, cfg.model, cfg.parallel)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     return Policy(handle=handle, optimizer=optimizer, tokenizer=tokenizer, model_dir=model_dir)
 

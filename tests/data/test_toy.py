@@ -31,7 +31,7 @@ def test_train_test_disjoint_and_deterministic():
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
     assert make_problems(s) == (train, test)
     with pytest.raises(ValueError, match="distinct problems"):
-        make_problems(ToySettings(num_train=10_000, num_test=10, max_ops=2, max_value=10, max_operand=2))
+        make_problems(ToySettings(num_train=200, num_test=10, max_ops=2, max_value=10, max_operand=2))
 
 
 def test_make_toy_cli(tmp_path, capsys):

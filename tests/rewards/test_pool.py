@@ -1,3 +1,4 @@
+import os
 import time
 
 import pytest
@@ -10,6 +11,8 @@ def sleepy_reward(response, answer, *, require_think=False):
     """Module level so spawned workers can import it: 'hang' hangs, 'boom' raises, else exact."""
     if response == "hang":
         time.sleep(600)
+    if response == "die":
+        os._exit(3)
     if response == "boom":
         raise ValueError("verifier bug")
     return float(response == answer)
@@ -64,3 +67,11 @@ def test_pool_arguments():
         assert pool.score([], []) == ([], 0)
         with pytest.raises(ValueError, match="2 responses but 1 answers"):
             pool.score(["a", "b"], ["a"])
+
+
+
+def test_dead_worker_is_replaced():
+    """A worker that dies mid-sample (a crash, an OOM kill) costs that sample, not the run."""
+    with RewardPool(sleepy_reward, timeout_s=30, num_workers=1, require_think=False) as pool:
+        scores, num_failed = pool.score(["a", "die", "b"], ["a", "x", "b"])
+        assert scores == [1.0, 0.0, 1.0] and num_failed == 1 and pool.total_restarts == 1

@@ -141,6 +141,23 @@ def test_bad_settings_give_one_line_errors(tmp_path, hf_dir):
         RolloutEngine(RolloutConfig(tensor_parallel_size=2), str(hf_dir), dtype="fp32", seed=0, max_model_len=32)
 
 
+def test_config_resolution(hf_dir):
+    from megatron_srft.config import SRFTConfig
+    from megatron_srft.rollout.engine import engine_settings, resolve_dtype
+
+    assert resolve_dtype("auto", "bf16") == ("bf16" if torch.cuda.is_available() else "fp32")
+    assert resolve_dtype("fp16", "bf16") == "fp16"
+    cfg = SRFTConfig()
+    cfg.data.max_prompt_length, cfg.data.max_response_length = 400, 300  # 700 > the model's 512 positions
+    assert engine_settings(cfg, str(hf_dir))["max_model_len"] == 512
+    cfg.data.max_response_length = 50
+    cfg.rollout.seed = 9
+    assert engine_settings(cfg, str(hf_dir)) == {"dtype": resolve_dtype("auto", cfg.model.params_dtype),
+                                                 "seed": 9, "max_model_len": 450}
+    cfg.rollout.max_model_len = 64
+    assert engine_settings(cfg, str(hf_dir))["max_model_len"] == 64
+
+
 def test_engine_start_failure_is_one_line(tmp_path, hf_dir):
     """No weight files: vLLM fails inside start-up; we report one line naming the directory."""
     import shutil
