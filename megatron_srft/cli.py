@@ -47,10 +47,15 @@ def _top_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = _top_parser()
-    if not argv or argv[0] not in SUBCOMMANDS:
-        args, _ = top.parse_known_args(argv)
+    if not argv or argv[0] in ("-h", "--help"):
         top.print_help()
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+        return 0
+    if argv[0] not in SUBCOMMANDS:
+        try:
+            top.parse_args(argv)  # --version, or argparse's one-line "invalid choice" error
+        except SystemExit as e:
+            return int(e.code or 0)
+        return 2
     name = argv[0]
     module_name, help_text = SUBCOMMANDS[name]
     module = importlib.import_module(module_name)
@@ -68,4 +73,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # `python -m megatron_srft.cli` runs this file as __main__: call the package's copy so that its error
+    # classes are the ones the subcommands raise.
+    from megatron_srft.cli import main as _main
+
+    sys.exit(_main())

@@ -63,9 +63,9 @@ def read_rows(path: str | Path, tokenizer_dir: Optional[Path], vocab_size: int) 
             if tokenizer is None:
                 if tokenizer_dir is None:
                     raise UserError(f"{where}: 'text' rows need tokenizer files next to the checkpoint")
-                from transformers import AutoTokenizer
+                from .data.templates import load_tokenizer
 
-                tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+                tokenizer = load_tokenizer(tokenizer_dir)
             ids = tokenizer(row["text"])["input_ids"]
         else:
             raise UserError(f"{where}: expected 'input_ids' (list of ints) or 'text' (string)")

@@ -72,6 +72,9 @@ def _tokenize(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]:
 
 
 def main(args: argparse.Namespace) -> int:
+    # stdout carries the JSONL samples: send vLLM's log lines (stdout by default) to stderr, and quiet them.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     import torch
 
     from ..checkpoint.convert import resolve_source

@@ -64,8 +64,10 @@ def stream_weights(named_tensors: Iterable[tuple[str, torch.Tensor]], engine, bu
             stats["peak_extra_bytes"] = max(stats["peak_extra_bytes"], size)
             stats["bytes"] += size
             stats["num_tensors"] += len(bucket)
-            while bucket:  # hand over and drop our reference, so the engine alone decides when it is freed
-                yield bucket.pop(0)
+            for i, item in enumerate(bucket):
+                bucket[i] = None  # drop our reference: the engine alone decides when the tensor is freed
+                yield item
+                del item
 
     start = time.perf_counter()
     engine.wake_up(tags=["weights"])  # GPU: weights back first; the KV cache only after the update

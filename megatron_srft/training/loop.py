@@ -69,8 +69,7 @@ class StepResult:
 
 
 def build_policy(cfg: SRFTConfig, groups: ParallelGroups) -> Policy:
-    from transformers import AutoTokenizer
-
+    from ..data.templates import load_tokenizer
     from ..models.arch import load_arch
     from ..models.builder import build_model, build_optimizer
     from ..models.loading import load_initial_weights
@@ -83,7 +82,7 @@ def build_policy(cfg: SRFTConfig, groups: ParallelGroups) -> Policy:
     load_initial_weights(handle, model_dir, groups)
     # After the weights: the optimizer copies its fp32 master weights from the model when it is built.
     optimizer = build_optimizer(handle, cfg.optimizer, cfg.model, cfg.parallel)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = load_tokenizer(model_dir)
     return Policy(handle=handle, optimizer=optimizer, tokenizer=tokenizer, model_dir=model_dir)
 
 
@@ -394,6 +393,7 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
     from .. import parallel
     from ..algorithms.presets import resolve
     from ..checkpoint.training_state import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+    from ..data.templates import THINKING_TEMPLATES
     from ..rewards import RewardPool
     from .metrics import MetricsLogger, PhaseTimer
 
@@ -429,7 +429,7 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
     num_minibatches = cfg.train.prompts_per_step // cfg.train.prompts_per_minibatch
     meta = {"params_dtype": cfg.model.params_dtype, "config": to_dict(cfg)}
     with RewardPool(cfg.train.reward, timeout_s=cfg.train.reward_timeout_s, num_workers=cfg.train.reward_workers,
-                    require_think=cfg.data.template == "paper") if am_leader else _NullPool() as pool:
+                    require_think=cfg.data.template in THINKING_TEMPLATES) if am_leader else _NullPool() as pool:
         if engine is not None or need_engine:
             sync_weights_to_engine(policy, engine, groups, cfg)
         if start_step == 0 and problems.eval and cfg.train.eval_every:

@@ -101,3 +101,24 @@ def test_tokenize_filters_and_counts(tok, tmp_path):
     assert tok.decode(t.prompt_ids) == "Q:1+2\nA:"
     assert t.demo_ids[-1] == tok.eos_token_id and tok.decode(t.demo_ids[:-1]) == "1+2=3"
     assert out[1].demo_ids is None and out[1].data_source == "b" and out[1].answer == "5"
+
+
+def test_tokenize_batches_keep_demos_aligned(tok, monkeypatch):
+    import megatron_srft.data.dataset as ds
+    from megatron_srft.data.templates import encode_prompt
+
+    monkeypatch.setattr(ds, "_TOKENIZE_BATCH", 2)
+    probs = [Problem(f"{i}+1", str(i + 1), None if i % 3 == 0 else f"{i}+1={i + 1}", "a", f"f:{i}") for i in range(7)]
+    out = tokenize_problems(probs, tok, "boxed", 1000, 1000)
+    for pr, t in zip(probs, out):
+        assert t.prompt_ids == encode_prompt(pr, tok, "boxed") and t.source == pr.source
+        want = None if pr.demonstration is None else tok(pr.demonstration, add_special_tokens=False)["input_ids"]
+        assert t.demo_ids == (None if want is None else want + [tok.eos_token_id])
+
+
+def test_tokenize_verl_file_with_paper_template_keeps_its_system_prompt(tok):
+    probs = load_problems(f"{SHARED}/ood_gpqa.parquet")
+    out = tokenize_problems(probs, tok, "paper", 100_000, 10)
+    assert len(out) == len(probs) and out.num_dropped == 0
+    text = tok.decode(out[0].prompt_ids)
+    assert text.startswith(probs[0].prompt[0]["content"][:40]) and text.endswith("\nA:")

@@ -48,11 +48,10 @@ def test_generate_from_hf_and_from_mcore_agree(tmp_path, hf_dir):
     conv = tmp_path / "conv"
     r = _srft("convert", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(conv), "--dtype", "fp32")
     assert r.returncode == 0, r.stderr[-3000:]
-    out_mc = tmp_path / "mc.jsonl"
     r = _srft("generate", "--ckpt", str(conv), "--prompts", str(prompts), "--n", "2", "--temperature", "1",
-              "--seed", "5", "--max-tokens", "6", "--out", str(out_mc))
+              "--seed", "5", "--max-tokens", "6")
     assert r.returncode == 0, r.stderr[-3000:]
-    rows_mc = [json.loads(x) for x in out_mc.read_text().splitlines()]
+    rows_mc = [json.loads(x) for x in r.stdout.splitlines()]  # stdout is pure JSONL (vLLM logs go to stderr)
     assert [x["token_ids"] for x in rows_mc] == [x["token_ids"] for x in rows]
     for a, b in zip(rows, rows_mc):
         assert max(abs(p - q) for p, q in zip(a["logprobs"], b["logprobs"])) < 1e-4

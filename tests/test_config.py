@@ -1,0 +1,94 @@
+"""The config tree: YAML 1:1, unknown keys, wrong types, impossible layouts, the generated reference."""
+
+from pathlib import Path
+
+import pytest
+
+from megatron_srft.cli import main as cli_main
+from megatron_srft.config import ConfigError, SRFTConfig, load_config, markdown_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "run.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_yaml_maps_onto_the_tree(tmp_path):
+    p = _write(tmp_path, "run_dir: r\nparallel:\n  tensor_model_parallel_size: 2\noptimizer:\n  lr: 1e-6\n"
+                         "algorithm:\n  preset: srft_code\n")
+    cfg = load_config(str(p), ["train.num_steps=7", "data.train_files=[a.jsonl, b.parquet]"])
+    assert cfg.parallel.tensor_model_parallel_size == 2
+    assert cfg.optimizer.lr == 1e-6  # YAML 1.1 reads 1e-6 as a string: accepted as a float literal
+    assert cfg.algorithm.preset == "srft_code"
+    assert cfg.train.num_steps == 7 and cfg.data.train_files == ["a.jsonl", "b.parquet"]
+
+
+def test_unknown_key_names_key_file_and_closest(tmp_path):
+    p = _write(tmp_path, "optimizer:\n  learning_rate: 1.0e-6\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(p))
+    msg = str(e.value)
+    assert str(p) in msg and "optimizer.learning_rate" in msg and "valid keys" in msg
+    p = _write(tmp_path, "paralel:\n  tensor_model_parallel_size: 2\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'paralel'; did you mean 'parallel'"):
+        load_config(str(p))
+    with pytest.raises(ConfigError, match=r"override: unknown key 'train.num_step'; did you mean 'train.num_steps'"):
+        load_config(None, ["train.num_step=3"])
+
+
+def test_wrong_type_names_the_field(tmp_path):
+    p = _write(tmp_path, "train:\n  num_steps: many\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: train.num_steps: expected int, got 'many'"):
+        load_config(str(p))
+    with pytest.raises(ConfigError, match=r"algorithm.preset: expected 'srft' \| 'srft_code'"):
+        load_config(None, ["algorithm.preset=ppo"])
+    with pytest.raises(ConfigError, match=r"parallel.sequence_parallel: expected bool"):
+        load_config(None, ["parallel.sequence_parallel=3"])
+
+
+def test_impossible_combinations():
+    with pytest.raises(ConfigError, match=r"world size 3 is not divisible by tensor_model_parallel_size \(2\)"):
+        load_config(None, ["parallel.tensor_model_parallel_size=2"], world_size=3)
+    with pytest.raises(ConfigError, match=r"parallel.sequence_parallel: needs tensor_model_parallel_size > 1"):
+        load_config(None, ["parallel.sequence_parallel=true"])
+    with pytest.raises(ConfigError, match=r"train.prompts_per_minibatch: must divide prompts_per_step"):
+        load_config(None, ["train.prompts_per_step=10", "train.prompts_per_minibatch=4"])
+    with pytest.raises(ConfigError, match=r"model.fp8: needs Transformer Engine and a CUDA GPU"):
+        load_config(None, ["model.fp8=e4m3"])
+    with pytest.raises(ConfigError, match=r"tensor_model_parallel_size: expected an integer >= 1"):
+        load_config(None, ["parallel.tensor_model_parallel_size=0"])
+
+
+def test_cli_errors_are_one_line_exit_2(capsys):
+    assert cli_main(["config", "--print", "train.num_steps=x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("srft config: error: override: train.num_steps")
+    assert cli_main(["config", "--print", "run_dir=r"]) == 0
+    assert "run_dir: r" in capsys.readouterr().out
+
+
+def test_help_lists_every_subcommand(capsys):
+    assert cli_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in ("train", "convert", "score", "generate", "eval", "plot", "make-toy", "config", "launch"):
+        assert name in out
+
+
+def test_docs_config_md_is_generated_from_the_dataclasses():
+    assert (ROOT / "docs" / "config.md").read_text() == markdown_reference(), \
+        "docs/config.md is stale: run `make docs`"
+
+
+def test_every_field_has_help():
+    import dataclasses
+
+    root = SRFTConfig()
+    for f in dataclasses.fields(root):
+        assert f.metadata.get("help"), f.name
+        sub = getattr(root, f.name)
+        if dataclasses.is_dataclass(sub):
+            for sf in dataclasses.fields(sub):
+                assert sf.metadata.get("help"), f"{f.name}.{sf.name}"
