@@ -22,8 +22,8 @@ from pathlib import Path
 from .config import load_config
 
 #: The demo's settings. SFT warm-up: enough to be clearly above 0 on held-out problems but far from 100%.
-WARMUP = dict(steps=500, lr=1e-3, prompts_per_step=32)
-RL = dict(steps=60, lr=2e-4, prompts_per_step=16, rollouts=7, eval_every=10, num_eval=100)
+WARMUP = dict(steps=600, lr=1e-3, prompts_per_step=32)
+RL = dict(steps=60, lr=1e-4, prompts_per_step=32, rollouts=7, eval_every=10, num_eval=200)
 
 
 def _common(toy: Path, run_dir: Path, model: Path) -> list[str]:

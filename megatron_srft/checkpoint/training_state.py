@@ -141,6 +141,28 @@ def _ensure_optimizer_state(optimizer) -> None:
             opt.init_state_fn(inner, getattr(opt, "config", None))
 
 
+def _restore_adam_steps(optimizer, opt_sd: dict) -> None:
+    """Set torch Adam's per-parameter ``step`` to the saved optimizer-step count, one tensor per parameter.
+
+    Megatron without Apex/TE keeps Adam's step in the param groups of its checkpoint, but on load the
+    dp_reshardable path copies the placeholder state's step back over it, and the non-sharded path shares one
+    tensor across all parameters (torch then increments it once per parameter). Either corrupts the bias
+    correction 1 - beta^t, so a resumed run would not repeat the uninterrupted one.
+    """
+    opts = getattr(optimizer, "chained_optimizers", [optimizer])
+    sds = [opt_sd] if len(opts) == 1 else [opt_sd[i] for i in range(len(opts))]
+    for opt, sd in zip(opts, sds):
+        inner = getattr(opt, "optimizer", None)
+        groups = (sd.get("optimizer") or {}).get("param_groups") or []
+        steps = {g["step"] for g in groups if "step" in g}
+        if inner is None or len(steps) != 1:
+            continue
+        (step,) = steps
+        for state in inner.state.values():
+            if "step" in state:
+                state["step"] = torch.tensor(float(step), dtype=torch.float32)
+
+
 def load_training_checkpoint(path: str | Path, chunks, optimizer, *, rank: int) -> ResumeState:
     """Collective. Restores model, optimizer, this rank's RNG; returns step and data cursor."""
     from megatron.core import dist_checkpointing
@@ -160,6 +182,7 @@ def load_training_checkpoint(path: str | Path, chunks, optimizer, *, rank: int) 
                                      str(path / "optimizer"))
     with torch.no_grad():  # Megatron copies into the fp32 master params (leaves that require grad) in place
         optimizer.load_state_dict(opt_sd)
+    _restore_adam_steps(optimizer, opt_sd)
     rng_file = path / "rng" / f"rank_{rank}.pt"
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=True))

@@ -423,24 +423,30 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
 
     am_leader, _ = _mp_leader(groups)
     need_engine = settings.use_rollouts or bool(problems.eval)
-    engine = _make_engine(cfg, policy, groups) if (need_engine and am_leader) else None
+    # vLLM creates its process groups with torch.distributed.new_group, a collective over the whole world:
+    # every rank builds its engine in lockstep. Only the model-parallel leader's engine receives weights and
+    # generates; the others stay idle (on GPU the engines form rollout-TP groups instead, docs/rollout.md).
+    engine = _make_engine(cfg, policy, groups) if need_engine else None
+    if engine is not None and not am_leader:
+        engine.sleep()
+    rollout_engine = engine if am_leader else None
     stop = _StopFlag(cfg.checkpoint.save_on_signal)
     metrics: dict = {}
     num_minibatches = cfg.train.prompts_per_step // cfg.train.prompts_per_minibatch
     meta = {"params_dtype": cfg.model.params_dtype, "config": to_dict(cfg)}
     with RewardPool(cfg.train.reward, timeout_s=cfg.train.reward_timeout_s, num_workers=cfg.train.reward_workers,
                     require_think=cfg.data.template in THINKING_TEMPLATES) if am_leader else _NullPool() as pool:
-        if engine is not None or need_engine:
-            sync_weights_to_engine(policy, engine, groups, cfg)
+        if need_engine:
+            sync_weights_to_engine(policy, rollout_engine, groups, cfg)
         if start_step == 0 and problems.eval and cfg.train.eval_every:
-            metrics = evaluate_policy(engine, pool, policy.tokenizer, problems.eval, cfg, groups)
+            metrics = evaluate_policy(rollout_engine, pool, policy.tokenizer, problems.eval, cfg, groups)
             logger.log(0, metrics)
         for step in range(start_step + 1, cfg.train.num_steps + 1):
             timer = PhaseTimer()
             t0 = time.perf_counter()
             batch = [problems.train[i] for i in sampler.indices(step)]
             with timer("rollout"):
-                rollouts = generate_rollouts(engine, batch, cfg, step, groups,
+                rollouts = generate_rollouts(rollout_engine, batch, cfg, step, groups,
                                              cfg.rollout.num_rollouts_per_prompt if settings.use_rollouts else 0)
             with timer("reward"):
                 roll_r, demo_r, num_timeouts = score_rollouts(pool, policy.tokenizer, batch, rollouts, groups,
@@ -456,14 +462,14 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
                 train_metrics = update_policy(policy, minibatches, settings, cfg, groups, step)
             with timer("sync"):
                 if need_engine:
-                    sync_weights_to_engine(policy, engine, groups, cfg)
+                    sync_weights_to_engine(policy, rollout_engine, groups, cfg)
             metrics = {**reduce_stats(stats, groups), **train_metrics, **timer.as_metrics()}
             num_tokens = sum(s.num_tokens for s in samples)
             metrics["perf/tokens_per_s"] = num_tokens * groups.dp_size / max(time.perf_counter() - t0, 1e-9)
             if problems.eval and ((cfg.train.eval_every and step % cfg.train.eval_every == 0)
                                   or step == cfg.train.num_steps):
                 with timer("eval"):
-                    metrics.update(evaluate_policy(engine, pool, policy.tokenizer, problems.eval, cfg, groups))
+                    metrics.update(evaluate_policy(rollout_engine, pool, policy.tokenizer, problems.eval, cfg, groups))
             metrics["time/step"] = time.perf_counter() - t0
             logger.log(step, metrics)
             last = step == cfg.train.num_steps
