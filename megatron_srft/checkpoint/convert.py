@@ -122,12 +122,9 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
 
 
 def _finish_out(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        shutil.rmtree(old)
-    tmp.rename(out)
+    from ..atomic import replace_dir
+
+    replace_dir(tmp, out)
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:

@@ -83,12 +83,9 @@ def save_model(chunks: list, path: str | Path, metadata: Optional[dict] = None, 
         (target / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
     _barrier()
     if atomic and _rank() == 0:
-        if path.exists():
-            old = path.parent / f".{path.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            shutil.rmtree(old)
-        target.rename(path)
+        from ..atomic import replace_dir
+
+        replace_dir(target, path)
     _barrier()
     return path
 

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..atomic import replace_dir
+
 _STEP_RE = re.compile(r"^step_(\d{6,})$")
 # The distributed optimizer's state is saved per DP shard ("dp_reshardable": fully parallel, no gather on one
 # rank); a resumed run keeps the TP/PP layout (DP may change). The model itself reshards to any layout.
@@ -119,9 +121,7 @@ def save_training_checkpoint(run_dir: str | Path, step: int, chunks, optimizer, 
         (tmp / "state.json").write_text(json.dumps({"step": step, "data_cursor": data_cursor, **metadata}, indent=1))
     _barrier()
     if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        replace_dir(tmp, final)
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()

@@ -529,6 +529,7 @@ def export_final_hf(policy: Policy, groups: ParallelGroups, out_dir: Path, param
     import json
     import shutil
 
+    from ..atomic import replace_dir
     from ..checkpoint.convert import copy_side_files, write_safetensors
     from ..models.builder import torch_dtype
     from ..models.mapping import export_hf_weights
@@ -546,9 +547,7 @@ def export_final_hf(policy: Policy, groups: ParallelGroups, out_dir: Path, param
             hf_cfg["dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[params_dtype]
             (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
             copy_side_files(policy.model_dir, tmp)
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            tmp.rename(out_dir)
+            replace_dir(tmp, out_dir)
         else:
             for _ in items:
                 pass
