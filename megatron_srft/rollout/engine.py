@@ -24,6 +24,8 @@ On CPU vLLM ignores sleep/wake (nothing to free), and these calls are no-ops.
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import time
 from dataclasses import dataclass
@@ -99,6 +101,26 @@ def _refresh_tied_output_layer(worker) -> bool:
         return False
     method.process_weights_after_loading(lm_head)
     return True
+
+
+@contextlib.contextmanager
+def _keep_default_process_group():
+    """vLLM's EngineCore.shutdown ends with ``torch.distributed.destroy_process_group()`` on the default group.
+    Colocated, that group is the trainer's world and must outlive the engine (the demo and `make reproduce-toy`
+    run several trainings in one process); vLLM's own sub-groups are still destroyed."""
+    import torch.distributed as tdist
+
+    original = tdist.destroy_process_group
+
+    def destroy_unless_default(group=None):
+        if group is not None:
+            original(group)
+
+    tdist.destroy_process_group = destroy_unless_default
+    try:
+        yield
+    finally:
+        tdist.destroy_process_group = original
 
 
 class RolloutEngine:
@@ -322,7 +344,8 @@ class RolloutEngine:
         if llm is None:
             return
         try:
-            llm.llm_engine.engine_core.shutdown()
+            with _keep_default_process_group():
+                llm.llm_engine.engine_core.shutdown()
         except Exception:  # best effort: the engine may not have fully started
             pass
         del llm
