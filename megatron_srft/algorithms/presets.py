@@ -1,4 +1,4 @@
-"""Algorithm presets: every open choice of SRFT (docs/algorithms.md, /work/shared/srft_method.md) as a concrete field.
+"""Algorithm presets: every open choice of SRFT (docs/algorithms.md) as a concrete field.
 
 ``PRESETS`` is the ONE table of presets (name -> function returning its :class:`AlgoSettings`);
 :func:`resolve` starts from the preset and lets every non-null field of ``AlgorithmConfig`` override it.

@@ -7,7 +7,7 @@ import pytest
 from megatron_srft.data.dataset import DataError, Problem, load_problems, tokenize_problems
 from megatron_srft.models.tiny import make_char_tokenizer
 
-SHARED = "/work/shared/data"
+from tests.shared_data import SHARED
 
 
 def _jsonl(tmp_path, rows, name="d.jsonl"):
