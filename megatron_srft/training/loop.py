@@ -19,7 +19,7 @@ import dataclasses
 import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -57,12 +57,6 @@ class Problems:
     train: list  # list[data.dataset.TokenizedProblem]
     eval: list
     num_filtered: int = 0
-
-
-@dataclass
-class StepResult:
-    samples: list = field(default_factory=list)
-    metrics: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------- set-up
@@ -416,8 +410,11 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
         raise ConfigError(f"checkpoint.resume: 'must' but no complete checkpoint in {run_dir / 'checkpoints'}")
     if ckpt is not None:
         start_step = load_training_checkpoint(ckpt, policy.chunks, policy.optimizer, rank=groups.rank).step
-        logger.truncate_after(start_step)
+    # A fresh start begins a fresh metrics.jsonl; a resume drops the lines of steps after its checkpoint.
+    logger.truncate_after(start_step if ckpt is not None else -1)
     if groups.is_logging_rank:
+        print(f"[srft] {len(problems.train)} training problems ({problems.num_filtered} dropped by the length "
+              f"filters), {len(problems.eval)} eval problems; preset {cfg.algorithm.preset}", flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(to_dict(cfg), sort_keys=False))
 
