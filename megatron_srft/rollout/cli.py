@@ -91,10 +91,10 @@ def main(args: argparse.Namespace) -> int:
     if not (hf_dir / "config.json").is_file():
         raise UserError(f"{hf_dir}: the engine needs the HF config.json and tokenizer next to the checkpoint "
                         f"(the layout `srft convert hf-to-mcore` writes)")
-    from transformers import AutoTokenizer
+    from ..data.templates import load_tokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+        tokenizer = load_tokenizer(hf_dir)
     except Exception as e:  # noqa: BLE001 - report the cause in one line
         raise UserError(f"{hf_dir}: cannot load the tokenizer ({str(e).splitlines()[0] if str(e) else e})") from e
     token_ids = _tokenize(tokenizer, prompts, args.chat)
