@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 
 def add_arguments(p) -> None:
@@ -21,5 +22,6 @@ def main(args) -> int:
         overrides.append(f"checkpoint.resume={args.resume}")
     cfg = load_config(args.config, overrides)  # world-size checks run once the ranks are up
     metrics = train(cfg)
-    print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, sort_keys=True))
+    if os.environ.get("RANK", "0") == "0":  # the last step's metrics, once
+        print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, sort_keys=True))
     return 0
