@@ -57,14 +57,22 @@ def write_random_qwen2(out: Path, cfg: dict = CONFIG) -> int:
     return total
 
 
-_CHILD = ("import resource, sys; from megatron_srft.cli import main; rc = main(sys.argv[1:]); "
-          "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+# Peak RSS from VmHWM: it belongs to the process image after exec. (ru_maxrss would not do: Linux carries it over
+# exec from the forked parent, so it would count the benchmark process that generated the model.)
+_HWM = "int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))"
+_CHILD = ("import sys; from megatron_srft.cli import main; rc = main(sys.argv[1:]); "
+          f"print('MAXRSS_KB', {_HWM}); sys.exit(rc)")
+# The same interpreter with what a conversion imports and the 1-rank world it starts, converting nothing: the
+# fixed cost that a small benchmark model makes look large (0.5 GB against 15 GB for a 7B model).
+_BASELINE = ("import sys; import megatron_srft.checkpoint.convert, megatron.core.dist_checkpointing; "
+             "from megatron_srft import parallel; from megatron_srft.config import ParallelConfig; "
+             f"parallel.init_distributed(ParallelConfig()); print('MAXRSS_KB', {_HWM})")
 
 
-def _run_child(argv: list[str]) -> tuple[float, int]:
+def _run_child(argv: list[str], code: str = _CHILD) -> tuple[float, int]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _CHILD, *argv], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{argv}: exit {proc.returncode}: {proc.stderr[-2000:]}")
@@ -79,8 +87,12 @@ def run() -> dict:
         t1, rss1 = _run_child(["convert", "hf-to-mcore", "--hf", str(work / "hf"), "--out", str(work / "mc")])
         t2, rss2 = _run_child(["convert", "mcore-to-hf", "--ckpt", str(work / "mc"), "--out", str(work / "back"),
                                "--max-shard-mb", "512"])
+        _, base = _run_child([], _BASELINE)
         gb = model_bytes / 1e9
         return {
+            "baseline_rss_gb": round(base / 1e9, 3),
+            "hf_to_mcore_peak_rss_minus_baseline_over_model": round((rss1 - base) / model_bytes, 3),
+            "mcore_to_hf_peak_rss_minus_baseline_over_model": round((rss2 - base) / model_bytes, 3),
             "model_gb": round(gb, 3),
             "hf_to_mcore_s": round(t1, 2), "hf_to_mcore_gb_per_s": round(gb / t1, 3),
             "hf_to_mcore_peak_rss_over_model": round(rss1 / model_bytes, 3),

@@ -172,7 +172,7 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: Optional[str] = 
                                 params_dtype=dtype or _hf_dtype(source.arch),
                                 make_vocab_size_divisible_by=make_vocab_size_divisible_by)
         dist_ckpt.save_model(handle.chunks, tmp / "model", {"source": str(hf_dir.resolve())},
-                             arch=source.arch, atomic=False)
+                             arch=source.arch, atomic=False, consume=True)
         del handle
         shutil.copyfile(hf_dir / "config.json", tmp / "config.json")
         copy_side_files(hf_dir, tmp)

@@ -59,14 +59,45 @@ def model_metadata(chunks: list, arch=None) -> dict:
     return meta
 
 
+def _own_storage_for_views(sharded_sd: dict, chunks: list) -> None:
+    """Give every ShardedTensor that is a view its own storage, and free each parameter once all of its views
+    have been copied. For a model that is saved and then discarded (conversion) only.
+
+    Why: Megatron splits SwiGLU's fused fc1 [gate; up] into two ShardedTensors that are views of the parameter,
+    and its filesystem writer clones every view before writing anything: a second copy of all fc1 weights (about
+    half of a 7B model) would be resident at once. Copying here one parameter at a time and dropping the original
+    keeps the peak at one parameter beyond the model.
+    """
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    from ..models.builder import unwrap
+
+    apply_factories(sharded_sd)
+    params = {p.untyped_storage().data_ptr(): p for c in chunks for p in unwrap(c).parameters()}
+    views: dict[int, list] = {}
+    for sh in nested_values(sharded_sd):
+        if isinstance(sh, ShardedTensor) and torch.is_tensor(sh.data):
+            storage = sh.data.untyped_storage()
+            if storage.size() != sh.data.numel() * sh.data.element_size():
+                views.setdefault(storage.data_ptr(), []).append(sh)
+    for ptr, shs in views.items():
+        for sh in shs:
+            sh.data = sh.data.clone()
+        if ptr in params:
+            params[ptr].data = torch.empty(0, dtype=params[ptr].dtype)
+
+
 def save_model(chunks: list, path: str | Path, metadata: Optional[dict] = None, *, arch=None,
-               atomic: bool = True) -> Path:
+               atomic: bool = True, consume: bool = False) -> Path:
     """Collective (every rank calls it): save the model chunks as a torch_dist checkpoint at ``path``.
 
     ``metadata`` (JSON-serialisable: step, ...) is written to ``path/srft_model.json`` together with
     :func:`model_metadata` (pass ``arch`` so that ``srft convert mcore-to-hf`` needs no other file).
     ``atomic``: write to the sibling ``.PATH.tmp`` and rename when complete (False when the caller already
     writes into its own temporary directory).
+    ``consume``: the model is not used afterwards (conversion): its memory is given up during the save, which
+    keeps the peak near one copy of the model (see :func:`_own_storage_for_views`).
     """
     from megatron.core import dist_checkpointing
 
@@ -77,8 +108,11 @@ def save_model(chunks: list, path: str | Path, metadata: Optional[dict] = None, 
             shutil.rmtree(target)
         target.mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save(_sharded_state_dict(chunks), str(target))
     meta = {**model_metadata(chunks, arch), **(metadata or {})}
+    sharded_sd = _sharded_state_dict(chunks)
+    if consume:
+        _own_storage_for_views(sharded_sd, chunks)
+    dist_checkpointing.save(sharded_sd, str(target))
     if _rank() == 0:
         (target / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
     _barrier()
