@@ -86,7 +86,7 @@ def run() -> dict:
         model_bytes = write_random_qwen2(work / "hf")
         t1, rss1 = _run_child(["convert", "hf-to-mcore", "--hf", str(work / "hf"), "--out", str(work / "mc")])
         t2, rss2 = _run_child(["convert", "mcore-to-hf", "--ckpt", str(work / "mc"), "--out", str(work / "back"),
-                               "--max-shard-mb", "512"])
+                               "--max-shard-mb", "128"])
         _, base = _run_child([], _BASELINE)
         gb = model_bytes / 1e9
         return {

@@ -97,7 +97,7 @@ def build_and_load(source: ModelSource, pcfg: ParallelConfig, groups, params_dty
     if source.kind == "hf":
         load_hf_into_model([model], arch, source.model_dir, groups)
     else:
-        dist_ckpt.load_model([model], source.model_dir)
+        dist_ckpt.load_model([model], source.model_dir, in_place=groups.world_size == 1)
     chunks = [model]
     if wrap_ddp:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig

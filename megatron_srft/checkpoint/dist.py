@@ -140,7 +140,53 @@ def is_model_checkpoint(path: str | Path) -> bool:
     return (p / "metadata.json").is_file() and ((p / ".metadata").is_file() or (p / "common.pt").is_file())
 
 
-def load_model(chunks: list, path: str | Path) -> dict:
+def _load_in_place(chunks: list, path: Path) -> None:
+    """Load straight into the parameters' storage, for one process with one chunk (conversion).
+
+    With Megatron's factories applied beforehand, SwiGLU's fc1 halves are requested as views of the parameter and
+    no merge (a concatenated copy of every fc1, about half of a 7B model) is made after loading. A value that the
+    loader returns in new storage is copied into its view.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    sharded_sd = _sharded_state_dict(chunks)
+    apply_factories(sharded_sd)
+    views: list = []
+
+    def collect(node, out):
+        if isinstance(node, dict):
+            return {k: collect(v, out) for k, v in node.items()}
+        if isinstance(node, list):
+            return [collect(v, out) for v in node]
+        if isinstance(node, ShardedTensor):
+            out.append(node.data)
+        return node
+
+    collect(sharded_sd, views)
+    state = dist_checkpointing.load(sharded_sd, str(path))
+
+    def pairs(request, result, out):
+        if isinstance(request, dict):
+            for k, v in request.items():
+                pairs(v, result[k], out)
+        elif isinstance(request, list):
+            for v, r in zip(request, result):
+                pairs(v, r, out)
+        elif isinstance(request, ShardedTensor):
+            out.append(result)
+
+    loaded: list = []
+    pairs(sharded_sd, state, loaded)
+    if len(loaded) != len(views):  # the loader changed the request's structure: never guess
+        raise ConfigError(f"{path}: loaded {len(loaded)} tensors for {len(views)} requested")
+    with torch.no_grad():
+        for view, value in zip(views, loaded):
+            if value.data_ptr() != view.data_ptr():
+                view.copy_(value)
+
+
+def load_model(chunks: list, path: str | Path, *, in_place: bool = False) -> dict:
     """Collective: load a torch_dist model checkpoint into the chunks (any TP/PP layout). Returns its metadata."""
     from megatron.core import dist_checkpointing
 
@@ -154,6 +200,9 @@ def load_model(chunks: list, path: str | Path) -> dict:
     if "padded_vocab_size" in meta and int(meta["padded_vocab_size"]) != padded:
         raise ConfigError(f"{path / META_FILE}: padded_vocab_size {meta['padded_vocab_size']} != the model's "
                           f"{padded}; set model.make_vocab_size_divisible_by as when it was saved")
+    if in_place and len(chunks) == 1:
+        _load_in_place(chunks, path)
+        return meta
     state = dist_checkpointing.load(_sharded_state_dict(chunks), str(path))
     for i, c in enumerate(chunks):
         # DDP's load_state_dict returns nothing: load into the wrapped GPTModel (same tensors, copied in place).
