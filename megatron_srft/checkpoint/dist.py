@@ -154,16 +154,17 @@ def _load_in_place(chunks: list, path: Path) -> None:
     apply_factories(sharded_sd)
     views: list = []
 
-    def collect(node, out):
+    def collect(node):
         if isinstance(node, dict):
-            return {k: collect(v, out) for k, v in node.items()}
-        if isinstance(node, list):
-            return [collect(v, out) for v in node]
-        if isinstance(node, ShardedTensor):
-            out.append(node.data)
-        return node
+            for v in node.values():
+                collect(v)
+        elif isinstance(node, list):
+            for v in node:
+                collect(v)
+        elif isinstance(node, ShardedTensor):
+            views.append(node.data)  # taken before the load, which may replace the request's entries
 
-    collect(sharded_sd, views)
+    collect(sharded_sd)
     state = dist_checkpointing.load(sharded_sd, str(path))
 
     def pairs(request, result, out):
