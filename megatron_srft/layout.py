@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ConfigError, SRFTConfig, _te_available
+from .config import ConfigError, ParallelConfig, SRFTConfig, _te_available
 from .models.arch import ArchSpec
 
 GIB = 1024 ** 3
@@ -20,6 +20,25 @@ _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 def _need(cond: bool, path: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{path}: {msg}")
+
+
+def check_model_split(arch: ArchSpec, pcfg: ParallelConfig) -> None:
+    """TP divides attention heads, KV heads and the FFN width; PP (x virtual stages) divides the layers.
+
+    The part of the layout that the model's shapes decide: the model builder checks it for every model it builds
+    (conversion and scoring included), :func:`validate_layout` as part of a run's checks.
+    """
+    tp, pp = pcfg.tensor_model_parallel_size, pcfg.pipeline_model_parallel_size
+    tp_path = "parallel.tensor_model_parallel_size"
+    for count, name in ((arch.num_attention_heads, "num_attention_heads"),
+                        (arch.num_query_groups, "num_key_value_heads"),
+                        (arch.ffn_hidden_size, "intermediate_size")):
+        _need(count % tp == 0, tp_path, f"{tp} does not divide the model's {name} ({count})")
+    stages = pp * (pcfg.virtual_pipeline_model_parallel_size or 1)
+    _need(arch.num_layers % stages == 0, "parallel.pipeline_model_parallel_size",
+          f"pipeline stages ({pp}" + (f" x {pcfg.virtual_pipeline_model_parallel_size} virtual"
+                                      if stages != pp else "")
+          + f") do not divide the model's num_hidden_layers ({arch.num_layers})")
 
 
 def validate_layout(cfg: SRFTConfig, arch: ArchSpec, world_size: int) -> None:
@@ -35,14 +54,7 @@ def validate_layout(cfg: SRFTConfig, arch: ArchSpec, world_size: int) -> None:
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     _need(world_size >= 1, "world_size", f"expected >= 1, got {world_size}")
     tp_path = "parallel.tensor_model_parallel_size"
-    for count, name in ((arch.num_attention_heads, "num_attention_heads"),
-                        (arch.num_query_groups, "num_key_value_heads"),
-                        (arch.ffn_hidden_size, "intermediate_size")):
-        _need(count % tp == 0, tp_path, f"{tp} does not divide the model's {name} ({count})")
-    stages = pp * (p.virtual_pipeline_model_parallel_size or 1)
-    _need(arch.num_layers % stages == 0, "parallel.pipeline_model_parallel_size",
-          f"pipeline stages ({pp}" + (f" x {p.virtual_pipeline_model_parallel_size} virtual" if stages != pp else "")
-          + f") do not divide the model's num_hidden_layers ({arch.num_layers})")
+    check_model_split(arch, p)
     dp = p.check_world_size(world_size)
     _need(m.make_vocab_size_divisible_by % tp == 0, "model.make_vocab_size_divisible_by",
           f"{m.make_vocab_size_divisible_by} is not a multiple of {tp_path} ({tp})")

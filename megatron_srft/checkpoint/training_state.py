@@ -24,9 +24,9 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from ..atomic import replace_dir
+from .dist import _barrier
 
 _STEP_RE = re.compile(r"^step_(\d{6,})$")
 # The distributed optimizer's state is saved per DP shard ("dp_reshardable": fully parallel, no gather on one
@@ -58,11 +58,6 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _rng_state() -> dict:

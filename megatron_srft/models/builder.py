@@ -42,19 +42,10 @@ def transformer_config(arch: ArchSpec, mcfg: ModelConfig, pcfg: ParallelConfig):
     """The Megatron ``TransformerConfig`` for an HF architecture. Checks the layout against the shapes."""
     from megatron.core.transformer import TransformerConfig
 
+    from ..layout import check_model_split
+
+    check_model_split(arch, pcfg)
     tp, pp = pcfg.tensor_model_parallel_size, pcfg.pipeline_model_parallel_size
-    if arch.num_attention_heads % tp:
-        raise ConfigError(f"parallel.tensor_model_parallel_size: {tp} does not divide num_attention_heads "
-                          f"({arch.num_attention_heads})")
-    if arch.num_query_groups % tp:
-        raise ConfigError(f"parallel.tensor_model_parallel_size: {tp} does not divide num_key_value_heads "
-                          f"({arch.num_query_groups})")
-    if arch.ffn_hidden_size % tp:
-        raise ConfigError(f"parallel.tensor_model_parallel_size: {tp} does not divide intermediate_size "
-                          f"({arch.ffn_hidden_size})")
-    if arch.num_layers % pp:
-        raise ConfigError(f"parallel.pipeline_model_parallel_size: {pp} does not divide num_hidden_layers "
-                          f"({arch.num_layers})")
     dtype = torch_dtype(mcfg.params_dtype)
     te = use_transformer_engine(mcfg)
     kw = {}

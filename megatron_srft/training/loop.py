@@ -64,6 +64,7 @@ class Problems:
 
 def build_policy(cfg: SRFTConfig, groups: ParallelGroups) -> Policy:
     from ..data.templates import load_tokenizer
+    from ..layout import validate_layout
     from ..models.arch import load_arch
     from ..models.builder import build_model, build_optimizer
     from ..models.loading import load_initial_weights
@@ -72,6 +73,9 @@ def build_policy(cfg: SRFTConfig, groups: ParallelGroups) -> Policy:
     if not cfg.model.path or not model_dir.is_dir():
         raise ConfigError(f"model.path: {cfg.model.path!r} is not a directory (an HF model or a converted checkpoint)")
     arch = load_arch(model_dir)
+    # Every layout rule against the model's shapes, before anything is built: sequence lengths vs the model's
+    # positions and the micro-batch budget, rollout TP vs heads, TP/PP vs heads and layers.
+    validate_layout(cfg, arch, groups.world_size)
     handle = build_model(arch, cfg.model, cfg.parallel)
     load_initial_weights(handle, model_dir, groups)
     # After the weights: the optimizer copies its fp32 master weights from the model when it is built.

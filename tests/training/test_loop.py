@@ -109,3 +109,11 @@ def test_last_complete_checkpoint_of_a_killed_run_loads(toy, tmp_path):
     ckpt = latest_checkpoint(run)
     assert ckpt.name == "step_000002"
     assert run_ranks(_load_checkpoint, 1, str(ckpt), str(toy / "model")) == [2]
+
+
+def test_layout_is_checked_against_the_model_before_building(toy, tmp_path):
+    # 32 + 1000 tokens exceed the toy model's 256 positions: a ConfigError naming the field, before any build
+    with pytest.raises(AssertionError, match=r"ConfigError: data.max_response_length: max_prompt_length \+ "
+                                             r"max_response_length = 1032 exceeds"):
+        run_ranks(_train, 1, _overrides(toy, tmp_path / "long", "sft", 1, ["data.max_response_length=1000"]))
+    assert not (tmp_path / "long" / "checkpoints").exists()
