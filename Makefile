@@ -29,10 +29,10 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
 
 demo: install
-	$(PY) -m megatron_srft.demo
+	$(PY) -m megatron_srft.cli.demo
 
 reproduce-toy: install
-	$(PY) -m megatron_srft.demo --reproduce
+	$(PY) -m megatron_srft.cli.demo --reproduce
 
 bench: install
 	$(PY) benchmarks/run.py

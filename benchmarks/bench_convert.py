@@ -65,7 +65,7 @@ _CHILD = ("import sys; from megatron_srft.cli import main; rc = main(sys.argv[1:
 # The same interpreter with what a conversion imports and the 1-rank world it starts, converting nothing: the
 # fixed cost that a small benchmark model makes look large (0.5 GB against 15 GB for a 7B model).
 _BASELINE = ("import sys; import megatron_srft.checkpoint.convert, megatron.core.dist_checkpointing; "
-             "from megatron_srft import parallel; from megatron_srft.config import ParallelConfig; "
+             "from megatron_srft.distributed import groups as parallel; from megatron_srft.config import ParallelConfig; "
              f"parallel.init_distributed(ParallelConfig()); print('MAXRSS_KB', {_HWM})")
 
 

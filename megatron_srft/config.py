@@ -21,9 +21,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad config value; the message is one line naming the field (and file) and what was expected."""
+from .errors import ConfigError
 
 
 def _f(default: Any, help: str, **kw):

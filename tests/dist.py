@@ -34,7 +34,7 @@ def _entry(rank, world_size, port, fn, args, queue, collected):
         queue.put((rank, False, traceback.format_exc()))
     finally:
         try:
-            from megatron_srft import parallel
+            from megatron_srft.distributed import groups as parallel
 
             parallel.destroy()
         except Exception:

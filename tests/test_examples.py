@@ -16,10 +16,10 @@ import pytest
 
 from megatron_srft import cli
 from megatron_srft.config import load_config
-from megatron_srft.layout import memory_per_gpu, validate_layout
+from megatron_srft.distributed.layout import memory_per_gpu, validate_layout
 from megatron_srft.models.arch import arch_from_hf_config
 
-from .test_layout import LLAMA3_70B, QWEN25_32B, QWEN25_MATH_7B
+from tests.distributed.test_layout import LLAMA3_70B, QWEN25_32B, QWEN25_MATH_7B
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "examples/configs").glob("*.yaml"))

@@ -92,7 +92,7 @@ def build_and_load(source: ModelSource, pcfg: ParallelConfig, groups, params_dty
     arch = source.arch
     tf_config = builder.transformer_config(arch, mcfg, pcfg)
     tf_config.perform_initialization = False  # weights come from the checkpoint: skip the random init
-    model = builder.build_gpt(arch, mcfg, pcfg, pre_process=groups.is_first_pp_stage,
+    model = builder.build_gpt(arch, mcfg, pcfg, pp_rank=groups.pp_rank, pre_process=groups.is_first_pp_stage,
                               post_process=groups.is_last_pp_stage, tf_config=tf_config)
     if source.kind == "hf":
         load_hf_into_model([model], arch, source.model_dir, groups)
@@ -122,7 +122,7 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
 
 
 def _finish_out(tmp: Path, out: Path) -> None:
-    from ..atomic import replace_dir
+    from .atomic import replace_dir
 
     replace_dir(tmp, out)
 
@@ -160,9 +160,9 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: Optional[str] = 
                 make_vocab_size_divisible_by: int = 128) -> Path:
     """Convert an HF directory to ``OUT/{config.json, tokenizer files, model/}`` (one process, world size 1).
 
-    Call inside an initialised 1-rank world (:func:`megatron_srft.parallel.init_distributed`).
+    Call inside an initialised 1-rank world (:func:`megatron_srft.distributed.groups.init_distributed`).
     """
-    from ..parallel import groups_from_megatron
+    from ..distributed.groups import groups_from_megatron
 
     hf_dir, out = Path(hf_dir), Path(out_dir)
     source = preflight_hf_to_mcore(hf_dir, out, overwrite)
@@ -231,7 +231,7 @@ def mcore_to_hf(ckpt: str | Path, out_dir: str | Path, overwrite: bool = False,
     tokenizer files found next to the checkpoint.
     """
     from ..models.mapping import export_hf_weights
-    from ..parallel import groups_from_megatron
+    from ..distributed.groups import groups_from_megatron
 
     source = preflight_mcore_to_hf(ckpt, out_dir, overwrite)
     out = Path(out_dir)

@@ -117,7 +117,7 @@ def save_model(chunks: list, path: str | Path, metadata: Optional[dict] = None, 
         (target / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
     _barrier()
     if atomic and _rank() == 0:
-        from ..atomic import replace_dir
+        from .atomic import replace_dir
 
         replace_dir(target, path)
     _barrier()

@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..atomic import replace_dir
+from .atomic import replace_dir
 from .dist import _barrier
 
 _STEP_RE = re.compile(r"^step_(\d{6,})$")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
-from ..cli import UserError
+from ..errors import UserError
 
 Messages = list[dict[str, str]]
 PromptType = Union[str, Messages]

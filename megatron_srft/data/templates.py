@@ -15,7 +15,7 @@ join the message contents by blank lines (base-model style); ``chat`` is an erro
 
 from __future__ import annotations
 
-from ..cli import UserError
+from ..errors import UserError
 
 #: Our wording of the SRFT/LUFFY system instruction.
 PAPER_SYSTEM_PROMPT = (

@@ -42,7 +42,7 @@ def transformer_config(arch: ArchSpec, mcfg: ModelConfig, pcfg: ParallelConfig):
     """The Megatron ``TransformerConfig`` for an HF architecture. Checks the layout against the shapes."""
     from megatron.core.transformer import TransformerConfig
 
-    from ..layout import check_model_split
+    from ..distributed.layout import check_model_split
 
     check_model_split(arch, pcfg)
     tp, pp = pcfg.tensor_model_parallel_size, pcfg.pipeline_model_parallel_size
@@ -94,12 +94,16 @@ def transformer_config(arch: ArchSpec, mcfg: ModelConfig, pcfg: ParallelConfig):
     )
 
 
-def layer_spec(arch: ArchSpec, mcfg: ModelConfig):
+def layer_spec(arch: ArchSpec, mcfg: ModelConfig, tf_config=None, pp_rank: Optional[int] = None):
+    """The Transformer Engine layer spec on GPU with TE; otherwise our local block spec (models/local_spec.py:
+    Megatron's local layer with norms that support sequence parallelism), which needs ``tf_config``."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    from .local_spec import local_block_spec
 
     if use_transformer_engine(mcfg):
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm, fp8=mcfg.fp8)
-    return specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    return local_block_spec(tf_config, arch.qk_norm, pp_rank=pp_rank)
 
 
 @dataclass
@@ -113,14 +117,14 @@ class ModelHandle:
 
 
 def build_gpt(arch: ArchSpec, mcfg: ModelConfig, pcfg: ParallelConfig, pre_process: bool, post_process: bool,
-              tf_config=None):
+              tf_config=None, pp_rank: Optional[int] = None):
     """One ``GPTModel`` for this pipeline stage (``pre_process`` = holds the embedding, ``post_process`` = head)."""
     from megatron.core.models.gpt import GPTModel
 
     tf_config = tf_config or transformer_config(arch, mcfg, pcfg)
     model = GPTModel(
         config=tf_config,
-        transformer_layer_spec=layer_spec(arch, mcfg),
+        transformer_layer_spec=layer_spec(arch, mcfg, tf_config, pp_rank=pp_rank),
         vocab_size=arch.padded_vocab_size(mcfg.make_vocab_size_divisible_by, pcfg.tensor_model_parallel_size),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,
@@ -148,7 +152,7 @@ def build_model(arch: ArchSpec, mcfg: ModelConfig, pcfg: ParallelConfig, *, wrap
     pp_rank = pp_rank if pp_rank is not None else mpu.get_pipeline_model_parallel_rank()
     tf_config = transformer_config(arch, mcfg, pcfg)
     model = build_gpt(arch, mcfg, pcfg, pre_process=pp_rank == 0, post_process=pp_rank == pp_size - 1,
-                      tf_config=tf_config)
+                      tf_config=tf_config, pp_rank=pp_rank)
     chunks = [model]
     if wrap_ddp:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig

@@ -353,7 +353,7 @@ def load_hf_into_model(chunks: list, arch: ArchSpec, hf_dir: str | Path, groups)
     Args:
         chunks: this rank's model chunks (GPTModel, possibly DDP / Float16Module wrapped), built for ``arch``.
         hf_dir: HF directory with safetensors weights.
-        groups: :class:`~megatron_srft.parallel.ParallelGroups` (tp_rank / tp_size select the TP shard).
+        groups: :class:`~megatron_srft.distributed.groups.ParallelGroups` (tp_rank / tp_size select the TP shard).
     """
     from .builder import unwrap
 

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, SRFTConfig, to_dict
-from ..parallel import ParallelGroups
+from ..distributed.groups import ParallelGroups
 
 
 # --------------------------------------------------------------------------------------------- state
@@ -64,10 +64,10 @@ class Problems:
 
 def build_policy(cfg: SRFTConfig, groups: ParallelGroups) -> Policy:
     from ..data.templates import load_tokenizer
-    from ..layout import validate_layout
+    from ..distributed.layout import validate_layout
     from ..models.arch import load_arch
     from ..models.builder import build_model, build_optimizer
-    from ..models.loading import load_initial_weights
+    from ..checkpoint.loading import load_initial_weights
 
     model_dir = Path(cfg.model.path)
     if not cfg.model.path or not model_dir.is_dir():
@@ -388,7 +388,7 @@ class _StopFlag:
 
 def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_after: Optional[int] = None) -> dict:
     """Run training; returns the last step's metrics. ``stop_after`` ends early (tests of resume/kill)."""
-    from .. import parallel
+    from ..distributed import groups as parallel
     from ..algorithms.presets import resolve
     from ..checkpoint.training_state import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
     from ..data.templates import THINKING_TEMPLATES
@@ -499,7 +499,7 @@ class _NullPool:
 
 
 def _make_engine(cfg: SRFTConfig, policy: Policy, groups: ParallelGroups):
-    from ..rollout.engine import RolloutEngine
+    from ..rollout.vllm_engine import RolloutEngine
 
     dtype = cfg.rollout.dtype if cfg.rollout.dtype != "auto" else cfg.model.params_dtype
     max_len = cfg.rollout.max_model_len or (cfg.data.max_prompt_length + cfg.data.max_response_length)
@@ -530,7 +530,7 @@ def export_final_hf(policy: Policy, groups: ParallelGroups, out_dir: Path, param
     import json
     import shutil
 
-    from ..atomic import replace_dir
+    from ..checkpoint.atomic import replace_dir
     from ..checkpoint.convert import copy_side_files, write_safetensors
     from ..models.builder import torch_dtype
     from ..models.mapping import export_hf_weights

@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from ..parallel import ParallelGroups
+from ..distributed.groups import ParallelGroups
 from .batch import MicroBatch, empty_micro_batch, model_forward
 
 __all__ = ["compute_normalizers", "forward_logprobs", "train_minibatch", "token_batch", "configure_schedule"]

@@ -25,7 +25,7 @@ def _rank(_):
     import torch.distributed as dist
 
     from megatron_srft.config import ParallelConfig
-    from megatron_srft.parallel import init_distributed
+    from megatron_srft.distributed.groups import init_distributed
 
     groups = init_distributed(ParallelConfig(backend="gloo"))
     r = dist.get_rank()

@@ -12,7 +12,7 @@ from tests.models.tiny_cases import make_case
 
 def _forward_logits(chunks, groups, ids):
     """Full-vocab logits on the last stage via the forward-only schedule's building blocks (None elsewhere)."""
-    from megatron_srft.scoring import score_sequences
+    from megatron_srft.cli.score import score_sequences
 
     return score_sequences(chunks, [ids], groups, 100)
 
@@ -21,7 +21,7 @@ def _save_at_tp2(hf_dir, ckpt_dir, ids):
     from megatron_srft.checkpoint.convert import build_and_load, resolve_source
     from megatron_srft.checkpoint.dist import save_model
     from megatron_srft.config import ParallelConfig
-    from megatron_srft.parallel import init_distributed
+    from megatron_srft.distributed.groups import init_distributed
 
     pcfg = ParallelConfig(tensor_model_parallel_size=2)
     groups = init_distributed(pcfg)
@@ -34,7 +34,7 @@ def _save_at_tp2(hf_dir, ckpt_dir, ids):
 def _load_at_pp2(ckpt_dir, ids):
     from megatron_srft.checkpoint.convert import build_and_load, resolve_source
     from megatron_srft.config import ParallelConfig
-    from megatron_srft.parallel import init_distributed
+    from megatron_srft.distributed.groups import init_distributed
 
     pcfg = ParallelConfig(pipeline_model_parallel_size=2)
     groups = init_distributed(pcfg)

@@ -1,6 +1,6 @@
 import pytest
 
-from megatron_srft.cli import UserError
+from megatron_srft.errors import UserError
 from megatron_srft.data.dataset import Problem
 from megatron_srft.data.templates import (BOXED_INSTRUCTION, PAPER_SYSTEM_PROMPT, TEMPLATES, encode_prompt,
                                           render_prompt)

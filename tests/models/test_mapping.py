@@ -121,7 +121,7 @@ def _check_layout(hf_dirs, tp, pp, ids):
     from megatron_srft.checkpoint.convert import build_and_load, resolve_source
     from megatron_srft.config import ParallelConfig
     from megatron_srft.models.mapping import export_hf_weights
-    from megatron_srft.parallel import init_distributed
+    from megatron_srft.distributed.groups import init_distributed
 
     pcfg = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     groups = init_distributed(pcfg)

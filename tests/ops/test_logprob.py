@@ -82,7 +82,7 @@ def test_bad_shapes_raise():
 
 def _tp2_rank(cases):
     from megatron_srft.config import ParallelConfig
-    from megatron_srft.parallel import init_distributed
+    from megatron_srft.distributed.groups import init_distributed
 
     groups = init_distributed(ParallelConfig(tensor_model_parallel_size=2))
     out = []

@@ -6,9 +6,9 @@ from tests.dist import run_ranks
 def _two_engines_in_one_world(model_dir):
     import torch.distributed as dist
 
-    from megatron_srft import parallel
+    from megatron_srft.distributed import groups as parallel
     from megatron_srft.config import ParallelConfig, RolloutConfig
-    from megatron_srft.rollout.engine import RolloutEngine
+    from megatron_srft.rollout.vllm_engine import RolloutEngine
 
     parallel.init_distributed(ParallelConfig())
     out = []

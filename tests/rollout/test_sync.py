@@ -96,9 +96,9 @@ def _rank_fn(hf_dir):
     from megatron_srft.models.arch import load_arch
     from megatron_srft.models.builder import build_model
     from megatron_srft.models.mapping import export_hf_weights, load_hf_into_model
-    from megatron_srft.parallel import init_distributed
-    from megatron_srft.rollout.engine import RolloutEngine
-    from megatron_srft.rollout.mismatch import mismatch_stats
+    from megatron_srft.distributed.groups import init_distributed
+    from megatron_srft.rollout.vllm_engine import RolloutEngine
+    from megatron_srft.algorithms.mismatch import mismatch_stats
     from megatron_srft.rollout.sync import sync_weights
 
     pcfg = ParallelConfig(tensor_model_parallel_size=2)

@@ -57,7 +57,7 @@ def setup_rank(hf_dir: str, tp: int, pp: int, *, use_distributed_optimizer: bool
     from megatron_srft.models.arch import load_arch
     from megatron_srft.models.builder import build_model, build_optimizer
     from megatron_srft.models.mapping import load_hf_into_model
-    from megatron_srft.parallel import init_distributed
+    from megatron_srft.distributed.groups import init_distributed
 
     pcfg = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                           use_distributed_optimizer=use_distributed_optimizer)

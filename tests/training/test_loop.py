@@ -84,7 +84,7 @@ def test_resume_repeats_the_uninterrupted_run(toy, tmp_path):
 
 
 def _load_checkpoint(ckpt_dir, model_dir):
-    from megatron_srft import parallel
+    from megatron_srft.distributed import groups as parallel
     from megatron_srft.checkpoint.training_state import load_training_checkpoint
     from megatron_srft.config import SRFTConfig
     from megatron_srft.models.arch import load_arch

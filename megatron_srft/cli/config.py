@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .config import load_config, markdown_reference, to_yaml
+from ..config import load_config, markdown_reference, to_yaml
 
 
 def add_arguments(p) -> None:

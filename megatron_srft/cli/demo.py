@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import load_config
+from ..config import load_config
 
 #: The demo's settings. SFT warm-up: enough to be clearly above 0 on held-out problems but far from 100%.
 WARMUP = dict(steps=600, lr=1e-3, prompts_per_step=32)
@@ -65,15 +65,15 @@ def _eval_subset(toy: Path, out: Path, n: int) -> Path:
 
 
 def _eval_curve(run_dir: Path) -> list[tuple[int, float]]:
-    from .training.metrics import read_metrics
+    from ..training.metrics import read_metrics
 
     return [(r["step"], r["eval/accuracy"]) for r in read_metrics(run_dir) if r.get("eval/accuracy") is not None]
 
 
 def prepare(root: Path, groups):
     """Toy task + SFT warm-up (reused if already there). Returns (toy_dir, warm-start HF dir)."""
-    from .data.toy import make_toy
-    from .training.loop import train
+    from ..data.toy import make_toy
+    from ..training.loop import train
 
     toy = root / "toy"
     if not (toy / "toy.json").is_file():
@@ -87,10 +87,10 @@ def prepare(root: Path, groups):
 
 
 def run_demo(root: Path) -> int:
-    from . import parallel
-    from .config import ParallelConfig
-    from .plotting import plot_run
-    from .training.loop import train
+    from ..distributed import groups as parallel
+    from ..config import ParallelConfig
+    from .plot import plot_run
+    from ..training.loop import train
 
     t0 = time.time()
     groups = parallel.init_distributed(ParallelConfig(), seed=1234)
@@ -112,11 +112,11 @@ def run_demo(root: Path) -> int:
 
 def run_reproduce(root: Path, doc: Path) -> int:
     """Equal budgets from the same warm start for each preset; writes a markdown table with curves."""
-    from . import parallel
-    from .config import ParallelConfig
-    from .plotting import plot_run
-    from .training.loop import train
-    from .training.metrics import read_metrics
+    from ..distributed import groups as parallel
+    from ..config import ParallelConfig
+    from .plot import plot_run
+    from ..training.loop import train
+    from ..training.metrics import read_metrics
 
     groups = parallel.init_distributed(ParallelConfig(), seed=1234)
     toy, start = prepare(root, groups)
@@ -156,7 +156,7 @@ def run_reproduce(root: Path, doc: Path) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megatron_srft.demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m megatron_srft.cli.demo", description=__doc__.splitlines()[0])
     p.add_argument("--root", default="runs/demo", help="where the toy, the runs and the plots go")
     p.add_argument("--reproduce", action="store_true", help="compare sft, grpo, luffy, sft_plus_rl and srft")
     p.add_argument("--doc", default="docs/toy_results.md", help="results file for --reproduce")

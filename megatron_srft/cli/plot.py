@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .training.metrics import read_metrics
+from ..training.metrics import read_metrics
 
 #: figure name -> metric keys drawn on it
 FIGURES = {

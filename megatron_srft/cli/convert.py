@@ -31,10 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..cli import UserError
+    from ..errors import UserError
     from ..config import ParallelConfig
-    from ..parallel import destroy, init_distributed
-    from . import convert
+    from ..distributed.groups import destroy, init_distributed
+    from ..checkpoint import convert
 
     if args.direction == "hf-to-mcore" and args.make_vocab_size_divisible_by < 1:
         raise UserError(f"--make-vocab-size-divisible-by: expected >= 1, got {args.make_vocab_size_divisible_by}")

@@ -4,7 +4,7 @@ from math import comb
 import pytest
 
 from megatron_srft.cli import main as cli_main
-from megatron_srft.evaluation import avg_at_k, markdown_table, pass_at_k, pass_at_k_estimate, summarise
+from megatron_srft.rollout.evaluation import avg_at_k, markdown_table, pass_at_k, pass_at_k_estimate, summarise
 
 
 def _pass_at_k_slow(scores, k):

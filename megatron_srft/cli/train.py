@@ -15,7 +15,7 @@ def add_arguments(p) -> None:
 
 def main(args) -> int:
     from ..config import load_config
-    from .loop import train
+    from ..training.loop import train
 
     overrides = list(args.overrides)
     if args.resume:

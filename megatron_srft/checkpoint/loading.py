@@ -11,9 +11,9 @@ def load_initial_weights(handle, model_dir: str | Path, groups) -> str:
     An HF directory is read tensor by tensor (each rank takes its TP shard of its PP stage's layers); a converted
     directory or training checkpoint is loaded through Megatron's dist_checkpointing (resharded on load).
     """
-    from ..checkpoint.convert import resolve_source
-    from ..checkpoint.dist import load_model
-    from .mapping import load_hf_into_model
+    from .convert import resolve_source
+    from .dist import load_model
+    from ..models.mapping import load_hf_into_model
 
     source = resolve_source(model_dir)
     if source.kind == "hf":

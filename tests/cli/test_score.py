@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from megatron_srft.cli import UserError
-from megatron_srft.scoring import read_rows
+from megatron_srft.errors import UserError
+from megatron_srft.cli.score import read_rows
 from tests.dist import run_ranks
 from tests.models.tiny_cases import hf_logits, make_case
 
@@ -21,7 +21,7 @@ ROWS = [
 
 
 def _score(ckpt, data, out, tp, pp):
-    from megatron_srft.scoring import main
+    from megatron_srft.cli.score import main
 
     return main(argparse.Namespace(ckpt=ckpt, data=data, out=out, tp=tp, pp=pp, dtype="fp32"))
 

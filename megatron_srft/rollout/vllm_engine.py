@@ -34,7 +34,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from ..cli import UserError
+from ..errors import UserError
 from ..config import ConfigError, RolloutConfig
 
 #: our dtype names -> vLLM's

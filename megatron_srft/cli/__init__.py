@@ -1,7 +1,7 @@
 """The ``srft`` command line. Each subcommand lives in its own module, imported only when it runs.
 
 A subcommand module provides ``add_arguments(parser)`` and ``main(args) -> int``. Errors a user can fix
-(:class:`~megatron_srft.config.ConfigError`, bad files) print one line ``srft <cmd>: error: ...`` and exit 2.
+(:class:`~megatron_srft.errors.SrftError`, bad files) print one line ``srft <cmd>: error: ...`` and exit 2.
 """
 
 from __future__ import annotations
@@ -11,24 +11,20 @@ import importlib
 import sys
 from typing import Optional
 
-from .version import __version__
+from ..version import __version__
 
 #: name -> (module, one-line help). The order is the order `srft --help` shows.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("megatron_srft.training.cli", "Train with SRFT (or a baseline) from a YAML config; run under torchrun."),
-    "convert": ("megatron_srft.checkpoint.cli", "Convert checkpoints: hf-to-mcore, mcore-to-hf."),
-    "score": ("megatron_srft.scoring", "Per-token log-probs and entropies of given sequences under the Megatron model."),
-    "generate": ("megatron_srft.rollout.cli", "Sample from a checkpoint through the rollout engine (vLLM)."),
-    "eval": ("megatron_srft.evaluation", "Evaluate a model on benchmark files: avg@k, pass@k, markdown + JSON."),
-    "plot": ("megatron_srft.plotting", "Plot a run's metrics.jsonl as PNG curves."),
-    "make-toy": ("megatron_srft.data.toy", "Write the CPU toy task: char tokenizer, tiny Qwen2 config, problems."),
-    "config": ("megatron_srft.config_cli", "Print the resolved config (--print) or the config reference."),
-    "launch": ("megatron_srft.launch", "Print or run the torchrun command for a single- or multi-node job."),
+    "train": ("megatron_srft.cli.train", "Train with SRFT (or a baseline) from a YAML config; run under torchrun."),
+    "convert": ("megatron_srft.cli.convert", "Convert checkpoints: hf-to-mcore, mcore-to-hf."),
+    "score": ("megatron_srft.cli.score", "Per-token log-probs and entropies of given sequences under the Megatron model."),
+    "generate": ("megatron_srft.cli.generate", "Sample from a checkpoint through the rollout engine (vLLM)."),
+    "eval": ("megatron_srft.cli.eval", "Evaluate a model on benchmark files: avg@k, pass@k, markdown + JSON."),
+    "plot": ("megatron_srft.cli.plot", "Plot a run's metrics.jsonl as PNG curves."),
+    "make-toy": ("megatron_srft.cli.make_toy", "Write the CPU toy task: char tokenizer, tiny Qwen2 config, problems."),
+    "config": ("megatron_srft.cli.config", "Print the resolved config (--print) or the config reference."),
+    "launch": ("megatron_srft.cli.launch", "Print or run the torchrun command for a single- or multi-node job."),
 }
-
-
-class UserError(Exception):
-    """An error in the user's input; printed as one line, exit code 2."""
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -62,19 +58,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog=f"srft {name}", description=help_text)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
-    from .config import ConfigError
+    from ..errors import SrftError
 
     try:
         return int(module.main(args) or 0)
-    except (ConfigError, UserError, FileNotFoundError, FileExistsError) as e:
+    except (SrftError, FileNotFoundError, FileExistsError) as e:
         msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
         print(f"srft {name}: error: {msg}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":  # pragma: no cover
-    # `python -m megatron_srft.cli` runs this file as __main__: call the package's copy so that its error
-    # classes are the ones the subcommands raise.
-    from megatron_srft.cli import main as _main
-
-    sys.exit(_main())

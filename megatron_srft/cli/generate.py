@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli import UserError
+from ..errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
 
     from ..checkpoint.convert import resolve_source
     from ..config import RolloutConfig
-    from .engine import RolloutEngine
+    from ..rollout.vllm_engine import RolloutEngine
 
     if args.n < 1:
         raise UserError(f"--n: expected >= 1, got {args.n}")
@@ -110,8 +110,8 @@ def main(args: argparse.Namespace) -> int:
         else:
             from ..checkpoint.convert import build_and_load
             from ..config import ParallelConfig
-            from ..parallel import init_distributed
-            from .sync import sync_weights
+            from ..distributed.groups import init_distributed
+            from ..rollout.sync import sync_weights
 
             pcfg = ParallelConfig()
             groups = init_distributed(pcfg)
@@ -127,7 +127,7 @@ def main(args: argparse.Namespace) -> int:
         if engine is not None:
             engine.close()
         if started_dist:
-            from ..parallel import destroy
+            from ..distributed.groups import destroy
 
             destroy()
     rows = []

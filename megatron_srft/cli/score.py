@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_rows(path: str | Path, tokenizer_dir: Optional[Path], vocab_size: int) -> list[dict]:
     """Parse and check the input JSONL; returns [{input_ids, response_start, id?}]. Errors name the line."""
-    from .cli import UserError
+    from ..errors import UserError
 
     path = Path(path)
     if not path.is_file():
@@ -63,7 +63,7 @@ def read_rows(path: str | Path, tokenizer_dir: Optional[Path], vocab_size: int) 
             if tokenizer is None:
                 if tokenizer_dir is None:
                     raise UserError(f"{where}: 'text' rows need tokenizer files next to the checkpoint")
-                from .data.templates import load_tokenizer
+                from ..data.templates import load_tokenizer
 
                 tokenizer = load_tokenizer(tokenizer_dir)
             ids = tokenizer(row["text"])["input_ids"]
@@ -97,7 +97,7 @@ def score_sequences(chunks: list, sequences: list[list[int]], groups, vocab_size
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from .ops.logprob import vocab_parallel_logprob_entropy
+    from ..ops.logprob import vocab_parallel_logprob_entropy
 
     device = groups.device
     batches = [torch.tensor(s, dtype=torch.long, device=device)[None] for s in sequences]
@@ -138,10 +138,10 @@ def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .checkpoint.convert import build_and_load, resolve_source
-    from .cli import UserError
-    from .config import ParallelConfig
-    from .parallel import destroy, init_distributed
+    from ..checkpoint.convert import build_and_load, resolve_source
+    from ..errors import UserError
+    from ..config import ParallelConfig
+    from ..distributed.groups import destroy, init_distributed
 
     if args.tp < 1 or args.pp < 1:
         raise UserError(f"--tp/--pp: expected integers >= 1, got {args.tp}/{args.pp}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from megatron_srft.config import ConfigError, SRFTConfig
-from megatron_srft.layout import memory_per_gpu, params_per_gpu, validate_layout
+from megatron_srft.distributed.layout import memory_per_gpu, params_per_gpu, validate_layout
 from megatron_srft.models.arch import arch_from_hf_config
 
 # Values from the models' public config.json files on the Hugging Face Hub.
@@ -162,7 +162,7 @@ def test_memory_formula_distributed_optimizer():
 
 
 def test_model_flops_palm_convention():
-    from megatron_srft.layout import H100_SXM_BF16_DENSE_TFLOPS, matmul_params, mfu, model_flops
+    from megatron_srft.distributed.layout import H100_SXM_BF16_DENSE_TFLOPS, matmul_params, mfu, model_flops
 
     a = arch(QWEN25_7B)
     n = matmul_params(a)

@@ -5,7 +5,7 @@ computes the same plan from the job's environment and execs its own line. All no
 c10d rendezvous hosted on the first node of the allocation:
 
     torchrun --nnodes=N --nproc-per-node=G --node-rank=R --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT
-             --rdzv-id=$SLURM_JOB_ID [signal forwarding] -m megatron_srft.cli train --config X.yaml [overrides]
+             --rdzv-id=$SLURM_JOB_ID [signal forwarding] -m megatron_srft train --config X.yaml [overrides]
 
 The node list comes from ``scontrol show hostnames`` when it exists, else from :func:`expand_hostlist`.
 ``--dry-run`` prints every node's command and checks the config (and, when the model's config.json is
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
-from .cli import UserError
+from ..errors import UserError
 
 #: torchrun re-raises these in the agent and forwards them to the workers, whose trainer saves a checkpoint
 #: and exits on SIGTERM/SIGUSR1 (checkpoint.save_on_signal). SIGUSR1 is what `#SBATCH --signal` sends.
@@ -138,7 +138,7 @@ def torchrun_command(*, num_nodes: int, gpus_per_node: int, node_rank: int, rdzv
            "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]
     if forward_signals:
         cmd += [f"--signals-to-handle={FORWARDED_SIGNALS}", f"--shutdown-timeout={shutdown_timeout_s}"]
-    return cmd + ["-m", "megatron_srft.cli", "train", "--config", config, *overrides]
+    return cmd + ["-m", "megatron_srft", "train", "--config", config, *overrides]
 
 
 def torchrun_forwards_signals() -> bool:
@@ -203,9 +203,9 @@ def check_config(config: str, overrides: list[str], world_size: int) -> list[str
 
     Returns notes for the dry-run printout (what was and was not checked).
     """
-    from .config import load_config
-    from .layout import memory_per_gpu, validate_layout
-    from .models.arch import load_arch
+    from ..config import load_config
+    from ..distributed.layout import memory_per_gpu, validate_layout
+    from ..models.arch import load_arch
 
     cfg = load_config(config, overrides, world_size=world_size)
     model_json = Path(cfg.model.path) / "config.json"

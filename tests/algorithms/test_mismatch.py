@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from megatron_srft.rollout.mismatch import mismatch_stats, truncated_is_weights
+from megatron_srft.algorithms.mismatch import mismatch_stats, truncated_is_weights
 from tests.dist import run_ranks
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_srft.cli import UserError
+from megatron_srft.errors import UserError
 from megatron_srft.config import ConfigError, RolloutConfig
 
 PROMPTS = [[1, 20, 21, 22, 23], [1, 30, 31], [1, 40, 41, 42, 43, 44, 45]]
@@ -27,7 +27,7 @@ def hf_dir(tmp_path_factory):
 def engine(hf_dir):
     import torch.distributed as dist
 
-    from megatron_srft.rollout.engine import RolloutEngine
+    from megatron_srft.rollout.vllm_engine import RolloutEngine
 
     was_initialized = dist.is_initialized()
     eng = RolloutEngine(RolloutConfig(), str(hf_dir), dtype="fp32", seed=0, max_model_len=MAX_MODEL_LEN)
@@ -125,7 +125,7 @@ def test_bad_prompts_give_one_line_errors(engine):
 
 def test_bad_settings_give_one_line_errors(tmp_path, hf_dir):
     from megatron_srft.models.tiny import make_tiny_hf_model
-    from megatron_srft.rollout.engine import RolloutEngine
+    from megatron_srft.rollout.vllm_engine import RolloutEngine
 
     with pytest.raises(ConfigError, match="config.json"):
         RolloutEngine(RolloutConfig(), str(tmp_path / "missing"), dtype="fp32", seed=0, max_model_len=32)
@@ -143,7 +143,7 @@ def test_bad_settings_give_one_line_errors(tmp_path, hf_dir):
 
 def test_config_resolution(hf_dir):
     from megatron_srft.config import SRFTConfig
-    from megatron_srft.rollout.engine import engine_settings, resolve_dtype
+    from megatron_srft.rollout.vllm_engine import engine_settings, resolve_dtype
 
     assert resolve_dtype("auto", "bf16") == ("bf16" if torch.cuda.is_available() else "fp32")
     assert resolve_dtype("fp16", "bf16") == "fp16"
@@ -162,7 +162,7 @@ def test_engine_start_failure_is_one_line(tmp_path, hf_dir):
     """No weight files: vLLM fails inside start-up; we report one line naming the directory."""
     import shutil
 
-    from megatron_srft.rollout.engine import RolloutEngine
+    from megatron_srft.rollout.vllm_engine import RolloutEngine
 
     d = tmp_path / "noweights"
     shutil.copytree(hf_dir, d)

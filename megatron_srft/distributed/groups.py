@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from . import cpu_compat
-from .config import ConfigError, ParallelConfig
+from ..config import ConfigError, ParallelConfig
 
 
 @dataclass

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ConfigError, ParallelConfig, SRFTConfig, _te_available
-from .models.arch import ArchSpec
+from ..config import ConfigError, ParallelConfig, SRFTConfig, _te_available
+from ..models.arch import ArchSpec
 
 GIB = 1024 ** 3
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from megatron_srft import cli
-from megatron_srft.cli import UserError
-from megatron_srft.launch import expand_hostlist, plan_launch, slurm_hostnames, torchrun_forwards_signals
+from megatron_srft.errors import UserError
+from megatron_srft.cli.launch import expand_hostlist, plan_launch, slurm_hostnames, torchrun_forwards_signals
 
-from .test_layout import QWEN25_7B
+from tests.distributed.test_layout import QWEN25_7B
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_7B = str(ROOT / "examples/configs/qwen2.5-math-7b-srft.yaml")
 
 
@@ -83,7 +83,7 @@ def test_dry_run_one_node(capsys):
     assert cmd[0] == "torchrun"
     assert f["nnodes"] == "1" and f["nproc-per-node"] == "8" and f["node-rank"] == "0"
     assert f["rdzv-backend"] == "c10d" and f["rdzv-endpoint"] == "localhost:29500" and f["rdzv-id"] == "srft"
-    assert cmd[cmd.index("-m"):] == ["-m", "megatron_srft.cli", "train", "--config", EXAMPLE_7B,
+    assert cmd[cmd.index("-m"):] == ["-m", "megatron_srft", "train", "--config", EXAMPLE_7B,
                                      "train.num_steps=3", "optimizer.lr=2.0e-6"]
     assert "world size 8" in out
     assert "config OK at world size 8" in out  # the model dir is not on this machine: layout not checked
@@ -165,7 +165,7 @@ def test_exec_runs_this_nodes_torchrun(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(PATH=f"{fake}:{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu[01-02]", SLURM_JOB_NUM_NODES="2",
                SLURM_NODEID="1", SLURM_JOB_ID="55", SLURM_GPUS_ON_NODE="8", OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "megatron_srft.cli", "launch", "--config", EXAMPLE_7B,
+    res = subprocess.run([sys.executable, "-m", "megatron_srft", "launch", "--config", EXAMPLE_7B,
                           "--", "train.num_steps=1"], env=env, cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stderr

@@ -1,0 +1,44 @@
+"""``srft make-toy``: write the CPU toy task (char tokenizer, tiny Qwen2 config, problems)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..data.toy import ToySettings, make_toy
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = ToySettings()
+    parser.add_argument("--out", required=True, help="Output directory (model/, train.jsonl, test.jsonl).")
+    parser.add_argument("--seed", type=int, default=d.seed, help="Seed for problems and model init.")
+    parser.add_argument("--num-train", type=int, default=d.num_train, help="Training problems (with demos).")
+    parser.add_argument("--num-test", type=int, default=d.num_test, help="Held-out problems.")
+    parser.add_argument("--max-ops", type=int, default=d.max_ops,
+                        help="Difficulty: problems have 2..max_ops operations.")
+    parser.add_argument("--max-operand", type=int, default=d.max_operand,
+                        help="Difficulty: operands are 1..max_operand (9 = single digits).")
+    parser.add_argument("--max-value", type=int, default=d.max_value,
+                        help="Every intermediate result v satisfies 0 <= v < max_value.")
+    parser.add_argument("--num-layers", type=int, default=d.num_layers, help="Transformer layers of the toy model.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing non-empty --out.")
+
+
+def main(args) -> int:
+    from ..errors import UserError
+
+    if args.max_ops < 2:
+        raise UserError(f"--max-ops: expected >= 2, got {args.max_ops}")
+    if args.max_value < 10:
+        raise UserError(f"--max-value: expected >= 10, got {args.max_value}")
+    if not 1 <= args.max_operand < args.max_value:
+        raise UserError(f"--max-operand: expected 1 <= max_operand < max_value, got {args.max_operand}")
+    if args.num_train < 1 or args.num_test < 1:
+        raise UserError("--num-train/--num-test: expected >= 1")
+    settings = ToySettings(seed=args.seed, num_train=args.num_train, num_test=args.num_test, max_ops=args.max_ops,
+                           max_value=args.max_value, max_operand=args.max_operand, num_layers=args.num_layers)
+    try:
+        out = make_toy(args.out, settings, overwrite=args.overwrite)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    print(f"wrote {out}: model/, train.jsonl ({settings.num_train}), test.jsonl ({settings.num_test})")
+    return 0

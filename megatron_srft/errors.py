@@ -1,0 +1,19 @@
+"""The errors a user can cause and fix. The CLI prints them as one line naming the file or field, exit code 2.
+
+Every module raises these instead of importing the command line: the arrows point from commands to the rest,
+never back.
+"""
+
+from __future__ import annotations
+
+
+class SrftError(Exception):
+    """Base of the errors the user can fix (bad config, data, checkpoint, arguments)."""
+
+
+class ConfigError(SrftError, ValueError):
+    """A bad config value; the message is one line naming the field (and file) and what was expected."""
+
+
+class UserError(SrftError):
+    """An error in the user's input (arguments, files); printed as one line, exit code 2."""
