@@ -77,7 +77,7 @@ def _worker(model_dir: str) -> dict:
     from megatron_srft.models.arch import load_arch
     from megatron_srft.models.tiny import make_char_tokenizer, tiny_hf_config
     from megatron_srft.distributed.groups import destroy, init_distributed
-    from megatron_srft.rollout.vllm_engine import RolloutEngine
+    from megatron_srft.rollout.vllm_engine import VllmEngine
     from megatron_srft.rollout.sync import sync_weights
 
     cfg = dict(CONFIG)
@@ -97,7 +97,7 @@ def _worker(model_dir: str) -> dict:
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
     start = time.perf_counter()
-    engine = RolloutEngine(RolloutConfig(cpu_kvcache_space_gib=1), model_dir, dtype="fp32", seed=0,
+    engine = VllmEngine(RolloutConfig(cpu_kvcache_space_gib=1), model_dir, dtype="fp32", seed=0,
                            max_model_len=256, load_format="dummy")
     startup_s = time.perf_counter() - start
     memcpy = _memcpy_bytes_per_second()

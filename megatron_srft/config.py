@@ -106,16 +106,6 @@ class ParallelConfig:
             _need(self.pipeline_model_parallel_size > 1, f"{path}.virtual_pipeline_model_parallel_size",
                   "needs pipeline_model_parallel_size > 1")
 
-    def check_world_size(self, world_size: int) -> int:
-        """Return the DP size; a world size that TP x PP x CP does not divide is an error."""
-        mp = self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
-        if world_size % mp != 0:
-            raise ConfigError(
-                f"parallel: world size {world_size} is not divisible by tensor_model_parallel_size "
-                f"({self.tensor_model_parallel_size}) x pipeline_model_parallel_size "
-                f"({self.pipeline_model_parallel_size}) x context_parallel_size ({self.context_parallel_size}) = {mp}"
-            )
-        return world_size // mp
 
 
 @dataclass
@@ -166,13 +156,18 @@ class RolloutConfig:
     max_tokens: Optional[int] = _f(None, "Max new tokens; null = data.max_response_length.")
     stop: list[str] = _f([], "Extra stop strings.")
     seed: int = _f(0, "Sampling seed.")
-    tensor_parallel_size: int = _f(1, "vLLM TP size (must divide the training world).")
+    tensor_parallel_size: int = _f(
+        1, "Ranks per vLLM engine (rollout TP). Every rank belongs to one engine; engines = world / this "
+        "(docs/rollout.md). Must divide the world size and fit the model's heads.")
     gpu_memory_utilization: float = _f(0.5, "vLLM memory fraction (GPU).")
     cpu_kvcache_space_gib: int = _f(1, "vLLM KV cache size on CPU, GiB.")
     max_model_len: Optional[int] = _f(None, "vLLM max model length; null = prompt + response lengths.")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = _f("auto", "vLLM dtype; auto = model.params_dtype (fp32 on CPU).")
     enforce_eager: bool = _f(False, "Disable CUDA graphs in vLLM.")
-    sleep_between_steps: bool = _f(True, "Free vLLM weights and KV cache during training (GPU, level 1 sleep).")
+    sleep_level: Literal[0, 1, 2] = _f(
+        2, "GPU memory between generations: 0 = vLLM stays resident; 1 = weights offloaded to host, KV cache "
+        "freed; 2 = both freed (the trainer re-syncs the weights before every generation, so nothing is copied "
+        "back). No-op on CPU.")
     sync_bucket_mb: int = _f(512, "Weight-sync bucket size in MiB (peak extra memory during sync).")
     tis_cap: Optional[float] = _f(None, "Truncated importance-sampling cap C for engine/trainer mismatch; null = off.")
 
@@ -181,6 +176,7 @@ class RolloutConfig:
         _need(self.temperature >= 0, f"{path}.temperature", "expected >= 0")
         _need(0 < self.top_p <= 1, f"{path}.top_p", "expected 0 < top_p <= 1")
         _need(self.tensor_parallel_size >= 1, f"{path}.tensor_parallel_size", "expected >= 1")
+        _need(self.seed >= 0, f"{path}.seed", "expected >= 0")
         _need(0 < self.gpu_memory_utilization <= 1, f"{path}.gpu_memory_utilization", "expected in (0, 1]")
         _need(self.sync_bucket_mb >= 1, f"{path}.sync_bucket_mb", "expected >= 1")
         _need(self.tis_cap is None or self.tis_cap >= 1, f"{path}.tis_cap", "expected >= 1 or null")
@@ -238,7 +234,10 @@ class TrainConfig:
     sequence_packing: bool = _f(True, "Pack sequences into micro-batches (else pad, one sequence per row).")
     reward: Literal["math", "exact"] = _f("math", "Reward function (megatron_srft/rewards).")
     reward_timeout_s: float = _f(10.0, "Per-sample verifier timeout; a timeout scores 0.")
-    reward_workers: int = _f(2, "Verifier worker processes.")
+    reward_workers: int = _f(2, "Verifier worker processes on each rollout engine's leader rank.")
+    max_consecutive_skips: int = _f(
+        3, "Stop the run (one-line error naming the step) after this many consecutive steps whose update was "
+        "skipped for a non-finite loss or gradient.")
     eval_every: int = _f(0, "Evaluate every N steps (0 = only at the end).")
     eval_n_samples: int = _f(1, "Samples per eval prompt (avg@k / pass@k).")
     eval_temperature: float = _f(0.0, "Eval sampling temperature.")
@@ -253,6 +252,7 @@ class TrainConfig:
         _need(self.micro_batch_tokens >= 1, f"{path}.micro_batch_tokens", "expected >= 1")
         _need(self.reward_timeout_s > 0, f"{path}.reward_timeout_s", "expected > 0")
         _need(self.reward_workers >= 1, f"{path}.reward_workers", "expected >= 1")
+        _need(self.max_consecutive_skips >= 1, f"{path}.max_consecutive_skips", "expected >= 1")
 
 
 @dataclass
@@ -291,39 +291,15 @@ class SRFTConfig:
     checkpoint: CheckpointConfig = _sub(CheckpointConfig, "Checkpointing and resume.")
     logging: LoggingConfig = _sub(LoggingConfig, "Metrics and console.")
 
-    def validate(self, world_size: Optional[int] = None) -> "SRFTConfig":
+    def validate(self) -> "SRFTConfig":
+        """Each section's own fields. How the sections fit the machine, the world size and the model (TP vs heads,
+        DP vs batch sizes, rollout TP, FP8 on this GPU, ...) is checked in ONE place:
+        :func:`megatron_srft.distributed.layout.validate_layout`."""
         for f in dataclasses.fields(self):
             sub = getattr(self, f.name)
             if dataclasses.is_dataclass(sub):
                 sub.validate(f.name)
-        p, m = self.parallel, self.model
-        te_wanted = m.transformer_impl == "transformer_engine" or m.fp8 is not None
-        if te_wanted:
-            _need(_te_available(), "model.fp8" if m.fp8 is not None else "model.transformer_impl",
-                  "needs Transformer Engine and a CUDA GPU, which this machine lacks")
-        if self.algorithm.preset != "sft":
-            _need(self.train.prompts_per_step >= 1, "train.prompts_per_step", "expected >= 1")
-        _need(m.make_vocab_size_divisible_by % p.tensor_model_parallel_size == 0,
-              "model.make_vocab_size_divisible_by",
-              f"must be a multiple of parallel.tensor_model_parallel_size ({p.tensor_model_parallel_size})")
-        if world_size is not None:
-            dp = p.check_world_size(world_size)
-            _need(self.train.prompts_per_minibatch % dp == 0, "train.prompts_per_minibatch",
-                  f"must be divisible by the data-parallel size ({dp})")
         return self
-
-
-def _te_available() -> bool:
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return False
-        import transformer_engine  # noqa: F401
-
-        return True
-    except Exception:
-        return False
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -426,9 +402,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None,
-                world_size: Optional[int] = None) -> SRFTConfig:
-    """Build the config from an optional YAML file and ``key.sub=value`` overrides, then validate it."""
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> SRFTConfig:
+    """Build the config from an optional YAML file and ``key.sub=value`` overrides, then validate its fields.
+
+    The layout against a world size and a model is :func:`megatron_srft.distributed.layout.validate_layout`."""
     cfg = SRFTConfig()
     if path is not None:
         p = Path(path)
@@ -447,7 +424,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         for k in reversed(keys):
             nested = {k: nested}
         _merge(cfg, nested, "", "override: ")
-    cfg.validate(world_size)
+    cfg.validate()
     return cfg
 
 

@@ -18,3 +18,11 @@ def tiny_qwen2(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_qwen2")
     make_tiny_hf_model(path, "qwen2", seed=0)
     return path
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    """The toy task (char tokenizer, tiny random Qwen2, arithmetic chains with demonstrations), small."""
+    from megatron_srft.data.toy import ToySettings, make_toy
+
+    return make_toy(tmp_path_factory.mktemp("toy") / "toy", ToySettings(num_train=64, num_test=8, max_ops=2))

@@ -6,6 +6,7 @@ import pytest
 
 from megatron_srft.cli import main as cli_main
 from megatron_srft.config import ConfigError, SRFTConfig, load_config, markdown_reference
+from megatron_srft.distributed.layout import validate_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,13 +52,13 @@ def test_wrong_type_names_the_field(tmp_path):
 
 def test_impossible_combinations():
     with pytest.raises(ConfigError, match=r"world size 3 is not divisible by tensor_model_parallel_size \(2\)"):
-        load_config(None, ["parallel.tensor_model_parallel_size=2"], world_size=3)
+        validate_layout(load_config(None, ["parallel.tensor_model_parallel_size=2"]), 3)
     with pytest.raises(ConfigError, match=r"parallel.sequence_parallel: needs tensor_model_parallel_size > 1"):
         load_config(None, ["parallel.sequence_parallel=true"])
     with pytest.raises(ConfigError, match=r"train.prompts_per_minibatch: must divide prompts_per_step"):
         load_config(None, ["train.prompts_per_step=10", "train.prompts_per_minibatch=4"])
     with pytest.raises(ConfigError, match=r"model.fp8: needs Transformer Engine and a CUDA GPU"):
-        load_config(None, ["model.fp8=e4m3"])
+        validate_layout(load_config(None, ["model.fp8=e4m3"]), 1)
     with pytest.raises(ConfigError, match=r"tensor_model_parallel_size: expected an integer >= 1"):
         load_config(None, ["parallel.tensor_model_parallel_size=0"])
 

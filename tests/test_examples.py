@@ -37,6 +37,12 @@ MODELS = {
 }
 
 
+def _load(path, world_size: int):
+    cfg = load_config(path)
+    validate_layout(cfg, world_size)
+    return cfg
+
+
 def stated_layout(path: Path) -> tuple[int, int]:
     """(nodes, gpus per node) from the '# srft-launch: --nodes N --gpus-per-node G' line every example carries."""
     m = re.search(r"^# srft-launch: --nodes (\d+) --gpus-per-node (\d+)$", path.read_text(), re.M)
@@ -54,16 +60,16 @@ def test_the_expected_examples_exist():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_example_loads_at_its_world_size(path):
     nodes, gpus = stated_layout(path)
-    load_config(str(path), world_size=nodes * gpus)
+    _load(str(path), nodes * gpus)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_production_layout_fits_the_model(name):
     path = ROOT / "examples/configs" / name
     nodes, gpus = stated_layout(path)
-    cfg = load_config(str(path), world_size=nodes * gpus)
+    cfg = _load(str(path), nodes * gpus)
     arch = arch_from_hf_config(MODELS[name], name)
-    validate_layout(cfg, arch, nodes * gpus)
+    validate_layout(cfg, nodes * gpus, arch)
     if name.endswith("-srft.yaml"):
         est = memory_per_gpu(cfg, arch, nodes * gpus, gpu_memory_gib=80.0)
         # the budget written in the file's comments: training state + vLLM's share under 80 GB with headroom
@@ -71,7 +77,7 @@ def test_production_layout_fits_the_model(name):
 
 
 def test_paper_setup_in_7b_example():
-    cfg = load_config(str(ROOT / "examples/configs/qwen2.5-math-7b-srft.yaml"), world_size=32)
+    cfg = _load(str(ROOT / "examples/configs/qwen2.5-math-7b-srft.yaml"), 32)
     assert cfg.algorithm.preset == "srft"
     assert cfg.rollout.num_rollouts_per_prompt + cfg.algorithm.num_demos_per_prompt == 8
     assert (cfg.train.prompts_per_step, cfg.train.prompts_per_minibatch, cfg.train.num_steps) == (128, 64, 500)
@@ -84,7 +90,7 @@ def test_paper_setup_in_7b_example():
 
 
 def test_eval_recipe():
-    cfg = load_config(str(ROOT / "examples/configs/qwen2.5-math-7b-eval.yaml"), world_size=8)
+    cfg = _load(str(ROOT / "examples/configs/qwen2.5-math-7b-eval.yaml"), 8)
     assert cfg.rollout.temperature == 0.6 and cfg.train.eval_temperature == 0.6
     assert cfg.rollout.max_tokens == 8192 and cfg.train.eval_n_samples == 32
     assert [Path(f).name for f in cfg.data.eval_files] == ["math_eval.parquet", "ood_arc_c.parquet",
@@ -92,7 +98,7 @@ def test_eval_recipe():
 
 
 def test_toy_is_cpu_only():
-    cfg = load_config(str(ROOT / "examples/configs/toy-cpu.yaml"), world_size=2)
+    cfg = _load(str(ROOT / "examples/configs/toy-cpu.yaml"), 2)
     assert cfg.model.params_dtype == "fp32" and cfg.parallel.backend == "gloo" and cfg.model.fp8 is None
 
 

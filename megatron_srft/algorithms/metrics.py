@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Mapping, Optional
 
 import torch
-import torch.distributed as dist
+
+from ..distributed import collectives
 
 MetricSums = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -33,12 +34,12 @@ def accumulate(into: MetricSums, new: Mapping[str, tuple[torch.Tensor, torch.Ten
     return into
 
 
-def all_reduce_metrics(metrics: MetricSums, group: Optional[dist.ProcessGroup] = None) -> MetricSums:
+def all_reduce_metrics(metrics: MetricSums, group: Optional[collectives.ProcessGroup] = None) -> MetricSums:
     """Reduce across ``group`` (e.g. DP): SUM for sums and counts, MAX for ``_max`` names. Two collectives.
 
     Every rank must hold the same metric names (srft_objective always emits the same set).
     """
-    if group is None or dist.get_world_size(group) == 1:
+    if group is None or collectives.world_size(group) == 1:
         return metrics
     names = sorted(metrics)
     summed = [n for n in names if not is_max(n)]
@@ -46,11 +47,11 @@ def all_reduce_metrics(metrics: MetricSums, group: Optional[dist.ProcessGroup] =
     out: MetricSums = {}
     if summed:
         t = torch.stack([torch.stack([metrics[n][0], metrics[n][1]]) for n in summed]).float()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        t = collectives.all_reduce(t, "sum", group)
         out.update({n: (t[i, 0], t[i, 1]) for i, n in enumerate(summed)})
     if maxed:
         t = torch.stack([metrics[n][0] for n in maxed]).float()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        t = collectives.all_reduce(t, "max", group)
         out.update({n: (t[i], metrics[n][1]) for i, n in enumerate(maxed)})
     return out
 

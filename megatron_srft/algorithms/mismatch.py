@@ -17,11 +17,12 @@ import math
 from typing import Optional
 
 import torch
-import torch.distributed as dist
+
+from ..distributed import collectives
 
 
 def mismatch_stats(engine_logprob: torch.Tensor, trainer_logprob: torch.Tensor, mask: torch.Tensor,
-                   group: Optional[dist.ProcessGroup] = None) -> dict:
+                   group: Optional[collectives.ProcessGroup] = None) -> dict:
     """Statistics of d_t = logp_engine_t - logp_trainer_t over the tokens where ``mask`` is true.
 
     engine_logprob, trainer_logprob, mask: [T] (or any equal shape; flattened). With ``group`` the statistics
@@ -39,9 +40,9 @@ def mismatch_stats(engine_logprob: torch.Tensor, trainer_logprob: torch.Tensor, 
                         torch.tensor(float(d.numel()), dtype=torch.float64)])
     amax = d.abs().max() if d.numel() else torch.zeros((), dtype=torch.float64)
     amax = amax.reshape(1).clone()
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(sums, group=group)
-        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+    if group is not None:
+        sums = collectives.all_reduce(sums, "sum", group)
+        amax = collectives.all_reduce(amax, "max", group)
     n = float(sums[3])
     denom = max(n, 1.0)
     return {
@@ -51,6 +52,22 @@ def mismatch_stats(engine_logprob: torch.Tensor, trainer_logprob: torch.Tensor, 
         "kl_k3": float(sums[2]) / denom,
         "num_tokens": int(n),
     }
+
+
+def mismatch_sums(engine_logprob: torch.Tensor, trainer_logprob: torch.Tensor,
+                  mask: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The mismatch of one micro-batch as (sum, count) metrics (algorithms/metrics.py), accumulated on the device
+    and reduced exactly over micro-batches and DP ranks: ``mismatch_abs_mean`` (|d|), ``mismatch_abs_max``,
+    ``mismatch_kl_k3`` (exp(-d) - 1 + d), d = logp_engine - logp_trainer over ``mask`` (rollout loss tokens)."""
+    m = mask.reshape(-1).bool()
+    d = engine_logprob.reshape(-1).double() - trainer_logprob.reshape(-1).detach().double()
+    d = torch.where(m, d, torch.zeros_like(d))
+    count = m.sum().float()
+    absd = d.abs()
+    one = torch.ones((), device=d.device)
+    return {"mismatch_abs_mean": (absd.sum().float(), count),
+            "mismatch_abs_max": (absd.max().float() if d.numel() else 0 * one, one),
+            "mismatch_kl_k3": ((torch.exp(-d) - 1 + d).sum().float(), count)}
 
 
 def truncated_is_weights(trainer_old_logprob: torch.Tensor, engine_logprob: torch.Tensor,

@@ -18,21 +18,20 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
-from ..config import ConfigError
+from ..distributed import collectives
+from ..errors import ConfigError
 
 META_FILE = "srft_model.json"
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    return collectives.rank()
 
 
 def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()
 
 
 def _sharded_state_dict(chunks: list) -> dict:
@@ -187,6 +186,41 @@ def _load_in_place(chunks: list, path: Path) -> None:
                 view.copy_(value)
 
 
+def _without_absent_extra_state(sharded_sd: dict, path: Path) -> dict:
+    """Drop the requests for ``_extra_state`` that the checkpoint does not hold.
+
+    Transformer Engine's modules carry ``_extra_state`` (FP8 scaling bookkeeping), which Megatron requests as
+    ShardedObjects; a checkpoint written with the local spec (conversion on CPU, CPU runs) has none, and
+    dist_checkpointing would refuse the whole load for their absence. Such modules keep their freshly initialised
+    state. Weights are never dropped, and extra state the checkpoint does hold (an FP8 run's resume) is loaded.
+    """
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    def keys(node) -> list:
+        if isinstance(node, dict):
+            return [k for v in node.values() for k in keys(v)]
+        if isinstance(node, list):
+            return [k for v in node for k in keys(v)]
+        key = getattr(node, "key", None)
+        return [key] if isinstance(key, str) and "_extra_state" in key else []
+
+    wanted = keys(sharded_sd)
+    if not wanted:
+        return sharded_sd
+    available = set(load_sharded_metadata(str(path)))
+
+    def prune(node):
+        if isinstance(node, dict):
+            return {k: prune(v) for k, v in node.items()
+                    if not (isinstance(getattr(v, "key", None), str) and "_extra_state" in v.key
+                            and v.key not in available)}
+        if isinstance(node, list):
+            return [prune(v) for v in node]
+        return node
+
+    return prune(sharded_sd)
+
+
 def load_model(chunks: list, path: str | Path, *, in_place: bool = False) -> dict:
     """Collective: load a torch_dist model checkpoint into the chunks (any TP/PP layout). Returns its metadata."""
     from megatron.core import dist_checkpointing
@@ -204,7 +238,7 @@ def load_model(chunks: list, path: str | Path, *, in_place: bool = False) -> dic
     if in_place and len(chunks) == 1:
         _load_in_place(chunks, path)
         return meta
-    state = dist_checkpointing.load(_sharded_state_dict(chunks), str(path))
+    state = dist_checkpointing.load(_without_absent_extra_state(_sharded_state_dict(chunks), path), str(path))
     for i, c in enumerate(chunks):
         # DDP's load_state_dict returns nothing: load into the wrapped GPTModel (same tensors, copied in place).
         result = unwrap(c).load_state_dict(state if len(chunks) == 1 else state[f"model{i}"], strict=False)

@@ -19,6 +19,10 @@ def main(args) -> int:
     if args.markdown:
         sys.stdout.write(markdown_reference())
         return 0
-    cfg = load_config(args.config, args.overrides, world_size=args.world_size)
+    cfg = load_config(args.config, args.overrides)
+    if args.world_size is not None:
+        from ..distributed.layout import validate_layout
+
+        validate_layout(cfg, args.world_size)
     sys.stdout.write(to_yaml(cfg))
     return 0

@@ -75,11 +75,11 @@ def main(args: argparse.Namespace) -> int:
     # stdout carries the JSONL samples: send vLLM's log lines (stdout by default) to stderr, and quiet them.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    import torch
 
     from ..checkpoint.convert import resolve_source
     from ..config import RolloutConfig
-    from ..rollout.vllm_engine import RolloutEngine
+    from ..rollout.base import resolve_engine_settings, sequential_seeds
+    from ..rollout.vllm_engine import VllmEngine
 
     if args.n < 1:
         raise UserError(f"--n: expected >= 1, got {args.n}")
@@ -98,15 +98,16 @@ def main(args: argparse.Namespace) -> int:
     except Exception as e:  # noqa: BLE001 - report the cause in one line
         raise UserError(f"{hf_dir}: cannot load the tokenizer ({str(e).splitlines()[0] if str(e) else e})") from e
     token_ids = _tokenize(tokenizer, prompts, args.chat)
-    dtype = args.dtype if args.dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
-    longest = max(len(t) for t in token_ids)
-    max_len = args.max_model_len or min(source.arch.max_position_embeddings, longest + args.max_tokens)
+    rollout_cfg = RolloutConfig(dtype=args.dtype, seed=args.seed, max_model_len=args.max_model_len)
+    settings = resolve_engine_settings(rollout_cfg, "bf16", source.arch.max_position_embeddings,
+                                       max(len(t) for t in token_ids) + args.max_tokens)
+    dtype, max_len = settings.dtype, settings.max_model_len
 
     engine = handle = None
     started_dist = False
     try:
         if source.kind == "hf":
-            engine = RolloutEngine(RolloutConfig(), str(hf_dir), dtype=dtype, seed=args.seed, max_model_len=max_len)
+            engine = VllmEngine(rollout_cfg, str(hf_dir), dtype=dtype, seed=args.seed, max_model_len=max_len)
         else:
             from ..checkpoint.convert import build_and_load
             from ..config import ParallelConfig
@@ -117,12 +118,12 @@ def main(args: argparse.Namespace) -> int:
             groups = init_distributed(pcfg)
             started_dist = True
             handle = build_and_load(source, pcfg, groups, params_dtype=dtype)
-            engine = RolloutEngine(RolloutConfig(), str(hf_dir), dtype=dtype, seed=args.seed, max_model_len=max_len,
-                                   load_format="dummy")
-            sync_weights(handle.chunks, source.arch, groups, engine, bucket_mb=RolloutConfig().sync_bucket_mb)
+            engine = VllmEngine(rollout_cfg, str(hf_dir), dtype=dtype, seed=args.seed, max_model_len=max_len,
+                                load_format="dummy")
+            sync_weights(handle.chunks, source.arch, groups, engine, bucket_mb=rollout_cfg.sync_bucket_mb)
             del handle
         results = engine.generate(token_ids, n=args.n, temperature=args.temperature, top_p=args.top_p,
-                                  max_tokens=args.max_tokens, seed=args.seed)
+                                  max_tokens=args.max_tokens, seeds=sequential_seeds(args.seed, len(token_ids), args.n))
     finally:
         if engine is not None:
             engine.close()

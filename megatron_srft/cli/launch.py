@@ -207,12 +207,13 @@ def check_config(config: str, overrides: list[str], world_size: int) -> list[str
     from ..distributed.layout import memory_per_gpu, validate_layout
     from ..models.arch import load_arch
 
-    cfg = load_config(config, overrides, world_size=world_size)
+    cfg = load_config(config, overrides)
+    validate_layout(cfg, world_size)
     model_json = Path(cfg.model.path) / "config.json"
     if not cfg.model.path or not model_json.is_file():
         return [f"config OK at world size {world_size}; layout not checked ({model_json} is not readable here)"]
     arch = load_arch(cfg.model.path)
-    validate_layout(cfg, arch, world_size)
+    validate_layout(cfg, world_size, arch)
     est = memory_per_gpu(cfg, arch, world_size).as_gib()
     return [f"config and layout OK at world size {world_size}",
             "estimated GiB per GPU (docs/performance.md): " + ", ".join(f"{k} {v}" for k, v in est.items())]

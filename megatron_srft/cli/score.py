@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
+
+from ..distributed import collectives
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -160,8 +161,7 @@ def main(args: argparse.Namespace) -> int:
             for i, (logp, ent) in zip(mine, scored):
                 s = rows[i]["response_start"] - 1
                 local.append((i, logp[s:].tolist(), ent[s:].tolist()))
-        gathered: list = [None] * groups.world_size
-        dist.all_gather_object(gathered, local)
+        gathered = collectives.all_gather_object(local)
         if groups.rank == 0:
             by_index = {i: (lp, ent) for part in gathered for i, lp, ent in part}
             out_rows = []
@@ -170,7 +170,7 @@ def main(args: argparse.Namespace) -> int:
                 out_rows.append({**({"id": row["id"]} if "id" in row else {}), "logprobs": lp, "entropy": ent})
             _write_jsonl_atomic(Path(args.out), out_rows)
             print(f"srft score: wrote {len(out_rows)} rows to {args.out}")
-        dist.barrier()
+        collectives.barrier()
     finally:
         destroy()
     return 0

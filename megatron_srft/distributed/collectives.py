@@ -12,6 +12,7 @@ callers never special-case world size 1.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional, Sequence
 
 import torch
@@ -137,6 +138,18 @@ def all_gather_object(obj: Any, group: Optional[ProcessGroup] = None) -> list[An
     return out
 
 
+def gather_object(obj: Any, dst: int = 0, group: Optional[ProcessGroup] = None) -> Optional[list[Any]]:
+    """Every rank's picklable ``obj`` on ``dst`` (GLOBAL rank), in group-rank order; None on the other ranks.
+
+    Use a gloo group (``ParallelGroups.cpu_group``) for bulky objects so that nothing is staged on the GPU.
+    """
+    if _single(group):
+        return [obj]
+    out: Optional[list[Any]] = [None] * world_size(group) if rank() == dst else None
+    dist.gather_object(obj, out, dst=dst, group=group)
+    return out
+
+
 def agree(flag: bool, group: Optional[ProcessGroup] = None) -> bool:
     """True on every rank when ``flag`` is true on ANY rank of ``group`` (e.g. a stop request seen by one rank)."""
     t = torch.tensor([1.0 if flag else 0.0])
@@ -147,3 +160,27 @@ def sum_floats(values: Sequence[float], group: Optional[ProcessGroup] = None) ->
     """Element-wise sums of a list of floats over ``group`` (fp64, one collective)."""
     t = torch.tensor([float(v) for v in values], dtype=torch.float64)
     return all_reduce(t, "sum", group).tolist()
+
+
+# --------------------------------------------------------------------------------------------- life cycle
+
+
+@contextlib.contextmanager
+def keep_default_group():
+    """Make ``torch.distributed.destroy_process_group()`` of the DEFAULT group a no-op inside this block.
+
+    vLLM's EngineCore.shutdown ends with ``destroy_process_group()``. Colocated, the default group is the trainer's
+    world and must outlive the engine (the demo and the study run several trainings in one process); vLLM's own
+    sub-groups are still destroyed.
+    """
+    original = dist.destroy_process_group
+
+    def destroy_unless_default(group=None):
+        if group is not None:
+            original(group)
+
+    dist.destroy_process_group = destroy_unless_default
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = original

@@ -105,7 +105,9 @@ class _NullEvent:
 
 def _patch_torch_cuda() -> None:
     cuda = torch.cuda
-    cuda.current_device = lambda: 0
+    # A device object, not the index 0: Megatron writes `device=torch.cuda.current_device()` in backward passes
+    # too (e.g. the sequence-parallel reduce-scatter buffer), where autograd runs without our function mode.
+    cuda.current_device = lambda: torch.device("cpu")
     cuda.synchronize = lambda *a, **k: None
     cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
     cuda.random.get_rng_state = lambda *a, **k: torch.get_rng_state()

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from . import cpu_compat
+from .layout import data_parallel_size
 from ..config import ConfigError, ParallelConfig
 
 
@@ -27,6 +28,9 @@ class ParallelGroups:
     pp_group: Optional[dist.ProcessGroup]
     dp_group: Optional[dist.ProcessGroup]
     mp_group: Optional[dist.ProcessGroup]  # TP x PP: ranks that hold one model replica
+    #: the whole world on gloo, for Python-object collectives that should not touch the GPU (None = the default
+    #: group, which is gloo already on CPU)
+    cpu_group: Optional[dist.ProcessGroup] = None
     tp_size: int = 1
     pp_size: int = 1
     dp_size: int = 1
@@ -78,7 +82,7 @@ def init_distributed(pcfg: ParallelConfig, seed: int = 1234) -> ParallelGroups:
 
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
-    pcfg.check_world_size(world_size)
+    data_parallel_size(pcfg, world_size)
 
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
@@ -109,11 +113,25 @@ def init_distributed(pcfg: ParallelConfig, seed: int = 1234) -> ParallelGroups:
     return groups_from_megatron(device)
 
 
+_CPU_GROUP: Optional[dist.ProcessGroup] = None
+
+
+def _cpu_world_group() -> Optional[dist.ProcessGroup]:
+    """A gloo group over the whole world when the default backend is not gloo (created once: a world collective)."""
+    global _CPU_GROUP
+    if "gloo" in str(dist.get_backend()).lower():
+        return None
+    if _CPU_GROUP is None:
+        _CPU_GROUP = dist.new_group(backend="gloo")
+    return _CPU_GROUP
+
+
 def groups_from_megatron(device: Optional[torch.device] = None) -> ParallelGroups:
     """Collect the groups Megatron created into a :class:`ParallelGroups`."""
     from megatron.core import parallel_state as mpu
 
     return ParallelGroups(
+        cpu_group=_cpu_world_group(),
         tp_group=mpu.get_tensor_model_parallel_group(),
         pp_group=mpu.get_pipeline_model_parallel_group(),
         dp_group=mpu.get_data_parallel_group(),
@@ -130,9 +148,27 @@ def groups_from_megatron(device: Optional[torch.device] = None) -> ParallelGroup
     )
 
 
+def ensure_launcher_env() -> None:
+    """A world and torchrun's variables for a process that has neither (`srft generate`, tests, notebooks).
+
+    vLLM's ``external_launcher`` executor reads RANK and LOCAL_RANK and builds its groups on top of an initialised
+    torch.distributed world. Under torchrun (and after :func:`init_distributed`) both exist; a plain process gets a
+    gloo world of one on a free local port.
+    """
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group(backend="gloo", rank=0, world_size=1)
+    os.environ.setdefault("RANK", str(dist.get_rank()))
+    os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
+    os.environ.setdefault("LOCAL_RANK", "0")
+
+
 def destroy() -> None:
+    global _CPU_GROUP
     from megatron.core import parallel_state as mpu
 
+    _CPU_GROUP = None
     if mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
     if dist.is_initialized():

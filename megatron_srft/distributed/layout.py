@@ -9,17 +9,75 @@ written in ``examples/configs/*.yaml``; it is an estimate from shapes, not a mea
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
-from ..config import ConfigError, ParallelConfig, SRFTConfig, _te_available
+from ..config import ParallelConfig, SRFTConfig
+from ..errors import ConfigError
 from ..models.arch import ArchSpec
 
 GIB = 1024 ** 3
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
+#: Transformer Engine FP8 recipes -> the oldest GPU (CUDA compute capability) that runs them: FP8 tensor cores
+#: arrived with Ada/Hopper (8.9 / 9.0); 1x128 block scaling is a Hopper kernel; MXFP8 needs Blackwell's
+#: microscaling tensor cores (10.0).
+FP8_MIN_CAPABILITY = {"delayed": (8, 9), "tensorwise": (8, 9), "blockwise": (9, 0), "mxfp8": (10, 0)}
+#: Transformer Engine's FP8 GEMMs need token counts that are multiples of 16.
+FP8_TOKEN_MULTIPLE = 16
+
 
 def _need(cond: bool, path: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{path}: {msg}")
+
+
+def te_available() -> bool:
+    """Transformer Engine importable and a CUDA GPU present."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False
+        import transformer_engine  # noqa: F401
+
+        return True
+    except Exception:
+        return False
+
+
+def gpu_capability() -> Optional[tuple[int, int]]:
+    """The CUDA compute capability of this process's GPU, or None without one."""
+    import torch
+
+    return tuple(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
+
+
+def data_parallel_size(pcfg: ParallelConfig, world_size: int) -> int:
+    """DP = world / (TP x PP x CP); a world size that the model-parallel size does not divide is an error."""
+    mp = pcfg.tensor_model_parallel_size * pcfg.pipeline_model_parallel_size * pcfg.context_parallel_size
+    _need(world_size >= 1, "world_size", f"expected >= 1, got {world_size}")
+    if world_size % mp != 0:
+        raise ConfigError(
+            f"parallel: world size {world_size} is not divisible by tensor_model_parallel_size "
+            f"({pcfg.tensor_model_parallel_size}) x pipeline_model_parallel_size "
+            f"({pcfg.pipeline_model_parallel_size}) x context_parallel_size ({pcfg.context_parallel_size}) = {mp}")
+    return world_size // mp
+
+
+def token_pad_multiple(sequence_parallel: bool, tp: int, fp8: bool) -> int:
+    """Every packed micro-batch (the empty one of a rank without data included) is padded to a multiple of this:
+    TP under sequence parallelism (the sequence is split over the TP ranks), 16 under FP8 (TE's FP8 GEMMs),
+    their product with both. The loop packs with it; the Megatron adapter pads its empty micro-batch with it."""
+    return (tp if sequence_parallel else 1) * (FP8_TOKEN_MULTIPLE if fp8 else 1)
+
+
+def check_fp8_recipe(recipe: str, capability: Optional[tuple[int, int]]) -> None:
+    """``model.fp8_recipe`` must run on this GPU (``capability`` = CUDA compute capability, None = no GPU)."""
+    need = FP8_MIN_CAPABILITY[recipe]
+    _need(capability is not None, "model.fp8", "FP8 needs a CUDA GPU with Transformer Engine")
+    _need(tuple(capability) >= need, "model.fp8_recipe",
+          f"'{recipe}' needs a GPU of compute capability {need[0]}.{need[1]} or newer; this GPU is "
+          f"{capability[0]}.{capability[1]} (Hopper is 9.0: use delayed, tensorwise or blockwise)")
 
 
 def check_model_split(arch: ArchSpec, pcfg: ParallelConfig) -> None:
@@ -41,40 +99,54 @@ def check_model_split(arch: ArchSpec, pcfg: ParallelConfig) -> None:
           + f") do not divide the model's num_hidden_layers ({arch.num_layers})")
 
 
-def validate_layout(cfg: SRFTConfig, arch: ArchSpec, world_size: int) -> None:
-    """Raise :class:`ConfigError` naming the field when ``cfg``'s layout cannot run ``arch`` on ``world_size`` ranks.
+def check_rollout_split(arch: ArchSpec, rollout_tp: int) -> None:
+    """vLLM splits attention heads over its TP ranks, and KV heads too when TP <= KV heads; when TP is a multiple
+    of the KV heads it replicates each KV head. Anything else it refuses at engine start."""
+    path = "rollout.tensor_parallel_size"
+    _need(arch.num_attention_heads % rollout_tp == 0, path,
+          f"{rollout_tp} does not divide the model's num_attention_heads ({arch.num_attention_heads})")
+    kv = arch.num_query_groups
+    _need(kv % rollout_tp == 0 or rollout_tp % kv == 0, path,
+          f"{rollout_tp} neither divides nor is a multiple of the model's num_key_value_heads ({kv})")
 
-    Checks: TP divides attention heads, KV heads and the FFN width; PP (x virtual stages) divides the
-    layers; TP x PP x CP divides the world; TP divides the vocabulary padding multiple; sequence
-    parallelism has TP > 1; FP8 / Transformer Engine have a GPU; DP divides the prompts of a step and of
-    a mini-batch; the vLLM TP size divides the world and the heads; the sequence lengths fit the model's
-    positions and one micro-batch.
+
+def validate_layout(cfg: SRFTConfig, world_size: int, arch: Optional[ArchSpec] = None) -> int:
+    """Every rule of how ``cfg`` fits ``world_size`` ranks, this machine and (when given) the model ``arch``.
+
+    The one home of the layout rules: `srft train` runs it once at start-up before anything is built, `srft
+    launch --dry-run` and `srft config --world-size` run it without a GPU. Raises :class:`ConfigError` naming the
+    field; returns the data-parallel size.
+
+    World: TP x PP x CP divides it; DP divides the prompts of a step and of a mini-batch; the rollout TP divides
+    it (every rank belongs to exactly one engine). Machine: Transformer Engine / FP8 need TE and a GPU, and the FP8
+    recipe this GPU. Model: TP divides attention heads, KV heads and the FFN width, PP the layers; vLLM can split
+    the heads over the rollout TP; sequence lengths fit the model's positions and one micro-batch.
     """
     p, m, t, d, r = cfg.parallel, cfg.model, cfg.train, cfg.data, cfg.rollout
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    _need(world_size >= 1, "world_size", f"expected >= 1, got {world_size}")
     tp_path = "parallel.tensor_model_parallel_size"
-    check_model_split(arch, p)
-    dp = p.check_world_size(world_size)
+    dp = data_parallel_size(p, world_size)
+    if arch is not None:
+        check_model_split(arch, p)
     _need(m.make_vocab_size_divisible_by % tp == 0, "model.make_vocab_size_divisible_by",
           f"{m.make_vocab_size_divisible_by} is not a multiple of {tp_path} ({tp})")
     _need(not p.sequence_parallel or tp > 1, "parallel.sequence_parallel", f"needs {tp_path} > 1")
     if m.fp8 is not None or m.transformer_impl == "transformer_engine":
-        _need(_te_available(), "model.fp8" if m.fp8 is not None else "model.transformer_impl",
+        _need(te_available(), "model.fp8" if m.fp8 is not None else "model.transformer_impl",
               "needs Transformer Engine and a CUDA GPU, which this machine lacks")
+    if m.fp8 is not None:
+        check_fp8_recipe(m.fp8_recipe, gpu_capability())
     _need(t.prompts_per_step % dp == 0, "train.prompts_per_step",
           f"{t.prompts_per_step} is not divisible by the data-parallel size ({dp} = world {world_size} / "
           f"(TP {tp} x PP {pp} x CP {p.context_parallel_size}))")
     _need(t.prompts_per_minibatch % dp == 0, "train.prompts_per_minibatch",
           f"{t.prompts_per_minibatch} is not divisible by the data-parallel size ({dp})")
     rtp = r.tensor_parallel_size
-    _need(world_size % rtp == 0, "rollout.tensor_parallel_size", f"{rtp} does not divide the world size ({world_size})")
-    _need(arch.num_attention_heads % rtp == 0, "rollout.tensor_parallel_size",
-          f"{rtp} does not divide the model's num_attention_heads ({arch.num_attention_heads})")
-    # vLLM splits KV heads when TP <= kv heads and replicates them when TP is a multiple of kv heads.
-    kv = arch.num_query_groups
-    _need(kv % rtp == 0 or rtp % kv == 0, "rollout.tensor_parallel_size",
-          f"{rtp} neither divides nor is a multiple of the model's num_key_value_heads ({kv})")
+    _need(world_size % rtp == 0, "rollout.tensor_parallel_size",
+          f"{rtp} does not divide the world size ({world_size}): every rank must belong to exactly one engine")
+    if arch is None:
+        return dp
+    check_rollout_split(arch, rtp)
     seq = d.max_prompt_length + d.max_response_length
     _need(seq <= arch.max_position_embeddings, "data.max_response_length",
           f"max_prompt_length + max_response_length = {seq} exceeds the model's max_position_embeddings "
@@ -86,6 +158,7 @@ def validate_layout(cfg: SRFTConfig, arch: ArchSpec, world_size: int) -> None:
               f"(max_position_embeddings), got {r.max_model_len}")
     _need(t.micro_batch_tokens >= seq, "train.micro_batch_tokens",
           f"{t.micro_batch_tokens} cannot hold one full sequence (max_prompt_length + max_response_length = {seq})")
+    return dp
 
 
 @dataclass

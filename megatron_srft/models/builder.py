@@ -117,14 +117,15 @@ class ModelHandle:
 
 
 def build_gpt(arch: ArchSpec, mcfg: ModelConfig, pcfg: ParallelConfig, pre_process: bool, post_process: bool,
-              tf_config=None, pp_rank: Optional[int] = None):
-    """One ``GPTModel`` for this pipeline stage (``pre_process`` = holds the embedding, ``post_process`` = head)."""
+              tf_config=None, pp_rank: Optional[int] = None, spec=None):
+    """One ``GPTModel`` for this pipeline stage (``pre_process`` = holds the embedding, ``post_process`` = head).
+    ``spec``: a layer or block spec instead of :func:`layer_spec`'s choice."""
     from megatron.core.models.gpt import GPTModel
 
     tf_config = tf_config or transformer_config(arch, mcfg, pcfg)
     model = GPTModel(
         config=tf_config,
-        transformer_layer_spec=layer_spec(arch, mcfg, tf_config, pp_rank=pp_rank),
+        transformer_layer_spec=spec if spec is not None else layer_spec(arch, mcfg, tf_config, pp_rank=pp_rank),
         vocab_size=arch.padded_vocab_size(mcfg.make_vocab_size_divisible_by, pcfg.tensor_model_parallel_size),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,
@@ -162,6 +163,8 @@ def build_model(arch: ArchSpec, mcfg: ModelConfig, pcfg: ParallelConfig, *, wrap
             overlap_grad_reduce=pcfg.overlap_grad_reduce,
             overlap_param_gather=pcfg.overlap_param_gather,
             use_distributed_optimizer=pcfg.use_distributed_optimizer,
+            # FP8 parameters must be all-gathered as FP8 (their storage), not as the bf16 they report
+            fp8_param_gather=mcfg.fp8_param,
         )
         ddp_kw.update(ddp_overrides or {})
         chunks = [DistributedDataParallel(config=tf_config, ddp_config=DistributedDataParallelConfig(**ddp_kw),

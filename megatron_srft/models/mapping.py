@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import torch
-import torch.distributed as dist
 
-from ..config import ConfigError
+from ..distributed import collectives
+from ..errors import ConfigError
 from .arch import ArchSpec
 
 
@@ -389,11 +389,19 @@ def load_hf_into_model(chunks: list, arch: ArchSpec, hf_dir: str | Path, groups)
             raise ConfigError(f"{hf_dir}: no weights for model parameter {unfilled[0]!r}")
 
 
-def _global_rank(group, group_rank: int) -> int:
-    return dist.get_global_rank(group, group_rank) if group is not None else group_rank
-
-
 _DTYPE_CODES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def _plain_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A parameter's value as a plain tensor of its nominal dtype.
+
+    With ``model.fp8_param`` Transformer Engine stores parameters as quantized tensor subclasses (FP8 data + a
+    scale) that report their nominal dtype (bf16) but hold FP8 bytes. Consumers (vLLM, safetensors, the all-gather
+    below) need real values: such a tensor exports ``t.dequantize()``. Plain tensors pass through unchanged.
+    """
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and callable(getattr(t, "dequantize", None)):
+        return t.dequantize()
+    return t
 
 
 @torch.no_grad()
@@ -416,8 +424,7 @@ def export_hf_weights(chunks: list, arch: ArchSpec, groups) -> Iterator[tuple[st
             owned[(rule.mcore, layer)] = params[name]
     keys = list(owned)
     if groups.pp_size > 1:
-        all_keys: list = [None] * groups.pp_size
-        dist.all_gather_object(all_keys, keys, group=groups.pp_group)
+        all_keys = collectives.all_gather_object(keys, groups.pp_group)
         owner = {k: stage for stage, ks in enumerate(all_keys) for k in ks}
     else:
         owner = {k: 0 for k in keys}
@@ -428,27 +435,26 @@ def export_hf_weights(chunks: list, arch: ArchSpec, groups) -> Iterator[tuple[st
             raise ConfigError(f"model: no pipeline stage holds {mcore_name(rule, layer)}")
         full = None
         if key in owned:
-            local = owned[key].detach()
+            local = _plain_tensor(owned[key].detach())
             if rule.tp_dim is not None and groups.tp_size > 1:
-                shards = [torch.empty_like(local) for _ in range(groups.tp_size)]
-                dist.all_gather(shards, local.contiguous(), group=groups.tp_group)
+                shards = collectives.all_gather(local, groups.tp_group)
                 full = unshard(rule, shards)
                 del shards
             else:
                 full = local
         if groups.pp_size > 1:
-            src = _global_rank(groups.pp_group, owner[key])
+            src = collectives.global_rank(groups.pp_group, owner[key])
             meta = torch.zeros(4, dtype=torch.int64, device=device)
             if full is not None:
                 meta[0] = _DTYPE_CODES.index(full.dtype)
                 meta[1] = full.dim()
                 meta[2: 2 + full.dim()] = torch.tensor(full.shape)
-            dist.broadcast(meta, src=src, group=groups.pp_group)
+            meta = collectives.broadcast(meta, src, groups.pp_group)
             if full is None:
                 shape = [int(s) for s in meta[2: 2 + int(meta[1])]]
                 full = torch.empty(shape, dtype=_DTYPE_CODES[int(meta[0])], device=device)
             else:
                 full = full.contiguous()
-            dist.broadcast(full, src=src, group=groups.pp_group)
+            full = collectives.broadcast(full, src, groups.pp_group)
         yield from zip(hf_names(rule, layer), to_hf(rule, arch, full))
         del full

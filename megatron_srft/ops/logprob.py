@@ -29,7 +29,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as dist
+
+from ..distributed import collectives
 
 __all__ = ["vocab_parallel_logprob_entropy", "naive_logprob_entropy"]
 
@@ -39,16 +40,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _tp_coords(tp_group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
+def _tp_coords(tp_group: Optional[collectives.ProcessGroup]) -> tuple[int, int]:
     if tp_group is None:
         return 0, 1
-    return dist.get_rank(tp_group), dist.get_world_size(tp_group)
+    return collectives.rank(tp_group), collectives.world_size(tp_group)
 
 
-def _all_reduce(t: torch.Tensor, op, tp_group, tp_size: int) -> torch.Tensor:
-    if tp_size > 1:
-        dist.all_reduce(t, op=op, group=tp_group)
-    return t
+def _all_reduce(t: torch.Tensor, op: str, tp_group, tp_size: int) -> torch.Tensor:
+    # logits live on the device the TP group communicates on, so this reduces in place
+    return collectives.all_reduce(t, op, tp_group) if tp_size > 1 else t
 
 
 class _VocabParallelLogprobEntropy(torch.autograd.Function):
@@ -68,7 +68,7 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
             for s0 in range(0, num_tokens, chunk_tokens):
                 s1 = min(num_tokens, s0 + chunk_tokens)
                 m[s0:s1] = logits[s0:s1, :num_valid].amax(dim=-1).to(cdt)
-        _all_reduce(m, dist.ReduceOp.MAX, tp_group, tp_size)
+        m = _all_reduce(m, "max", tp_group, tp_size)
 
         # Pass 2: [sum exp(z - m), sum exp(z - m)(z - m), z_target - m] per token; one all-reduce for all three.
         stats = torch.zeros((3, num_tokens), dtype=cdt, device=dev)
@@ -85,7 +85,7 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
                 stats[0, s0:s1] = e.sum(dim=-1)
                 stats[1, s0:s1] = e.mul_(shifted).sum(dim=-1)
                 del shifted, e
-        _all_reduce(stats, dist.ReduceOp.SUM, tp_group, tp_size)
+        stats = _all_reduce(stats, "sum", tp_group, tp_size)
 
         log_s = stats[0].log()
         logprob = stats[2] - log_s           # (z_t - m) - log s = z_t - lse
@@ -131,7 +131,7 @@ def vocab_parallel_logprob_entropy(
     logits: torch.Tensor,
     targets: torch.Tensor,
     *,
-    tp_group: Optional[dist.ProcessGroup] = None,
+    tp_group: Optional[collectives.ProcessGroup] = None,
     vocab_size: Optional[int] = None,
     chunk_tokens: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +139,7 @@ def vocab_parallel_logprob_entropy(
 
     Args:
         logits: [T, V_local] (fp32, bf16, fp16 or fp64), this rank's vocab shard: global columns
-            [tp_rank * V_local, (tp_rank + 1) * V_local), tp_rank = dist.get_rank(tp_group).
+            [tp_rank * V_local, (tp_rank + 1) * V_local), tp_rank = rank in tp_group.
         targets: [T] long, global token ids in [0, vocab_size) (the same tensor on every TP rank).
         tp_group: the tensor-parallel group the vocab is split over; None = one rank holds the whole vocab.
         vocab_size: the true vocabulary size; global columns >= vocab_size (padding) are excluded from the

@@ -121,31 +121,48 @@ def markdown_table(summary: dict[str, dict]) -> str:
 # --------------------------------------------------------------------------------------------- evaluation
 
 
-def evaluate(engine, problems: list, tokenizer, pool, *, n_samples: int, temperature: float, top_p: float = 1.0,
-             max_tokens: int, seed: int = 0) -> tuple[list[dict], dict]:
-    """Generate ``n_samples`` per problem with ``engine`` (a RolloutEngine), grade with ``pool`` (a RewardPool).
+def grade(problems: list, outs: list, tokenizer, pool, *, keep_text: bool = True) -> tuple[list[dict], int]:
+    """Decode and score one engine's completions: one record per problem (``scores``, ``num_tokens``,
+    ``finish_reasons``, and ``responses`` with ``keep_text``), plus the number of verifier timeouts.
 
-    ``problems``: TokenizedProblem list (``prompt_ids``, ``answer``, ``data_source``, ``source``).
-    Returns (records, summary): one record per problem (responses, scores, num_tokens, finish_reasons) and
-    :func:`summarise` of them, plus ``num_reward_timeouts`` under ``summary["all"]``.
+    ``problems``: TokenizedProblem list (``answer``, ``data_source``, ``source``); ``outs[i]``: problem i's
+    completions (token_ids, finish_reason); ``pool``: a RewardPool.
     """
-    if not problems:
-        raise ValueError("evaluate: no problems")
-    outs = engine.generate([p.prompt_ids for p in problems], n=n_samples, temperature=temperature, top_p=top_p,
-                           max_tokens=max_tokens, stop_token_ids=[tokenizer.eos_token_id], seed=seed)
     responses, answers = [], []
     for p, comps in zip(problems, outs):
         for c in comps:
-            responses.append(tokenizer.decode(c.token_ids, skip_special_tokens=True))
+            responses.append(tokenizer.decode(list(c.token_ids), skip_special_tokens=True))
             answers.append(p.answer)
-    scores, num_timeouts = pool.score(responses, answers)
-    records = []
-    for i, (p, comps) in enumerate(zip(problems, outs)):
-        sl = slice(i * n_samples, (i + 1) * n_samples)
-        records.append({"source": p.source, "data_source": p.data_source, "answer": p.answer,
-                        "responses": responses[sl], "scores": scores[sl],
-                        "num_tokens": [len(c.token_ids) for c in comps],
-                        "finish_reasons": [c.finish_reason for c in comps]})
+    scores, num_timeouts = pool.score(responses, answers) if responses else ([], 0)
+    records, i = [], 0
+    for p, comps in zip(problems, outs):
+        k = len(comps)
+        rec = {"source": p.source, "data_source": p.data_source, "answer": p.answer, "scores": scores[i:i + k],
+               "num_tokens": [len(c.token_ids) for c in comps], "finish_reasons": [c.finish_reason for c in comps]}
+        if keep_text:
+            rec["responses"] = responses[i:i + k]
+        records.append(rec)
+        i += k
+    return records, num_timeouts
+
+
+def evaluate(engine, problems: list, tokenizer, pool, *, n_samples: int, temperature: float, top_p: float = 1.0,
+             max_tokens: int, seed: int = 0) -> tuple[list[dict], dict]:
+    """Generate ``n_samples`` per problem with one ``engine``, grade with ``pool`` (a RewardPool).
+
+    ``problems``: TokenizedProblem list (``prompt_ids``, ``answer``, ``data_source``, ``source``).
+    Returns (records, summary): one record per problem (responses, scores, num_tokens, finish_reasons) and
+    :func:`summarise` of them, plus ``num_reward_timeouts`` under ``summary["all"]``. Every engine of a world at
+    once: :meth:`megatron_srft.rollout.service.RolloutService.evaluate`.
+    """
+    from .base import sequential_seeds
+
+    if not problems:
+        raise ValueError("evaluate: no problems")
+    outs = engine.generate([p.prompt_ids for p in problems], n=n_samples, temperature=temperature, top_p=top_p,
+                           max_tokens=max_tokens, stop_token_ids=[tokenizer.eos_token_id],
+                           seeds=sequential_seeds(seed, len(problems), n_samples))
+    records, num_timeouts = grade(problems, outs, tokenizer, pool)
     summary = summarise(records)
     summary["all"]["num_reward_timeouts"] = num_timeouts
     return records, summary

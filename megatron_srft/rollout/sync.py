@@ -50,6 +50,8 @@ def iter_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]],
 def stream_weights(named_tensors: Iterable[tuple[str, torch.Tensor]], engine, bucket_mb: int) -> dict:
     """Stream (hf_name, full tensor) pairs into ``engine.update_weights`` in buckets of <= ``bucket_mb`` MiB.
 
+    The engine's weights must be awake (the rollout service wakes them first and the KV cache after).
+
     Returns stats: bytes (total), num_tensors, num_buckets, seconds, bytes_per_second, bucket_bytes, and
     peak_extra_bytes = the largest bucket held at once (the sync's extra memory beyond the model itself).
     """
@@ -70,14 +72,12 @@ def stream_weights(named_tensors: Iterable[tuple[str, torch.Tensor]], engine, bu
                 del item
 
     start = time.perf_counter()
-    engine.wake_up(tags=["weights"])  # GPU: weights back first; the KV cache only after the update
     try:
         engine.update_weights(flattened())
     except BaseException:
         for _ in source:  # keep the collectives of the other ranks going, then report our failure
             pass
         raise
-    engine.wake_up(tags=["kv_cache"])
     stats["seconds"] = time.perf_counter() - start
     stats["bytes_per_second"] = stats["bytes"] / max(stats["seconds"], 1e-9)
     return stats
@@ -87,7 +87,7 @@ def sync_weights(chunks, arch, groups, engine, bucket_mb: int) -> dict:
     """Push the Megatron model's current weights into the rollout engine; every rank calls it.
 
     chunks: this rank's model chunks; arch: the ArchSpec; groups: ParallelGroups; engine: this rank's
-    :class:`~megatron_srft.rollout.engine.RolloutEngine`. Returns :func:`stream_weights`'s stats.
+    :class:`~megatron_srft.rollout.base.Engine`. Returns :func:`stream_weights`'s stats.
     """
     from ..models.mapping import export_hf_weights
 

@@ -1,10 +1,13 @@
-"""The rollout engine: vLLM's ``LLM`` colocated in the training process.
+"""vLLM's ``LLM`` colocated in the training processes: the :class:`~megatron_srft.rollout.base.Engine` we ship.
 
-One engine per rank (CPU, and GPU at rollout TP = 1) or per rollout-TP group (GPU, vLLM's
-``external_launcher``: the ranks of a TP group each run one shard of the same engine, in the trainer's own
-processes). Nothing here runs a second process: ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps the engine core
-in-process, so a weight update is a function call that reads the trainer's tensors directly (no IPC, no
-serialisation), and ``collective_rpc`` reaches the one local worker.
+Every engine runs under vLLM's ``external_launcher`` executor, at any rollout TP: the trainer's processes (started
+by torchrun) are vLLM's workers. Consecutive global ranks form one engine ([0..r-1], [r..2r-1], ... for rollout TP
+r; vLLM builds its TP groups that way), each rank holds one shard, and every rank of an engine calls ``generate``
+with the same prompts and seeds. The executor places each engine shard on ``LOCAL_RANK``'s device, so on a GPU node
+every engine sits on its own GPU (vLLM's ``uni`` executor would put all of them on cuda:0). Which ranks form which
+engine and which prompts each serves is rollout/placement.py's business. Nothing here runs a second process:
+``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps the engine core in-process, so a weight update is a function call that
+reads the trainer's tensors directly (no IPC, no serialisation), and ``collective_rpc`` reaches the local worker.
 
 Log-probs. vLLM returns, per generated token, the log-prob of the sampled token under a distribution chosen
 by ``logprobs_mode``. We use ``raw_logprobs``: ``log_softmax(logits)`` of the model itself, before
@@ -15,27 +18,27 @@ implementations, which is what :mod:`.mismatch` monitors and what truncated impo
 but comparing it with the trainer mixes the sampling transform into the mismatch; at temperature 1 and
 top_p 1 (SRFT's rollout setting) the two modes coincide.
 
-GPU memory dance (see docs/rollout.md): the engine is built with ``enable_sleep_mode=True``; during training
-it sleeps at level 1 (weights offloaded to host, KV cache dropped); before a weight update it wakes the
-weights only (``wake_up(tags=["weights"])``), receives the new weights, and only then re-allocates the KV
-cache (``wake_up(tags=["kv_cache"])``), so the KV cache never coexists with the weight-sync buffers.
-On CPU vLLM ignores sleep/wake (nothing to free), and these calls are no-ops.
+GPU memory (docs/rollout.md): with ``rollout.sleep_level`` > 0 the engine is built with ``enable_sleep_mode``; the
+rollout service puts it to sleep after every generation (level 1: weights offloaded to host, KV cache dropped;
+level 2: both dropped) and, before the next one, wakes the weights, syncs them, and only then the KV cache
+(``wake_up(["weights"])``, update, ``wake_up(["kv_cache"])``), so the KV cache never coexists with the weight-sync
+buffers. vLLM's CPU worker has no sleep mode: there these calls only record the state.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
 
-from ..errors import UserError
-from ..config import ConfigError, RolloutConfig
+from ..config import RolloutConfig
+from ..distributed import collectives
+from ..distributed.groups import ensure_launcher_env
+from ..errors import ConfigError, UserError
+from .base import Completion
 
 #: our dtype names -> vLLM's
 _VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16",
@@ -43,40 +46,6 @@ _VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16",
 
 #: The CPU attention kernel supports these head sizes (16 is rejected at start-up with an obscure error).
 _MIN_CPU_HEAD_DIM = 32
-
-
-@dataclass
-class Completion:
-    """One sampled continuation.
-
-    token_ids: [T] generated token ids (stop token included when the model emitted it).
-    logprobs: [T] log-prob of each generated token under the raw policy (``raw_logprobs``, temperature 1).
-    finish_reason: "stop" (EOS / stop token / stop string) or "length" (hit max_tokens / max_model_len).
-    """
-
-    token_ids: list[int]
-    logprobs: list[float]
-    finish_reason: str
-
-
-def resolve_dtype(rollout_dtype: str, params_dtype: str) -> str:
-    """``rollout.dtype`` with ``auto`` resolved: the model's params dtype on GPU, fp32 on CPU (exact tests and
-    vLLM's CPU kernels are fastest and exact in fp32)."""
-    if rollout_dtype != "auto":
-        return rollout_dtype
-    return params_dtype if torch.cuda.is_available() else "fp32"
-
-
-def engine_settings(cfg, model_dir: str) -> dict:
-    """The engine's dtype, seed and max_model_len from an SRFTConfig, with ``auto`` / null resolved:
-    dtype via :func:`resolve_dtype`; max_model_len null = data.max_prompt_length + data.max_response_length,
-    capped by the model's max_position_embeddings."""
-    from ..models.arch import load_arch
-
-    r = cfg.rollout
-    max_len = r.max_model_len or min(cfg.data.max_prompt_length + cfg.data.max_response_length,
-                                     load_arch(model_dir).max_position_embeddings)
-    return {"dtype": resolve_dtype(r.dtype, cfg.model.params_dtype), "seed": r.seed, "max_model_len": max_len}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -103,31 +72,11 @@ def _refresh_tied_output_layer(worker) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def _keep_default_process_group():
-    """vLLM's EngineCore.shutdown ends with ``torch.distributed.destroy_process_group()`` on the default group.
-    Colocated, that group is the trainer's world and must outlive the engine (the demo and `make reproduce-toy`
-    run several trainings in one process); vLLM's own sub-groups are still destroyed."""
-    import torch.distributed as tdist
-
-    original = tdist.destroy_process_group
-
-    def destroy_unless_default(group=None):
-        if group is not None:
-            original(group)
-
-    tdist.destroy_process_group = destroy_unless_default
-    try:
-        yield
-    finally:
-        tdist.destroy_process_group = original
-
-
-class RolloutEngine:
-    """vLLM in the training process. See the module docstring for the design.
+class VllmEngine:
+    """vLLM in the training process(es). See the module docstring for the design.
 
     Args:
-        cfg: the ``rollout`` config section (TP size, memory, KV cache size, sleep).
+        cfg: the ``rollout`` config section (TP size, memory, KV cache size, sleep level).
         model_dir: HF directory (config.json + tokenizer; weights unless ``load_format="dummy"``).
         dtype: "fp32" | "bf16" | "fp16" (or vLLM's spelling); CPU rollouts for exactness use fp32.
         seed: engine seed (sampling seeds are passed per call).
@@ -142,10 +91,11 @@ class RolloutEngine:
         self.model_dir = str(model_dir)
         self.max_model_len = int(max_model_len)
         self.on_gpu = torch.cuda.is_available()
-        self._asleep = False
+        self.sleeping: set[str] = set()  # tags released by sleep() and not yet woken: {"weights", "kv_cache"}
         self.llm = None
         self._check_settings(dtype, load_format)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process (read at LLM build)
+        ensure_launcher_env()  # external_launcher reads RANK / LOCAL_RANK (a single process has neither)
         if not self.on_gpu:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.cpu_kvcache_space_gib)
         kwargs = dict(
@@ -154,7 +104,7 @@ class RolloutEngine:
             seed=seed,
             max_model_len=self.max_model_len,
             tensor_parallel_size=cfg.tensor_parallel_size,
-            distributed_executor_backend=self._executor_backend(),
+            distributed_executor_backend="external_launcher",
             logprobs_mode="raw_logprobs",
             max_logprobs=0,  # only the sampled token's log-prob is ever requested
             load_format=load_format,
@@ -163,7 +113,7 @@ class RolloutEngine:
         )
         if self.on_gpu:
             kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization,
-                          enable_sleep_mode=cfg.sleep_between_steps)
+                          enable_sleep_mode=cfg.sleep_level > 0)
         start = time.perf_counter()
         try:
             from vllm import LLM
@@ -173,11 +123,6 @@ class RolloutEngine:
             raise UserError(f"rollout engine failed to start for {self.model_dir}: {_first_line(e)}") from e
         self.startup_seconds = time.perf_counter() - start
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
-
-    @classmethod
-    def from_config(cls, cfg, model_dir: str, *, load_format: str = "auto") -> "RolloutEngine":
-        """Build from the whole :class:`~megatron_srft.config.SRFTConfig` (see :func:`engine_settings`)."""
-        return cls(cfg.rollout, model_dir, load_format=load_format, **engine_settings(cfg, model_dir))
 
     # ------------------------------------------------------------------------------------------ set-up
 
@@ -200,27 +145,13 @@ class RolloutEngine:
         if not self.on_gpu and arch.head_dim < _MIN_CPU_HEAD_DIM:
             raise ConfigError(f"{cfg_path}: head_dim {arch.head_dim} is not supported by vLLM's CPU attention "
                               f"kernel; expected >= {_MIN_CPU_HEAD_DIM}")
-        tp = self.cfg.tensor_parallel_size
-        if tp > 1:
-            import torch.distributed as dist
-
-            world = dist.get_world_size() if dist.is_initialized() else 1
-            if world % tp:
-                raise ConfigError(f"rollout.tensor_parallel_size: {tp} does not divide the world size ({world})")
-            if arch.num_query_groups % tp:
-                raise ConfigError(f"rollout.tensor_parallel_size: {tp} does not divide num_key_value_heads "
-                                  f"({arch.num_query_groups})")
-
-    def _executor_backend(self) -> str:
-        """"uni": one engine per process (any world size). "external_launcher": several trainer processes
-        (already started by torchrun) form one vLLM TP group; vLLM builds its groups on top of the world."""
-        return "external_launcher" if self.cfg.tensor_parallel_size > 1 else "uni"
 
     def _require_llm(self):
         if self.llm is None:
             raise UserError("rollout engine: used after close()")
-        if self._asleep:
-            raise UserError("rollout engine: generate() while asleep; call wake_up() first")
+        if self.sleeping:
+            raise UserError(f"rollout engine: generate() while {' and '.join(sorted(self.sleeping))} sleep; "
+                            "call wake_up() first")
         return self.llm
 
     # ------------------------------------------------------------------------------------------ sampling
@@ -243,13 +174,14 @@ class RolloutEngine:
             raise UserError(f"rollout generate: max_tokens must be >= 1, got {max_tokens}")
 
     def generate(self, prompt_token_ids: list[list[int]], *, n: int = 1, temperature: float = 1.0,
-                 top_p: float = 1.0, max_tokens: int = 16, stop_token_ids: Optional[list[int]] = None,
-                 seed: Optional[int] = None) -> list[list[Completion]]:
+                 top_p: float = 1.0, max_tokens: int = 16, seeds: Optional[list[int]] = None,
+                 stop_token_ids: Optional[list[int]] = None) -> list[list[Completion]]:
         """Sample ``n`` completions per prompt. Returns [num_prompts][n] :class:`Completion`.
 
-        Seeds: prompt i's samples use seed ``seed + i * n + j`` (j = sample index, vLLM adds j itself), so
-        every sample in a call has its own stream and a call is reproducible. ``temperature=0`` is greedy.
-        A response stops at ``max_tokens`` or when the prompt plus response reach ``max_model_len``.
+        Seeds: prompt i's samples use seed ``seeds[i] + j`` (j = sample index, vLLM adds j itself); the caller
+        makes them a function of the prompt's identity (rollout/service.py: seed, step, global prompt index), so
+        a sample does not depend on which engine drew it or what else was in the batch. None = unseeded.
+        ``temperature=0`` is greedy. A response stops at ``max_tokens`` or at ``max_model_len`` tokens in all.
         """
         llm = self._require_llm()
         if n < 1:
@@ -261,6 +193,8 @@ class RolloutEngine:
         if temperature == 0 and n > 1:
             raise UserError(f"rollout generate: greedy sampling (temperature 0) gives one sample; got n={n}")
         self.check_prompts(prompt_token_ids, max_tokens)
+        if seeds is not None and len(seeds) != len(prompt_token_ids):
+            raise UserError(f"rollout generate: {len(seeds)} seeds for {len(prompt_token_ids)} prompts")
         from vllm import SamplingParams
         from vllm.exceptions import VLLMValidationError
         from vllm.inputs import TokensPrompt
@@ -270,7 +204,7 @@ class RolloutEngine:
             room = self.max_model_len - len(p)
             params.append(SamplingParams(
                 n=n, temperature=temperature, top_p=top_p, max_tokens=min(max_tokens, room),
-                stop_token_ids=list(stop_token_ids or []), seed=None if seed is None else seed + i * n,
+                stop_token_ids=list(stop_token_ids or []), seed=None if seeds is None else int(seeds[i]),
                 logprobs=0, detokenize=False,
             ))
         prompts = [TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompt_token_ids]
@@ -322,21 +256,24 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------------------------------ memory
 
-    def sleep(self) -> None:
-        """Free GPU memory for training: level 1 keeps the weights in host memory and drops the KV cache.
-        No-op on CPU (vLLM's CPU worker has no sleep mode)."""
-        if self.on_gpu and self.cfg.sleep_between_steps and not self._asleep:
-            self._require_llm_for_update().sleep(level=1)
-        self._asleep = self.on_gpu and self.cfg.sleep_between_steps
+    def sleep(self, level: int) -> None:
+        """Free device memory between generations: level 1 offloads the weights to host memory and drops the KV
+        cache, level 2 drops both (the caller reloads the weights before the next generation). No-op on CPU
+        (vLLM's CPU worker has no sleep mode), where only the state is recorded."""
+        if level not in (1, 2):
+            raise ValueError(f"rollout engine sleep: level must be 1 or 2, got {level}")
+        if self.on_gpu and not self.sleeping:
+            self._require_llm_for_update().sleep(level=level)
+        self.sleeping = {"weights", "kv_cache"}
 
     def wake_up(self, tags: Optional[list[str]] = None) -> None:
-        """Re-allocate GPU memory. Around a weight update: ``wake_up(["weights"])``, update, then
-        ``wake_up(["kv_cache"])`` (see the module docstring). ``None`` wakes everything."""
-        if self.on_gpu and self._asleep:
-            # vLLM resumes scheduling only once weights and KV cache are both resident again.
-            self._asleep = not self._require_llm_for_update().wake_up(tags=tags)
-        else:
-            self._asleep = False
+        """Re-allocate device memory: ``["weights"]``, then the update, then ``["kv_cache"]`` (module docstring);
+        ``None`` wakes everything."""
+        wanted = {"weights", "kv_cache"} if tags is None else set(tags)
+        todo = sorted(wanted & self.sleeping)
+        if self.on_gpu and todo:
+            self._require_llm_for_update().wake_up(tags=todo)
+        self.sleeping -= wanted
 
     def close(self) -> None:
         """Shut the engine down and release its memory; the object cannot be used afterwards."""
@@ -344,7 +281,7 @@ class RolloutEngine:
         if llm is None:
             return
         try:
-            with _keep_default_process_group():
+            with collectives.keep_default_group():
                 llm.llm_engine.engine_core.shutdown()
         except Exception:  # best effort: the engine may not have fully started
             pass

@@ -216,14 +216,16 @@ def split_for_data_parallel(samples: Sequence[Sample], dp_size: int) -> list[lis
     return [sorted(s) for s in shards]
 
 
-def empty_micro_batch() -> MicroBatch:
-    """A one-token micro-batch with nothing to learn (loss_mask 0): lets a DP rank without data join collectives."""
-    one = torch.zeros(1, dtype=torch.long)
-    return MicroBatch(tokens=one[None], position_ids=one[None], cu_seqlens=torch.tensor([0, 1], dtype=torch.int32),
-                      targets=one.clone(), loss_mask=torch.zeros(1), advantage=torch.zeros(1),
-                      is_demo=torch.zeros(1, dtype=torch.bool), seq_index=torch.full((1,), -1),
-                      seq_num_tokens=torch.zeros(1, dtype=torch.long), old_logprob=torch.zeros(1),
-                      engine_logprob=None, num_sequences=0, max_seqlen=1)
+def empty_micro_batch(num_tokens: int = 1) -> MicroBatch:
+    """A micro-batch with nothing to learn (loss_mask 0) that lets a DP rank without data join the collectives.
+    ``num_tokens``: the layout's pad multiple (sequence parallelism splits even an empty row over TP)."""
+    zeros = torch.zeros(num_tokens, dtype=torch.long)
+    return MicroBatch(tokens=zeros[None], position_ids=torch.arange(num_tokens)[None],
+                      cu_seqlens=torch.tensor([0, num_tokens], dtype=torch.int32), targets=zeros.clone(),
+                      loss_mask=torch.zeros(num_tokens), advantage=torch.zeros(num_tokens),
+                      is_demo=torch.zeros(num_tokens, dtype=torch.bool), seq_index=torch.full((num_tokens,), -1),
+                      seq_num_tokens=torch.zeros(num_tokens, dtype=torch.long), old_logprob=torch.zeros(num_tokens),
+                      engine_logprob=None, num_sequences=0, max_seqlen=num_tokens)
 
 
 def block_causal_mask(cu_seqlens: torch.Tensor, num_tokens: int, device=None) -> torch.Tensor:

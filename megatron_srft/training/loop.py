@@ -1,16 +1,19 @@
 """The SRFT training loop. It reads like the algorithm:
 
     for each step:
-        prompts  = sample_prompts(step)                 # this DP rank's share, a pure function of (seed, step)
-        rollouts = generate_rollouts(prompts)           # vLLM, on the model-parallel group's leader
-        rewards  = score(rollouts)                      # verifier in worker processes, with timeouts
-        samples  = build_groups(prompts, rollouts, rewards)   # + demonstrations, group advantages
-        attach_old_logprobs(samples)                    # pi_old for the PPO ratio, and engine mismatch
-        for minibatch in split(samples): update(minibatch)
-        sync_weights()                                  # Megatron shards -> vLLM
-        log / evaluate / checkpoint
+        problems = the step's prompts                   # a pure function of (seed, step); replica-major
+        batch    = rollouts(problems)                   # every engine generates its share; verifier rewards
+        samples  = build_groups(batch)                  # + demonstrations, group-normalised advantages
+        minibatches = split(samples)                    # whole groups, packed micro-batches
+        attach_old_logprobs(minibatches)                # pi_old only where it carries information
+        for minibatch in minibatches: update(minibatch) # the policy's version moves on
+        log / checkpoint / evaluate
+    checkpoint, evaluate, export
 
-Every random choice is a function of (seed, step) so a resumed run repeats the uninterrupted one exactly.
+Who generates, weight sync and the GPU memory dance belong to the rollout service (rollout/service.py): the loop
+asks for "rollouts for these prompts" and "evaluate these problems", and the service brings the engines up to
+the policy's version first. Every random choice is a function of (seed, step), so a resumed run repeats the
+uninterrupted one exactly.
 """
 
 from __future__ import annotations
@@ -21,14 +24,22 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from ..config import ConfigError, SRFTConfig, to_dict
+from ..config import SRFTConfig, to_dict
+from ..distributed import collectives
 from ..distributed.groups import ParallelGroups
+from ..errors import ConfigError, SrftError
+
+if TYPE_CHECKING:
+    from ..models.builder import ModelHandle
+
+
+class TrainingError(SrftError):
+    """The run cannot continue (e.g. too many consecutive non-finite updates); one line naming the step."""
 
 
 # --------------------------------------------------------------------------------------------- state
@@ -36,20 +47,31 @@ from ..distributed.groups import ParallelGroups
 
 @dataclass
 class Policy:
-    """The trained model and everything that moves with it."""
+    """The trained model and everything that moves with it. Also the rollout service's weight source."""
 
-    handle: object  # models.builder.ModelHandle
-    optimizer: object
-    tokenizer: object
-    model_dir: Path  # HF config + tokenizer (and initial weights) that the rollout engine starts from
+    handle: "ModelHandle"
+    optimizer: object  # megatron.core.optimizer.MegatronOptimizer (or ChainedOptimizer)
+    tokenizer: object  # a Hugging Face tokenizer
+    model_dir: Path  # HF config + tokenizer (and initial weights) that the rollout engines start from
+    groups: ParallelGroups
+    version: int = 0  # optimizer steps applied; the rollout service re-syncs engines when it changes
 
     @property
-    def chunks(self):
+    def chunks(self) -> list:
         return self.handle.chunks
 
     @property
     def vocab_size(self) -> int:
         return self.handle.arch.vocab_size
+
+    def export(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, full tensor) of the current weights; a collective every rank iterates in lockstep."""
+        from ..models.mapping import export_hf_weights
+        from .step import sync_parameters
+
+        sync_parameters(self.chunks)
+        with torch.no_grad():
+            yield from export_hf_weights(self.chunks, self.handle.arch, self.groups)
 
 
 @dataclass
@@ -57,31 +79,31 @@ class Problems:
     train: list  # list[data.dataset.TokenizedProblem]
     eval: list
     num_filtered: int = 0
+    num_eval_filtered: int = 0
 
 
 # --------------------------------------------------------------------------------------------- set-up
 
 
 def build_policy(cfg: SRFTConfig, groups: ParallelGroups) -> Policy:
+    from ..checkpoint.loading import load_initial_weights
     from ..data.templates import load_tokenizer
     from ..distributed.layout import validate_layout
     from ..models.arch import load_arch
     from ..models.builder import build_model, build_optimizer
-    from ..checkpoint.loading import load_initial_weights
 
     model_dir = Path(cfg.model.path)
     if not cfg.model.path or not model_dir.is_dir():
         raise ConfigError(f"model.path: {cfg.model.path!r} is not a directory (an HF model or a converted checkpoint)")
     arch = load_arch(model_dir)
-    # Every layout rule against the model's shapes, before anything is built: sequence lengths vs the model's
-    # positions and the micro-batch budget, rollout TP vs heads, TP/PP vs heads and layers.
-    validate_layout(cfg, arch, groups.world_size)
+    # Every layout rule against the world and the model's shapes, once, before anything is built.
+    validate_layout(cfg, groups.world_size, arch)
     handle = build_model(arch, cfg.model, cfg.parallel)
     load_initial_weights(handle, model_dir, groups)
     # After the weights: the optimizer copies its fp32 master weights from the model when it is built.
     optimizer = build_optimizer(handle, cfg.optimizer, cfg.model, cfg.parallel)
     tokenizer = load_tokenizer(model_dir)
-    return Policy(handle=handle, optimizer=optimizer, tokenizer=tokenizer, model_dir=model_dir)
+    return Policy(handle=handle, optimizer=optimizer, tokenizer=tokenizer, model_dir=model_dir, groups=groups)
 
 
 def load_problems_for(cfg: SRFTConfig, tokenizer, *, need_demos: bool) -> Problems:
@@ -102,12 +124,29 @@ def load_problems_for(cfg: SRFTConfig, tokenizer, *, need_demos: bool) -> Proble
     train, dropped = load(cfg.data.train_files, need_demos)
     if not train:
         raise ConfigError(f"data.train_files: no usable problems after length filters ({dropped} dropped)")
-    evals, _ = load(cfg.data.eval_files, False)
-    return Problems(train=train, eval=evals, num_filtered=dropped)
+    evals, eval_dropped = load(cfg.data.eval_files, False)
+    if cfg.data.eval_files and not evals:
+        raise ConfigError(f"data.eval_files: no usable problems after length filters ({eval_dropped} dropped)")
+    return Problems(train=train, eval=evals, num_filtered=dropped, num_eval_filtered=eval_dropped)
+
+
+def check_eval_settings(cfg: SRFTConfig) -> None:
+    """Evaluation settings are checked at start-up, not at the first evaluation hours later."""
+    t = cfg.train
+    if t.eval_n_samples < 1:
+        raise ConfigError(f"train.eval_n_samples: expected >= 1, got {t.eval_n_samples}")
+    if t.eval_temperature < 0:
+        raise ConfigError(f"train.eval_temperature: expected >= 0, got {t.eval_temperature}")
+    if t.eval_temperature == 0 and t.eval_n_samples > 1:
+        raise ConfigError("train.eval_n_samples: greedy evaluation (eval_temperature 0) gives one sample per "
+                          f"problem, got {t.eval_n_samples}")
 
 
 class PromptSampler:
-    """Which problems step s uses: epoch-wise seeded permutations, a pure function of (seed, step)."""
+    """Which problems step s uses: epoch-wise seeded permutations, a pure function of (seed, step).
+
+    The step's prompts form one global list; DP replica d owns its d-th contiguous block (replica-major).
+    """
 
     def __init__(self, num_problems: int, prompts_per_step: int, *, seed: int, shuffle: bool, dp_rank: int,
                  dp_size: int) -> None:
@@ -119,13 +158,20 @@ class PromptSampler:
             return np.arange(self.num_problems)
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_problems)
 
-    def indices(self, step: int) -> list[int]:
-        """Global indices for ``step`` (1-based), then this DP rank's contiguous share."""
+    def step_indices(self, step: int) -> list[int]:
+        """Global problem indices of ``step`` (1-based), all replicas, replica-major."""
         start = (step - 1) * self.per_step
-        idx = [int(self._order((start + i) // self.num_problems)[(start + i) % self.num_problems])
-               for i in range(self.per_step)]
+        return [int(self._order((start + i) // self.num_problems)[(start + i) % self.num_problems])
+                for i in range(self.per_step)]
+
+    def replica_slice(self) -> slice:
+        """This rank's replica's block of :meth:`step_indices`."""
         share = self.per_step // self.dp_size
-        return idx[self.dp_rank * share:(self.dp_rank + 1) * share]
+        return slice(self.dp_rank * share, (self.dp_rank + 1) * share)
+
+    def indices(self, step: int) -> list[int]:
+        """This replica's problem indices for ``step``."""
+        return self.step_indices(step)[self.replica_slice()]
 
     def cursor(self, step: int) -> int:
         return step * self.per_step
@@ -134,80 +180,23 @@ class PromptSampler:
 # --------------------------------------------------------------------------------------------- the steps
 
 
-def _mp_leader(groups: ParallelGroups) -> tuple[bool, int]:
-    """The model-parallel group's rank 0 owns the rollout engine; returns (am_leader, leader's global rank)."""
-    if groups.mp_group is None or groups.world_size == 1:
-        return True, 0
-    return dist.get_rank(groups.mp_group) == 0, dist.get_global_rank(groups.mp_group, 0)
-
-
-def _broadcast_in_mp_group(obj, groups: ParallelGroups):
-    """The leader's Python object on every rank of its model-parallel group (TP x PP ranks use one batch)."""
-    if groups.world_size == 1 or groups.mp_group is None or dist.get_world_size(groups.mp_group) == 1:
-        return obj
-    _, src = _mp_leader(groups)
-    box = [obj]
-    dist.broadcast_object_list(box, src=src, group=groups.mp_group)
-    return box[0]
-
-
-def generate_rollouts(engine, problems: list, cfg: SRFTConfig, step: int, groups: ParallelGroups,
-                      num_rollouts: int) -> list:
-    """G completions per problem from the engine (leader only), shared with the model-parallel group."""
-    out = None
-    if engine is not None and num_rollouts > 0:
-        seed = cfg.rollout.seed + 1_000_003 * step + 7919 * groups.dp_rank
-        out = engine.generate([p.prompt_ids for p in problems], n=num_rollouts, temperature=cfg.rollout.temperature,
-                              top_p=cfg.rollout.top_p,
-                              max_tokens=cfg.rollout.max_tokens or cfg.data.max_response_length,
-                              stop_token_ids=None, seed=seed)
-        out = [[(list(c.token_ids), list(c.logprobs) if c.logprobs is not None else None, c.finish_reason)
-                for c in comps] for comps in out]
-    return _broadcast_in_mp_group(out, groups) if num_rollouts > 0 else [[] for _ in problems]
-
-
-def score_rollouts(pool, tokenizer, problems: list, rollouts: list, groups: ParallelGroups,
-                   num_demos: int) -> tuple[list, list, int]:
-    """Rewards for every rollout and every demo (the demo is scored by the same verifier). Leader only."""
-    am_leader, _ = _mp_leader(groups)
-    result = None
-    if am_leader:
-        texts, answers = [], []
-        for p, comps in zip(problems, rollouts):
-            for ids, _, _ in comps:
-                texts.append(tokenizer.decode(ids, skip_special_tokens=True))
-                answers.append(p.answer)
-            for _ in range(num_demos):
-                texts.append(tokenizer.decode(p.demo_ids, skip_special_tokens=True))
-                answers.append(p.answer)
-        scores, num_timeouts = pool.score(texts, answers) if texts else ([], 0)
-        roll_r, demo_r, i = [], [], 0
-        for comps in rollouts:
-            roll_r.append(scores[i:i + len(comps)])
-            i += len(comps)
-            demo_r.append(scores[i:i + num_demos])
-            i += num_demos
-        result = (roll_r, demo_r, num_timeouts)
-    return _broadcast_in_mp_group(result, groups)
-
-
-def build_groups(problems: list, rollouts: list, rollout_rewards: list, demo_rewards: list, settings,
-                 group_offset: int) -> tuple[list, dict]:
-    """Samples of the augmented groups (rollouts + demos) with group-normalised advantages."""
+def build_groups(problems: list, scored: list, settings, group_offset: int) -> tuple[list, dict]:
+    """Samples of the augmented groups (rollouts + demos) with group-normalised advantages, and their metrics as
+    (sum, count) pairs. ``scored[i]``: problem i's ScoredPrompt (completions, rewards, demo rewards)."""
     from ..algorithms.advantages import group_advantages
     from .batch import Sample
 
     samples, rewards, group_ids = [], [], []
-    for g, (p, comps, rr, dr) in enumerate(zip(problems, rollouts, rollout_rewards, demo_rewards)):
+    for g, (p, sp) in enumerate(zip(problems, scored)):
         gid = group_offset + g
-        for (ids, engine_lp, _), r in zip(comps, rr):
-            if not ids:
+        for c, r in zip(sp.completions, sp.rewards):
+            if not c.token_ids:
                 continue  # an empty completion has no token to learn from
-            samples.append(Sample(prompt_ids=list(p.prompt_ids), response_ids=list(ids), advantage=0.0,
-                                  is_demo=False, group=gid, reward=float(r), engine_logprobs=engine_lp))
+            samples.append(Sample(prompt_ids=list(p.prompt_ids), response_ids=list(c.token_ids), advantage=0.0,
+                                  is_demo=False, group=gid, reward=float(r), engine_logprobs=list(c.logprobs)))
             rewards.append(float(r))
             group_ids.append(gid)
-        for r in dr:
+        for r in sp.demo_rewards:
             samples.append(Sample(prompt_ids=list(p.prompt_ids), response_ids=list(p.demo_ids), advantage=0.0,
                                   is_demo=True, group=gid, reward=float(r)))
             rewards.append(float(r))
@@ -224,36 +213,67 @@ def build_groups(problems: list, rollouts: list, rollout_rewards: list, demo_rew
         for i, a in zip(members, adv.tolist()):
             samples[i].advantage = a
     roll = [s for s in samples if not s.is_demo]
+    demos = [s for s in samples if s.is_demo]
     per_group: dict[int, list[float]] = {}
     for s in samples:
         per_group.setdefault(s.group, []).append(s.reward)
     stats = {
-        "reward/sum": (sum(s.reward for s in roll), len(roll)),
+        "reward/mean": (sum(s.reward for s in roll), len(roll)),
         "accuracy/rollout": (sum(s.reward > 0.5 for s in roll), len(roll)),
-        "accuracy/demo": (sum(s.reward > 0.5 for s in samples if s.is_demo), sum(s.is_demo for s in samples)),
+        "accuracy/demo": (sum(s.reward > 0.5 for s in demos), len(demos)),
         "response/length_mean": (sum(len(s.response_ids) for s in roll), len(roll)),
+        "response/truncated_fraction": (sum(c.finish_reason == "length" for sp in scored for c in sp.completions),
+                                        sum(len(sp.completions) for sp in scored)),
         "groups/all_equal_fraction": (sum(len(set(v)) == 1 for v in per_group.values()), len(per_group)),
     }
     return samples, stats
 
 
-def attach_old_logprobs(policy: Policy, minibatches: list, groups: ParallelGroups) -> dict:
-    """pi_old on every response token (before any update of this step), and engine/trainer mismatch."""
+def reduce_stats(stats: dict, groups: ParallelGroups) -> dict[str, float]:
+    """(sum, count) pairs -> values over all DP ranks, through the one metric reduction (algorithms/metrics.py)."""
+    from ..algorithms.metrics import all_reduce_metrics, finalize
+
+    sums = {k: (torch.tensor(float(s)), torch.tensor(float(c))) for k, (s, c) in stats.items()}
+    return finalize(all_reduce_metrics(sums, groups.dp_group if groups.dp_size > 1 else None))
+
+
+def split_minibatches(samples: list, num_minibatches: int, micro_batch_tokens: int, packing: bool,
+                      pad_to_multiple: int = 1) -> list:
+    """Groups stay whole; each minibatch is packed into micro-batches, every one padded to ``pad_to_multiple``
+    tokens (distributed.layout.token_pad_multiple): [(micro_batches, samples), ...]."""
+    from .batch import pack_micro_batches
+
+    by_group: dict[int, list] = {}
+    for s in samples:
+        by_group.setdefault(s.group, []).append(s)
+    gids = sorted(by_group)
+    per = max(1, math.ceil(len(gids) / num_minibatches))
+    out = []
+    for i in range(0, len(gids), per):
+        ss = [s for g in gids[i:i + per] for s in by_group[g]]
+        out.append((pack_micro_batches(ss, micro_batch_tokens, packing=packing, pad_to_multiple=pad_to_multiple),
+                    ss))
+    return out
+
+
+def attach_old_logprobs(policy: Policy, minibatches: list, settings) -> None:
+    """pi_old on every rollout token, computed where it carries information.
+
+    The first mini-batch is trained before any update of this rollout batch, so its pi_old is its own training
+    forward's log-prob, detached (``old_logprob = None``; training/step.py token_batch): no extra pass, and with
+    one optimizer step per rollout batch none at all. Later mini-batches need the pre-update policy: one
+    forward-only pass over them, now. Presets without rollouts have no ratio to compute: no pass.
+    """
     from .step import forward_logprobs
 
-    diff_sum, diff_max, n = 0.0, 0.0, 0
-    for mbs, _samples in minibatches:
-        outs = forward_logprobs(policy.chunks, mbs, groups, policy.vocab_size)
-        for mb, (lp, _ent) in zip(mbs, outs):
-            mb.old_logprob = lp.detach()
-            if mb.engine_logprob is not None:
-                mask = mb.loss_mask.bool() & ~mb.is_demo.bool()
-                if mask.any():
-                    d = (mb.engine_logprob[mask] - lp.detach()[mask]).abs()
-                    diff_sum += float(d.sum())
-                    diff_max = max(diff_max, float(d.max()))
-                    n += int(mask.sum())
-    return {"mismatch/mean_abs": (diff_sum, n), "mismatch/max_abs_max": (diff_max, 1)}
+    for mbs, _ in minibatches[:1]:
+        for mb in mbs:
+            mb.old_logprob = None
+    if not settings.use_rollouts:
+        return
+    later = [mb for mbs, _ in minibatches[1:] for mb in mbs]
+    for mb, (lp, _ent) in zip(later, forward_logprobs(policy.chunks, later, policy.groups, policy.vocab_size)):
+        mb.old_logprob = lp.detach()
 
 
 def lr_at(cfg: SRFTConfig, opt_step: int, total_opt_steps: int) -> float:
@@ -268,8 +288,8 @@ def lr_at(cfg: SRFTConfig, opt_step: int, total_opt_steps: int) -> float:
     return o.min_lr + (o.lr - o.min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
-def update_policy(policy: Policy, minibatches: list, settings, cfg: SRFTConfig, groups: ParallelGroups,
-                  step: int) -> dict:
+def update_policy(policy: Policy, minibatches: list, settings, cfg: SRFTConfig, step: int) -> dict:
+    """One optimizer step per mini-batch; the policy's version moves on with every applied step."""
     from .step import train_minibatch
 
     num_mb = len(minibatches)
@@ -279,85 +299,25 @@ def update_policy(policy: Policy, minibatches: list, settings, cfg: SRFTConfig, 
         lr = lr_at(cfg, (step - 1) * num_mb + i, total)
         for g in policy.optimizer.param_groups:
             g["lr"] = lr
-        out = train_minibatch(policy.chunks, policy.optimizer, mbs, settings, groups, policy.vocab_size)
+        out = train_minibatch(policy.chunks, policy.optimizer, mbs, settings, policy.groups, policy.vocab_size)
+        if not out["num_skipped"]:
+            policy.version += 1
         for k, v in out.items():
             merged.setdefault(_metric_name(k), []).append(float(v))
         merged.setdefault("optim/lr", []).append(lr)
-    return {k: (max(v) if k.endswith("_max") else sum(v) / len(v)) for k, v in merged.items()}
+    result = {k: (max(v) if k.endswith("_max") else sum(v) / len(v)) for k, v in merged.items()}
+    result["optim/num_skipped"] = sum(merged.get("optim/num_skipped", [0.0]))
+    return result
 
 
 def _metric_name(key: str) -> str:
     """The loss adapter's flat names -> the run's namespaced metric names (loss_sft -> loss/sft, ...)."""
-    for prefix, space in (("loss_", "loss/"), ("entropy_", "entropy/"), ("w_", "weight/")):
+    for prefix, space in (("loss_", "loss/"), ("entropy_", "entropy/"), ("w_", "weight/"),
+                          ("mismatch_", "mismatch/")):
         if key.startswith(prefix):
             return space + key[len(prefix):]
-    return {"loss": "loss/minibatch", "grad_norm": "optim/grad_norm"}.get(key, f"train/{key}")
-
-
-def reduce_stats(stats: dict, groups: ParallelGroups) -> dict[str, float]:
-    """(sum, count) pairs -> means over all DP ranks (``*_max`` keys -> max)."""
-    keys = sorted(stats)
-    if not keys:
-        return {}
-    sums = torch.tensor([float(stats[k][0]) for k in keys], dtype=torch.float64)
-    counts = torch.tensor([float(stats[k][1]) for k in keys], dtype=torch.float64)
-    if groups.dp_size > 1:
-        is_max = torch.tensor([k.endswith("_max") for k in keys])
-        maxes = torch.where(is_max, sums, torch.full_like(sums, -math.inf))
-        sums = torch.where(is_max, torch.zeros_like(sums), sums)
-        dist.all_reduce(sums, group=groups.dp_group)
-        dist.all_reduce(counts, group=groups.dp_group)
-        dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=groups.dp_group)
-        sums = torch.where(is_max, maxes, sums)
-    out = {}
-    for k, s, c in zip(keys, sums.tolist(), counts.tolist()):
-        name = k[:-4] if k.endswith("_max") and k.startswith("mismatch/") else k
-        if k.endswith("_max"):
-            out[name] = s if c > 0 else float("nan")
-        else:
-            out[k.replace("/sum", "/mean")] = s / c if c > 0 else float("nan")
-    return out
-
-
-def split_minibatches(samples: list, num_minibatches: int, micro_batch_tokens: int, packing: bool) -> list:
-    """Groups stay whole; each minibatch is packed into micro-batches: [(micro_batches, samples), ...]."""
-    from .batch import pack_micro_batches
-
-    by_group: dict[int, list] = {}
-    for s in samples:
-        by_group.setdefault(s.group, []).append(s)
-    gids = sorted(by_group)
-    per = max(1, math.ceil(len(gids) / num_minibatches))
-    out = []
-    for i in range(0, len(gids), per):
-        ss = [s for g in gids[i:i + per] for s in by_group[g]]
-        out.append((pack_micro_batches(ss, micro_batch_tokens, packing=packing), ss))
-    return out
-
-
-# --------------------------------------------------------------------------------------------- evaluation
-
-
-def evaluate_policy(engine, pool, tokenizer, problems: list, cfg: SRFTConfig, groups: ParallelGroups) -> dict:
-    """Greedy (or sampled) accuracy on held-out problems, on the global rank 0's engine."""
-    result = {}
-    if groups.rank == 0 and engine is not None and problems:
-        n = cfg.train.eval_n_samples
-        outs = engine.generate([p.prompt_ids for p in problems], n=n, temperature=cfg.train.eval_temperature,
-                               top_p=1.0, max_tokens=cfg.rollout.max_tokens or cfg.data.max_response_length,
-                               stop_token_ids=None, seed=cfg.rollout.seed)
-        texts, answers = [], []
-        for p, comps in zip(problems, outs):
-            for c in comps:
-                texts.append(tokenizer.decode(list(c.token_ids), skip_special_tokens=True))
-                answers.append(p.answer)
-        scores, _ = pool.score(texts, answers)
-        result = {"eval/accuracy": float(np.mean([s > 0.5 for s in scores])) if scores else float("nan")}
-    if groups.world_size > 1:
-        box = [result]
-        dist.broadcast_object_list(box, src=0)
-        result = box[0]
-    return result
+    return {"loss": "loss/minibatch", "grad_norm": "optim/grad_norm",
+            "num_skipped": "optim/num_skipped"}.get(key, f"train/{key}")
 
 
 # --------------------------------------------------------------------------------------------- the loop
@@ -378,25 +338,42 @@ class _StopFlag:
     def _handler(self, signum, frame) -> None:
         self.requested = True
 
-    def agreed(self, groups: ParallelGroups) -> bool:
-        if groups.world_size == 1:
-            return self.requested
-        t = torch.tensor([1.0 if self.requested else 0.0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+    def agreed(self) -> bool:
+        """True on every rank once any rank received the signal (a collective)."""
+        return collectives.agree(self.requested)
 
 
-def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_after: Optional[int] = None) -> dict:
-    """Run training; returns the last step's metrics. ``stop_after`` ends early (tests of resume/kill)."""
-    from ..distributed import groups as parallel
+def _startup_summary(cfg: SRFTConfig, groups: ParallelGroups, problems: Problems, service, pad_multiple: int) -> str:
+    p = cfg.parallel
+    lines = [
+        f"[srft] {len(problems.train)} training problems ({problems.num_filtered} dropped by the length filters), "
+        f"{len(problems.eval)} eval problems ({problems.num_eval_filtered} dropped); preset {cfg.algorithm.preset}",
+        f"[srft] world {groups.world_size}: TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size}"
+        f" x DP {groups.dp_size}{' + SP' if p.sequence_parallel else ''}; micro-batch {cfg.train.micro_batch_tokens} "
+        f"tokens (padded to multiples of {pad_multiple})",
+        f"[srft] rollouts: {service.placement.num_engines} engine(s) of rollout TP {cfg.rollout.tensor_parallel_size}"
+        f"{'' if service.engine is not None else ' (no generation: verifier only)'}; sleep level "
+        f"{cfg.rollout.sleep_level}",
+    ]
+    return "\n".join(lines)
+
+
+def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_after: Optional[int] = None,
+          engine_factory=None) -> dict:
+    """Run training; returns the last step's metrics. ``stop_after`` ends early (tests of resume/kill);
+    ``engine_factory`` builds the rollout engines (tests wrap the real one)."""
     from ..algorithms.presets import resolve
     from ..checkpoint.training_state import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
     from ..data.templates import THINKING_TEMPLATES
-    from ..rewards import RewardPool
+    from ..distributed.groups import init_distributed
+    from ..distributed.layout import token_pad_multiple
+    from ..rollout.service import RolloutService
     from .metrics import MetricsLogger, PhaseTimer
+    from .step import sync_parameters
 
-    groups = groups or parallel.init_distributed(cfg.parallel, seed=cfg.train.seed)
-    cfg.validate(groups.world_size)
+    groups = groups or init_distributed(cfg.parallel, seed=cfg.train.seed)
+    cfg.validate()
+    check_eval_settings(cfg)
     settings = resolve(cfg.algorithm)
     if cfg.rollout.tis_cap is not None:
         settings = dataclasses.replace(settings, tis_cap=cfg.rollout.tis_cap)
@@ -404,6 +381,8 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
     problems = load_problems_for(cfg, policy.tokenizer, need_demos=settings.num_demos > 0)
     sampler = PromptSampler(len(problems.train), cfg.train.prompts_per_step, seed=cfg.data.seed,
                             shuffle=cfg.data.shuffle, dp_rank=groups.dp_rank, dp_size=groups.dp_size)
+    pad_multiple = token_pad_multiple(cfg.parallel.sequence_parallel, cfg.parallel.tensor_model_parallel_size,
+                                      cfg.model.fp8 is not None)
     run_dir = Path(cfg.run_dir)
     logger = MetricsLogger(run_dir, enabled=groups.is_logging_rank, total_steps=cfg.train.num_steps,
                            tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar,
@@ -414,113 +393,88 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
         raise ConfigError(f"checkpoint.resume: 'must' but no complete checkpoint in {run_dir / 'checkpoints'}")
     if ckpt is not None:
         start_step = load_training_checkpoint(ckpt, policy.chunks, policy.optimizer, rank=groups.rank).step
+        policy.version = start_step  # any value that differs from the engines' (they start with dummy weights)
     # A fresh start begins a fresh metrics.jsonl; a resume drops the lines of steps after its checkpoint.
     logger.truncate_after(start_step if ckpt is not None else -1)
     if groups.is_logging_rank:
-        print(f"[srft] {len(problems.train)} training problems ({problems.num_filtered} dropped by the length "
-              f"filters), {len(problems.eval)} eval problems; preset {cfg.algorithm.preset}", flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(to_dict(cfg), sort_keys=False))
 
-    am_leader, _ = _mp_leader(groups)
     need_engine = settings.use_rollouts or bool(problems.eval)
-    # vLLM creates its process groups with torch.distributed.new_group, a collective over the whole world:
-    # every rank builds its engine in lockstep. Only the model-parallel leader's engine receives weights and
-    # generates; the others stay idle (on GPU the engines form rollout-TP groups instead, docs/rollout.md).
-    engine = _make_engine(cfg, policy, groups) if need_engine else None
-    if engine is not None and not am_leader:
-        engine.sleep()
-    rollout_engine = engine if am_leader else None
+    num_rollouts = cfg.rollout.num_rollouts_per_prompt if settings.use_rollouts else 0
     stop = _StopFlag(cfg.checkpoint.save_on_signal)
     metrics: dict = {}
     num_minibatches = cfg.train.prompts_per_step // cfg.train.prompts_per_minibatch
     meta = {"params_dtype": cfg.model.params_dtype, "config": to_dict(cfg)}
-    with RewardPool(cfg.train.reward, timeout_s=cfg.train.reward_timeout_s, num_workers=cfg.train.reward_workers,
-                    require_think=cfg.data.template in THINKING_TEMPLATES) if am_leader else _NullPool() as pool:
-        if need_engine:
-            sync_weights_to_engine(policy, rollout_engine, groups, cfg)
+    completed = start_step == cfg.train.num_steps
+    consecutive_skips = 0
+
+    def save(step: int) -> None:
+        sync_parameters(policy.chunks)  # every shard current before it is written
+        save_training_checkpoint(run_dir, step, policy.chunks, policy.optimizer, data_cursor=sampler.cursor(step),
+                                 metadata=meta, keep_last=cfg.checkpoint.keep_last, rank=groups.rank,
+                                 arch=policy.handle.arch)
+
+    def evaluate() -> dict:
+        out, _ = rollouts.evaluate(problems.eval, n_samples=cfg.train.eval_n_samples,
+                                   temperature=cfg.train.eval_temperature)
+        return out
+
+    with RolloutService(cfg, groups, str(policy.model_dir), policy.tokenizer, policy, need_engine=need_engine,
+                        max_position_embeddings=policy.handle.arch.max_position_embeddings,
+                        require_think=cfg.data.template in THINKING_TEMPLATES,
+                        engine_factory=engine_factory) as rollouts:
+        if groups.is_logging_rank:
+            print(_startup_summary(cfg, groups, problems, rollouts, pad_multiple), flush=True)
         if start_step == 0 and problems.eval and cfg.train.eval_every:
-            metrics = evaluate_policy(rollout_engine, pool, policy.tokenizer, problems.eval, cfg, groups)
+            metrics = evaluate()
             logger.log(0, metrics)
         for step in range(start_step + 1, cfg.train.num_steps + 1):
             timer = PhaseTimer()
             t0 = time.perf_counter()
-            batch = [problems.train[i] for i in sampler.indices(step)]
+            step_problems = [problems.train[i] for i in sampler.step_indices(step)]
             with timer("rollout"):
-                rollouts = generate_rollouts(rollout_engine, batch, cfg, step, groups,
-                                             cfg.rollout.num_rollouts_per_prompt if settings.use_rollouts else 0)
-            with timer("reward"):
-                roll_r, demo_r, num_timeouts = score_rollouts(pool, policy.tokenizer, batch, rollouts, groups,
-                                                              settings.num_demos)
-            samples, stats = build_groups(batch, rollouts, roll_r, demo_r, settings,
-                                          group_offset=groups.dp_rank * len(batch))
-            stats["reward/timeouts_max"] = (float(num_timeouts), 1)
+                batch = rollouts.rollouts(step_problems, step, num_rollouts=num_rollouts,
+                                          num_demos=settings.num_demos, replica_slice=sampler.replica_slice())
+            mine = step_problems[sampler.replica_slice()]
+            samples, stats = build_groups(mine, batch.prompts, settings, group_offset=groups.dp_rank * len(mine))
             minibatches = split_minibatches(samples, num_minibatches, cfg.train.micro_batch_tokens,
-                                            cfg.train.sequence_packing)
+                                            cfg.train.sequence_packing, pad_multiple)
             with timer("old_logprob"):
-                stats.update(attach_old_logprobs(policy, minibatches, groups))
+                attach_old_logprobs(policy, minibatches, settings)
             with timer("train"):
-                train_metrics = update_policy(policy, minibatches, settings, cfg, groups, step)
-            with timer("sync"):
-                if need_engine:
-                    sync_weights_to_engine(policy, rollout_engine, groups, cfg)
-            metrics = {**reduce_stats(stats, groups), **train_metrics, **timer.as_metrics()}
+                train_metrics = update_policy(policy, minibatches, settings, cfg, step)
+            metrics = {**reduce_stats(stats, groups), **batch.metrics, **train_metrics, **timer.as_metrics()}
             num_tokens = sum(s.num_tokens for s in samples)
             metrics["perf/tokens_per_s"] = num_tokens * groups.dp_size / max(time.perf_counter() - t0, 1e-9)
-            if problems.eval and ((cfg.train.eval_every and step % cfg.train.eval_every == 0)
-                                  or step == cfg.train.num_steps):
-                with timer("eval"):
-                    metrics.update(evaluate_policy(rollout_engine, pool, policy.tokenizer, problems.eval, cfg, groups))
             metrics["time/step"] = time.perf_counter() - t0
             logger.log(step, metrics)
+            skipped = train_metrics["optim/num_skipped"] > 0
+            consecutive_skips = consecutive_skips + 1 if skipped else 0
+            if consecutive_skips >= cfg.train.max_consecutive_skips:
+                raise TrainingError(f"step {step}: {consecutive_skips} consecutive steps had a non-finite loss or "
+                                    f"gradient and were skipped (train.max_consecutive_skips); the last checkpoint "
+                                    f"is {latest_checkpoint(run_dir)}")
             last = step == cfg.train.num_steps
-            stopping = stop.agreed(groups)
-            if last or stopping or (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0):
-                save_training_checkpoint(run_dir, step, policy.chunks, policy.optimizer,
-                                         data_cursor=sampler.cursor(step), metadata=meta,
-                                         keep_last=cfg.checkpoint.keep_last, rank=groups.rank,
-                                         arch=policy.handle.arch)
+            stopping = stop.agreed()
+            # Save, then evaluate: a failing evaluation never costs the step. A step whose update was skipped is
+            # not checkpointed on schedule (the next good step is), only when the run ends.
+            due = cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and not skipped
+            if last or stopping or due:
+                save(step)
             if stopping or (stop_after is not None and step >= stop_after):
                 break
-        if cfg.checkpoint.export_hf:
+            if problems.eval and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or last):
+                with timer("eval"):
+                    eval_metrics = evaluate()
+                metrics.update(eval_metrics)
+                logger.log(step, {**eval_metrics, "time/eval": timer.seconds["eval"]})
+            completed = last
+        # The final export runs only after the last step (never inside a pre-emption's shutdown window).
+        if completed and cfg.checkpoint.export_hf:
             export_final_hf(policy, groups, run_dir / "hf", cfg.model.params_dtype)
     logger.close()
-    if engine is not None:
-        engine.close()
     return metrics
-
-
-class _NullPool:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _make_engine(cfg: SRFTConfig, policy: Policy, groups: ParallelGroups):
-    from ..rollout.vllm_engine import RolloutEngine
-
-    dtype = cfg.rollout.dtype if cfg.rollout.dtype != "auto" else cfg.model.params_dtype
-    max_len = cfg.rollout.max_model_len or (cfg.data.max_prompt_length + cfg.data.max_response_length)
-    # Dummy weights: the first sync (right after start-up) brings the trainer's, so a converted Megatron
-    # checkpoint (config + tokenizer, no safetensors) starts an engine just as well as an HF directory.
-    return RolloutEngine(cfg.rollout, str(policy.model_dir), dtype=dtype, seed=cfg.rollout.seed, max_model_len=max_len,
-                         load_format="dummy")
-
-
-def sync_weights_to_engine(policy: Policy, engine, groups: ParallelGroups, cfg: SRFTConfig) -> dict:
-    """Collective over all ranks: gather each tensor; the leader's engine loads it, the other ranks only take
-    part in the gathers (their copy is dropped at once)."""
-    from ..models.mapping import export_hf_weights
-    from ..rollout.sync import sync_weights
-
-    if engine is not None:
-        return sync_weights(policy.chunks, policy.handle.arch, groups, engine, cfg.rollout.sync_bucket_mb)
-    with torch.no_grad():
-        for _ in export_hf_weights(policy.chunks, policy.handle.arch, groups):
-            pass
-    return {}
 
 
 def export_final_hf(policy: Policy, groups: ParallelGroups, out_dir: Path, params_dtype: str) -> None:
@@ -533,24 +487,21 @@ def export_final_hf(policy: Policy, groups: ParallelGroups, out_dir: Path, param
     from ..checkpoint.atomic import replace_dir
     from ..checkpoint.convert import copy_side_files, write_safetensors
     from ..models.builder import torch_dtype
-    from ..models.mapping import export_hf_weights
 
     dtype = torch_dtype(params_dtype)
-    with torch.no_grad():
-        items = export_hf_weights(policy.chunks, policy.handle.arch, groups)
-        if groups.rank == 0:
-            tmp = out_dir.parent / f".{out_dir.name}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            write_safetensors(((n, t.to(dtype)) for n, t in items), tmp, 2 << 30)
-            hf_cfg = dict(policy.handle.arch.hf_config)
-            hf_cfg.pop("torch_dtype", None)
-            hf_cfg["dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[params_dtype]
-            (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-            copy_side_files(policy.model_dir, tmp)
-            replace_dir(tmp, out_dir)
-        else:
-            for _ in items:
-                pass
-    if groups.world_size > 1:
-        dist.barrier()
+    items = policy.export()  # parameters made current first (overlapped param gather)
+    if groups.rank == 0:
+        tmp = out_dir.parent / f".{out_dir.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write_safetensors(((n, t.to(dtype)) for n, t in items), tmp, 2 << 30)
+        hf_cfg = dict(policy.handle.arch.hf_config)
+        hf_cfg.pop("torch_dtype", None)
+        hf_cfg["dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[params_dtype]
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        copy_side_files(policy.model_dir, tmp)
+        replace_dir(tmp, out_dir)
+    else:
+        for _ in items:
+            pass
+    collectives.barrier()

@@ -31,18 +31,29 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
+from ..distributed import collectives
 from ..distributed.groups import ParallelGroups
 from .batch import MicroBatch, empty_micro_batch, model_forward
 
-__all__ = ["compute_normalizers", "forward_logprobs", "train_minibatch", "token_batch", "configure_schedule"]
+__all__ = ["compute_normalizers", "forward_logprobs", "train_minibatch", "token_batch", "configure_schedule",
+           "sync_parameters"]
 
 
-def _all_reduce_sum(t: torch.Tensor, group, size: int) -> torch.Tensor:
-    if size > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return t
+def sync_parameters(chunks: list) -> None:
+    """Make every parameter current on this rank before anything reads it outside a training forward.
+
+    With the distributed optimizer each DP rank updates only its shard; the all-gather that completes the others is
+    issued by ``optimizer.step()`` or, with ``overlap_param_gather``, deferred to the forward pre-hooks of the next
+    TRAINING forward (and only after ``zero_grad_buffer``). A weight sync, an evaluation, the old-log-prob forward,
+    a checkpoint or an HF export in between would read other ranks' shards one step old. A forced, synchronous
+    all-gather (Megatron's ``start_param_sync(force_sync=True)``: it waits for an in-flight gather or issues one)
+    closes that gap; without overlap it is a no-op.
+    """
+    for c in chunks:
+        ddp_config = getattr(c, "ddp_config", None)
+        if ddp_config is not None and ddp_config.overlap_param_gather and ddp_config.use_distributed_optimizer:
+            c.start_param_sync(force_sync=True)
 
 
 def compute_normalizers(micro_batches: Sequence[MicroBatch], settings, groups: ParallelGroups,
@@ -63,7 +74,7 @@ def compute_normalizers(micro_batches: Sequence[MicroBatch], settings, groups: P
         counts[1] += float(mb.num_sequences)
         if entropies is not None:
             counts[2] += float(torch.where(mask, entropies[i].double().cpu(), 0.0).sum())
-    counts = _all_reduce_sum(counts.to(groups.device), groups.dp_group, groups.dp_size).cpu()
+    counts = collectives.all_reduce(counts, "sum", groups.dp_group)
     num_tokens, num_sequences = float(counts[0]), float(counts[1])
     mean_entropy = float(counts[2]) / max(num_tokens, 1.0) if entropies is not None else None
     if settings is None:  # a custom loss_fn that needs only the counts
@@ -80,8 +91,11 @@ def token_batch(mb: MicroBatch, logprob: torch.Tensor, entropy: torch.Tensor):
     from ..algorithms.losses import TokenBatch
 
     dev = logprob.device
+    # No stored pi_old: this forward runs before any update of the rollout batch, so pi_old = pi_theta (detached);
+    # the ratio is exactly 1 in value and d ratio = d log pi. Saves the old-log-prob pass (training/loop.py).
+    old = logprob.detach() if mb.old_logprob is None else mb.old_logprob.to(dev)
     return TokenBatch(
-        logprob=logprob, entropy=entropy, old_logprob=mb.old_logprob.to(dev), advantage=mb.advantage.to(dev),
+        logprob=logprob, entropy=entropy, old_logprob=old, advantage=mb.advantage.to(dev),
         is_demo=mb.is_demo.to(dev), loss_mask=mb.loss_mask.to(dev), seq_index=mb.seq_index.to(dev),
         seq_num_tokens=mb.seq_num_tokens.to(dev),
         engine_logprob=None if mb.engine_logprob is None else mb.engine_logprob.to(dev),
@@ -110,6 +124,17 @@ def configure_schedule(chunks: list, optimizer=None) -> Any:
     return config
 
 
+def _pad_multiple(chunks: list) -> int:
+    """The token multiple every micro-batch of this model needs (distributed.layout.token_pad_multiple)."""
+    from megatron.core.utils import get_model_config
+
+    from ..distributed.layout import token_pad_multiple
+
+    config = get_model_config(chunks[0])
+    return token_pad_multiple(bool(config.sequence_parallel), int(config.tensor_model_parallel_size),
+                              getattr(config, "fp8", None) is not None)
+
+
 def _schedule(chunks, micro_batches, forward_step, forward_only: bool):
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.utils import get_model_config
@@ -120,7 +145,8 @@ def _schedule(chunks, micro_batches, forward_step, forward_only: bool):
         bad = [mb.num_tokens for mb in micro_batches if mb.num_tokens % tp]
         if bad:
             raise ValueError(f"training.step: sequence parallelism needs micro-batch lengths divisible by TP ({tp}), "
-                             f"got {bad[0]}; pack with pack_micro_batches(..., pad_to_multiple={tp})")
+                             f"got {bad[0]}; pack with pack_micro_batches(..., pad_to_multiple) as "
+                             "distributed.layout.token_pad_multiple says")
     func = get_forward_backward_func()
     return func(forward_step_func=forward_step, data_iterator=iter(micro_batches), model=chunks,
                 num_microbatches=len(micro_batches), seq_length=max(mb.num_tokens for mb in micro_batches),
@@ -128,7 +154,7 @@ def _schedule(chunks, micro_batches, forward_step, forward_only: bool):
 
 
 def _last_stage_rank(groups: ParallelGroups) -> int:
-    return dist.get_global_rank(groups.pp_group, groups.pp_size - 1)
+    return collectives.global_rank(groups.pp_group, groups.pp_size - 1)
 
 
 def forward_logprobs(chunks: list, micro_batches: Sequence[MicroBatch], groups: ParallelGroups,
@@ -143,6 +169,7 @@ def forward_logprobs(chunks: list, micro_batches: Sequence[MicroBatch], groups: 
     if not micro_batches:
         return []
     configure_schedule(chunks)
+    sync_parameters(chunks)
     results: list[torch.Tensor] = []
 
     def forward_step(data_iterator, model):
@@ -165,9 +192,16 @@ def forward_logprobs(chunks: list, micro_batches: Sequence[MicroBatch], groups: 
     else:
         flat = torch.empty(2, sum(sizes), dtype=torch.float32, device=groups.device)
     if groups.pp_size > 1:
-        dist.broadcast(flat, src=_last_stage_rank(groups), group=groups.pp_group)
+        flat = collectives.broadcast(flat, _last_stage_rank(groups), groups.pp_group)
     flat = flat.cpu()
     return [(p[0], p[1]) for p in torch.split(flat, sizes, dim=1)]
+
+
+def _to_host(metric_sums: dict, loss_sum: torch.Tensor) -> tuple[dict, float]:
+    """The device-side (sum, count) metrics and loss as CPU tensors, in ONE device-to-host copy per mini-batch."""
+    names = sorted(metric_sums)
+    flat = torch.stack([loss_sum.double()] + [v.double() for n in names for v in metric_sums[n]]).cpu()
+    return {n: (flat[1 + 2 * i].float(), flat[2 + 2 * i].float()) for i, n in enumerate(names)}, float(flat[0])
 
 
 def _reduce_metrics(metrics: dict, loss_sum: float, groups: ParallelGroups) -> tuple[dict, float]:
@@ -177,22 +211,35 @@ def _reduce_metrics(metrics: dict, loss_sum: float, groups: ParallelGroups) -> t
     from ..algorithms.metrics import all_reduce_metrics, is_max
 
     if groups.pp_size > 1:
-        box = [(metrics, loss_sum) if groups.is_last_pp_stage else None]
-        dist.broadcast_object_list(box, src=_last_stage_rank(groups), group=groups.pp_group)
-        metrics, loss_sum = box[0]
+        metrics, loss_sum = collectives.broadcast_object((metrics, loss_sum) if groups.is_last_pp_stage else None,
+                                                         _last_stage_rank(groups), groups.pp_group)
     if groups.dp_size > 1:
-        names: list = [None] * groups.dp_size
-        dist.all_gather_object(names, sorted(metrics), group=groups.dp_group)
-        for name in sorted(set().union(*names)) if names else []:
+        names = collectives.all_gather_object(sorted(metrics), groups.dp_group)
+        for name in sorted(set().union(*names)):
             if name not in metrics:
                 empty = torch.tensor(float("-inf") if is_max(name) else 0.0)
                 metrics[name] = (empty, torch.tensor(1.0 if is_max(name) else 0.0))
-        dev = groups.device  # NCCL reduces device tensors only
-        metrics = all_reduce_metrics({k: (s.to(dev), c.to(dev)) for k, (s, c) in metrics.items()}, groups.dp_group)
-        total = torch.tensor([loss_sum], dtype=torch.float64, device=dev)
-        dist.all_reduce(total, group=groups.dp_group)
-        loss_sum = float(total[0])
+        metrics = all_reduce_metrics(metrics, groups.dp_group)
+        (loss_sum,) = collectives.sum_floats([loss_sum], groups.dp_group)
     return metrics, loss_sum
+
+
+def grads_are_finite(chunks: list, groups: ParallelGroups) -> bool:
+    """Whether every gradient on every rank is finite (one flag per rank, all-reduced over the world).
+
+    Megatron's optimizer skips a non-finite step only under the fp16 loss scaler; in bf16/fp32 a NaN gradient
+    would be clipped into NaN weights. Reads the DDP gradient buffers (after finalize_model_grads, so each rank
+    holds its reduced shard), or ``main_grad`` / ``grad`` of unwrapped chunks.
+    """
+    flags = []  # device-side: one host copy at the end
+    for c in chunks:
+        buffers = list(getattr(c, "buffers", []) or []) + list(getattr(c, "expert_parallel_buffers", []) or [])
+        grads = [b.grad_data for b in buffers] or [
+            g for prm in c.parameters()
+            if (g := (prm.main_grad if getattr(prm, "main_grad", None) is not None else prm.grad)) is not None]
+        flags += [torch.isfinite(g).all() for g in grads]
+    finite_here = bool(torch.stack(flags).all().cpu()) if flags else True
+    return not collectives.agree(not finite_here)
 
 
 def train_minibatch(chunks: list, optimizer, micro_batches: Sequence[MicroBatch], settings, groups: ParallelGroups,
@@ -204,18 +251,24 @@ def train_minibatch(chunks: list, optimizer, micro_batches: Sequence[MicroBatch]
     counted elsewhere; with ``entropy_granularity='batch_mean'`` the default costs one extra forward pass).
     Gradient = d(sum of loss shares over micro-batches and DP)/dtheta exactly (module doc).
     A DP rank without micro-batches runs one empty micro-batch (loss 0) so the collectives line up.
+    A micro-batch without stored ``old_logprob`` uses its own forward's log-prob as pi_old (see token_batch).
+
+    Losses and metrics accumulate on the device and reach the host once, after the schedule (a host sync inside
+    a micro-batch's loss function would stall the pipeline).
 
     Returns ``loss`` (the mini-batch loss, eq. (1)), every metric finalised (sum/count, or max for ``*_max``
-    names; see algorithms.metrics), ``grad_norm`` (before clipping), ``num_skipped`` (1 when the fp16 scaler
-    found inf/nan and skipped the update) and ``num_micro_batches`` (this rank's).
+    names; see algorithms.metrics), ``mismatch_*`` (engine vs trainer pi_old on rollout tokens, when the engine's
+    log-probs are known), ``grad_norm`` (before clipping), ``num_skipped`` (1 when the update was not applied:
+    a non-finite loss or gradient anywhere, or the fp16 scaler's inf/nan) and ``num_micro_batches`` (this rank's).
     """
     from ..algorithms.metrics import accumulate, finalize
+    from ..algorithms.mismatch import mismatch_sums
     from ..ops.logprob import vocab_parallel_logprob_entropy
 
     if loss_fn is None:
         from ..algorithms.losses import srft_objective as loss_fn
 
-    mbs = list(micro_batches) or [empty_micro_batch()]
+    mbs = list(micro_batches) or [empty_micro_batch(_pad_multiple(chunks))]
     if norm is None:
         entropies = None
         if settings is not None and settings.entropy_granularity == "batch_mean":
@@ -230,7 +283,7 @@ def train_minibatch(chunks: list, optimizer, micro_batches: Sequence[MicroBatch]
 
     num_mb = len(mbs)
     undo_schedule = float(num_mb * groups.dp_size)  # cancels the schedule's 1/M_r and DDP's 1/dp (module doc)
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=groups.device)
     metric_sums: dict = {}
 
     def forward_step(data_iterator, model):
@@ -241,17 +294,27 @@ def train_minibatch(chunks: list, optimizer, micro_batches: Sequence[MicroBatch]
             nonlocal loss_sum
             lp, ent = vocab_parallel_logprob_entropy(logits, mb.targets.to(logits.device), tp_group=groups.tp_group,
                                                      vocab_size=vocab_size)
-            loss, metrics = loss_fn(token_batch(mb, lp, ent), settings, norm)
-            loss_sum = loss_sum + loss.detach().double().cpu()
-            accumulate(metric_sums, {k: (s.cpu(), c.cpu()) for k, (s, c) in metrics.items()})
+            batch = token_batch(mb, lp, ent)
+            loss, metrics = loss_fn(batch, settings, norm)
+            loss_sum = loss_sum + loss.detach().double().to(loss_sum.device)
+            accumulate(metric_sums, metrics)
+            if batch.engine_logprob is not None:
+                rollout = batch.loss_mask.bool() & ~batch.is_demo.bool()
+                accumulate(metric_sums, mismatch_sums(batch.engine_logprob, batch.old_logprob, rollout))
             return loss * undo_schedule, {}
 
         return out, loss_func
 
     _schedule(chunks, mbs, forward_step, forward_only=False)
-    update_successful, grad_norm, _ = optimizer.step()
+    finite = grads_are_finite(chunks, groups)
+    if finite:
+        update_successful, grad_norm, _ = optimizer.step()
+    else:  # never apply (or clip into the weights) a non-finite gradient; the loop counts and limits skips
+        update_successful, grad_norm = False, float("nan")
+        optimizer.zero_grad()
 
-    reduced, total_loss = _reduce_metrics(metric_sums, float(loss_sum), groups)
+    host_metrics, host_loss = _to_host(metric_sums, loss_sum) if metric_sums else ({}, float(loss_sum))
+    reduced, total_loss = _reduce_metrics(host_metrics, host_loss, groups)
     out = finalize(reduced)
     out["loss"] = total_loss  # sum of the shares over micro-batches and DP = the mini-batch loss, eq. (1)
     out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")

@@ -57,3 +57,58 @@ def test_save_tp2_load_pp2_same_logprobs(tmp_path):
     (lp_a, ent_a), = saved[0]
     (lp_b, ent_b), = loaded[1]
     assert torch.allclose(lp_a, lp_b, atol=1e-5) and torch.allclose(ent_a, ent_b, atol=1e-5)
+
+
+def _load_into_extra_state_model(ckpt_dir, hf_dir):
+    """Build the model with linears that carry extra state (as Transformer Engine's do), load a local-spec
+    checkpoint into it, and compare every weight with the HF source."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    from megatron_srft.checkpoint.dist import load_model
+    from megatron_srft.config import ModelConfig, ParallelConfig
+    from megatron_srft.distributed.groups import init_distributed
+    from megatron_srft.models.arch import load_arch
+    from megatron_srft.models.builder import build_gpt, transformer_config
+    from megatron_srft.models.local_spec import RMSNorm, local_layer_spec
+    from megatron_srft.models.mapping import export_hf_weights
+
+    class _ExtraState:
+        """TE's modules return a buffer of FP8 scaling state from get_extra_state and take it back in set."""
+
+        def get_extra_state(self):
+            return torch.tensor([1.0, 2.0])
+
+        def set_extra_state(self, state):
+            self.loaded_extra_state = state
+
+    class Column(_ExtraState, ColumnParallelLinear):
+        pass
+
+    class Row(_ExtraState, RowParallelLinear):
+        pass
+
+    pcfg, mcfg = ParallelConfig(), ModelConfig(params_dtype="fp32", transformer_impl="local")
+    groups = init_distributed(pcfg)
+    arch = load_arch(hf_dir)
+    layer = local_layer_spec(arch.qk_norm)
+    attn, mlp = layer.submodules.self_attention.submodules, layer.submodules.mlp.submodules
+    attn.linear_qkv, attn.linear_proj, mlp.linear_fc1, mlp.linear_fc2 = Column, Row, Column, Row
+    tf = transformer_config(arch, mcfg, pcfg)
+    tf.perform_initialization = False
+    model = build_gpt(arch, mcfg, pcfg, True, True, tf_config=tf,
+                      spec=TransformerBlockSubmodules(layer_specs=[layer] * arch.num_layers, layer_norm=RMSNorm))
+    assert any(k.endswith("_extra_state") for k in model.state_dict())  # the requests the checkpoint lacks
+    load_model([model], ckpt_dir)
+    from safetensors.torch import load_file
+
+    ref = load_file(str(hf_dir / "model.safetensors"))
+    return max(float((t - ref[n]).abs().max()) for n, t in export_hf_weights([model], arch, groups))
+
+
+def test_local_spec_checkpoint_loads_into_modules_with_extra_state(tmp_path):
+    from megatron_srft.cli import main
+
+    hf = make_case(tmp_path / "hf", "qwen2_untied")
+    assert main(["convert", "hf-to-mcore", "--hf", str(hf), "--out", str(tmp_path / "conv"), "--dtype", "fp32"]) == 0
+    assert run_ranks(_load_into_extra_state_model, 1, str(tmp_path / "conv" / "model"), hf) == [0.0]

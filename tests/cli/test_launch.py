@@ -127,7 +127,7 @@ def test_node_rank_falls_back_to_procid_and_flags_win():
     (["--nodes", "2", "--gpus-per-node", "8"], "--rdzv-host"),
     (["--nodes", "3", "--gpus-per-node", "8", "--nodelist", "gpu[1-2]"], "has 2 hosts"),
     (["--nodes", "1"], "SLURM_GPUS_ON_NODE"),
-    (["--nodes", "1", "--gpus-per-node", "6"], "train.prompts_per_minibatch"),  # TP 2 -> DP 3 does not divide 64
+    (["--nodes", "1", "--gpus-per-node", "6"], "train.prompts_per_step"),  # TP 2 -> DP 3 does not divide 64
     (["--nodes", "1", "--gpus-per-node", "8", "--node-rank", "1"], "--node-rank"),
 ])
 def test_bad_launch_is_one_line_error(capsys, argv, words):

@@ -52,7 +52,7 @@ def cfg_with(tp=1, pp=1, vpp=None, sp=False, rollout_tp=1, prompt=1024, response
 
 def expect_error(field: str, words: str, cfg: SRFTConfig, spec, world: int) -> str:
     with pytest.raises(ConfigError) as e:
-        validate_layout(cfg, spec, world)
+        validate_layout(cfg, world, spec)
     msg = str(e.value)
     assert msg.startswith(field), msg
     assert words in msg, msg
@@ -70,7 +70,7 @@ def expect_error(field: str, words: str, cfg: SRFTConfig, spec, world: int) -> s
 ])
 def test_valid_layouts_pass(spec, tp, pp, vpp, world, rtp):
     response = 8192 if spec is not LLAMA3_70B else 6144  # Llama-3 has 8k positions
-    validate_layout(cfg_with(tp=tp, pp=pp, vpp=vpp, sp=tp > 1, rollout_tp=rtp, response=response), arch(spec), world)
+    validate_layout(cfg_with(tp=tp, vpp=vpp, sp=tp > 1, rollout_tp=rtp, response=response, pp=pp), world, arch(spec))
 
 
 def test_tp_must_divide_heads_kv_heads():
@@ -126,7 +126,7 @@ def test_lengths_fit_positions_and_micro_batch():
     msg = expect_error("data.max_response_length", "max_position_embeddings (4096)", cfg_with(tp=2),
                        arch(QWEN25_MATH_7B), 8)
     assert "9216" in msg
-    validate_layout(cfg_with(tp=2), arch(QWEN25_MATH_7B | {"max_position_embeddings": 16384, "rope_theta": 40000.0}), 8)
+    validate_layout(cfg_with(tp=2), 8, arch(QWEN25_MATH_7B | {"max_position_embeddings": 16384, "rope_theta": 40000.0}))
     expect_error("train.micro_batch_tokens", "9216", cfg_with(tp=2, micro_tokens=8192), arch(QWEN25_7B), 8)
     c = cfg_with(tp=2)
     c.rollout.max_model_len = 4096
@@ -176,3 +176,38 @@ def test_model_flops_palm_convention():
     assert mfu(8 * H100_SXM_BF16_DENSE_TFLOPS * 1e12, 1.0, 8) == pytest.approx(1.0)
     with pytest.raises(ValueError):
         mfu(1.0, 0.0, 8)
+
+
+def test_fp8_recipes_the_gpu_cannot_run_are_config_errors():
+    from megatron_srft.distributed.layout import check_fp8_recipe
+
+    check_fp8_recipe("delayed", (9, 0))
+    check_fp8_recipe("blockwise", (9, 0))
+    with pytest.raises(ConfigError, match=r"model.fp8_recipe: 'mxfp8' needs a GPU of compute capability 10.0"):
+        check_fp8_recipe("mxfp8", (9, 0))  # Hopper
+    with pytest.raises(ConfigError, match=r"model.fp8_recipe: 'blockwise'"):
+        check_fp8_recipe("blockwise", (8, 9))
+    with pytest.raises(ConfigError, match=r"model.fp8: FP8 needs a CUDA GPU"):
+        check_fp8_recipe("delayed", None)
+
+
+def test_token_pad_multiple():
+    from megatron_srft.distributed.layout import token_pad_multiple
+
+    assert token_pad_multiple(False, 4, False) == 1
+    assert token_pad_multiple(True, 4, False) == 4
+    assert token_pad_multiple(False, 4, True) == 16
+    assert token_pad_multiple(True, 2, True) == 32
+
+
+def test_impossible_rollout_placement_is_one_line():
+    spec = arch(QWEN25_MATH_7B | {"max_position_embeddings": 16384})  # 28 heads, 4 KV heads
+    msg = expect_error("rollout.tensor_parallel_size", "does not divide the world size (8)",
+                       cfg_with(tp=2, rollout_tp=3), spec, 8)
+    assert "every rank must belong to exactly one engine" in msg
+    expect_error("rollout.tensor_parallel_size", "does not divide the model's num_attention_heads (28)",
+                 cfg_with(tp=2, rollout_tp=8), spec, 8)
+    odd = arch(QWEN25_MATH_7B | {"max_position_embeddings": 16384, "num_attention_heads": 24,
+                                 "num_key_value_heads": 3, "hidden_size": 3072})
+    expect_error("rollout.tensor_parallel_size", "neither divides nor is a multiple of the model's "
+                 "num_key_value_heads (3)", cfg_with(tp=1, rollout_tp=2), odd, 8)

@@ -159,3 +159,28 @@ def test_load_and_export_at_tp2_pp2(tmp_path, tp, pp):
         for d in dirs:
             diff = (results[0][d][..., :100] - hf_logits(d, ids)).abs().max().item()
             assert diff < 1e-4, (d, diff)
+
+
+class _Float8StandIn(torch.Tensor):
+    """Stands in for Transformer Engine's FP8 parameter: reports bf16, holds scaled bytes, dequantize() -> values."""
+
+    @staticmethod
+    def __new__(cls, data, scale):
+        t = torch.Tensor._make_subclass(cls, (data / scale).round())
+        t.scale = scale
+        return t
+
+    def dequantize(self):
+        return torch.Tensor(self).as_subclass(torch.Tensor) * self.scale
+
+
+def test_export_dequantises_fp8_parameters():
+    from megatron_srft.models.mapping import _plain_tensor
+
+    values = torch.tensor([0.5, -1.5, 2.0])
+    fp8 = _Float8StandIn(values, 0.5)
+    assert not torch.equal(fp8.as_subclass(torch.Tensor), values)  # its storage is not the weight
+    plain = _plain_tensor(fp8)
+    assert type(plain) is torch.Tensor and torch.equal(plain, values)
+    p = torch.nn.Parameter(values.clone())
+    assert _plain_tensor(p) is p  # ordinary parameters pass through, no copy

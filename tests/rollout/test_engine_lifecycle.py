@@ -8,12 +8,12 @@ def _two_engines_in_one_world(model_dir):
 
     from megatron_srft.distributed import groups as parallel
     from megatron_srft.config import ParallelConfig, RolloutConfig
-    from megatron_srft.rollout.vllm_engine import RolloutEngine
+    from megatron_srft.rollout.vllm_engine import VllmEngine
 
     parallel.init_distributed(ParallelConfig())
     out = []
     for _ in range(2):
-        engine = RolloutEngine(RolloutConfig(), model_dir, dtype="fp32", seed=0, max_model_len=64)
+        engine = VllmEngine(RolloutConfig(), model_dir, dtype="fp32", seed=0, max_model_len=64)
         comps = engine.generate([[5, 6, 7]], n=1, temperature=0.0, max_tokens=4)
         out.append(list(comps[0][0].token_ids))
         engine.close()

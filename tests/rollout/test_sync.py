@@ -97,7 +97,7 @@ def _rank_fn(hf_dir):
     from megatron_srft.models.builder import build_model
     from megatron_srft.models.mapping import export_hf_weights, load_hf_into_model
     from megatron_srft.distributed.groups import init_distributed
-    from megatron_srft.rollout.vllm_engine import RolloutEngine
+    from megatron_srft.rollout.vllm_engine import VllmEngine
     from megatron_srft.algorithms.mismatch import mismatch_stats
     from megatron_srft.rollout.sync import sync_weights
 
@@ -109,7 +109,7 @@ def _rank_fn(hf_dir):
     load_hf_into_model(handle.chunks, arch, hf_dir, groups)
 
     # Dummy (random) weights in the engine: everything it knows afterwards came through the sync.
-    engine = RolloutEngine(RolloutConfig(), hf_dir, dtype="fp32", seed=0, max_model_len=64, load_format="dummy")
+    engine = VllmEngine(RolloutConfig(), hf_dir, dtype="fp32", seed=0, max_model_len=64, load_format="dummy")
 
     def hf_model_from_export():
         state = {name: t.clone() for name, t in export_hf_weights(handle.chunks, arch, groups)}
@@ -139,7 +139,7 @@ def _rank_fn(hf_dir):
         out["greedy_hf"] = [ref.generate(torch.tensor([p]), do_sample=False, max_new_tokens=8, eos_token_id=None,
                                          pad_token_id=0)[0, len(p):].tolist() for p in PROMPTS]
 
-    sampled = engine.generate(PROMPTS, n=3, temperature=1.0, max_tokens=10, seed=7)
+    sampled = engine.generate(PROMPTS, n=3, temperature=1.0, max_tokens=10, seeds=[7, 10, 13, 16, 19, 22, 25, 28][:len(PROMPTS)])
     eng, hf, meg = [], [], []
     for p, samples in zip(PROMPTS, sampled):
         for c in samples:
@@ -160,7 +160,7 @@ def _rank_fn(hf_dir):
             p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     sync_weights(handle.chunks, arch, groups, engine, bucket_mb=1)
     new_ref = hf_model_from_export()
-    resampled = engine.generate(PROMPTS, n=3, temperature=1.0, max_tokens=10, seed=7)
+    resampled = engine.generate(PROMPTS, n=3, temperature=1.0, max_tokens=10, seeds=[7, 10, 13, 16, 19, 22, 25, 28][:len(PROMPTS)])
     eng2, new_hf, old_hf = [], [], []
     for p, samples in zip(PROMPTS, resampled):
         for c in samples:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from megatron_srft.errors import UserError
-from megatron_srft.config import ConfigError, RolloutConfig
+from megatron_srft.config import RolloutConfig
+from megatron_srft.errors import ConfigError
 
 PROMPTS = [[1, 20, 21, 22, 23], [1, 30, 31], [1, 40, 41, 42, 43, 44, 45]]
 MAX_MODEL_LEN = 48
@@ -27,10 +28,10 @@ def hf_dir(tmp_path_factory):
 def engine(hf_dir):
     import torch.distributed as dist
 
-    from megatron_srft.rollout.vllm_engine import RolloutEngine
+    from megatron_srft.rollout.vllm_engine import VllmEngine
 
     was_initialized = dist.is_initialized()
-    eng = RolloutEngine(RolloutConfig(), str(hf_dir), dtype="fp32", seed=0, max_model_len=MAX_MODEL_LEN)
+    eng = VllmEngine(RolloutConfig(), str(hf_dir), dtype="fp32", seed=0, max_model_len=MAX_MODEL_LEN)
     yield eng
     eng.close()
     if dist.is_initialized() and not was_initialized:  # vLLM's single-rank group: leave the process clean
@@ -53,20 +54,20 @@ def _hf_logprobs(model, prompt, completion):
 
 
 def test_sampling_contract_and_seed(engine):
-    out = engine.generate(PROMPTS, n=3, temperature=1.0, max_tokens=6, seed=11)
+    out = engine.generate(PROMPTS, n=3, temperature=1.0, max_tokens=6, seeds=[11, 11 + 3, 11 + 6])
     assert len(out) == len(PROMPTS) and all(len(s) == 3 for s in out)
     for samples in out:
         for c in samples:
             assert 1 <= len(c.token_ids) <= 6 and len(c.logprobs) == len(c.token_ids)
             assert c.finish_reason in ("stop", "length")
             assert all(lp <= 0 for lp in c.logprobs)
-    again = engine.generate(PROMPTS, n=3, temperature=1.0, max_tokens=6, seed=11)
+    again = engine.generate(PROMPTS, n=3, temperature=1.0, max_tokens=6, seeds=[11, 11 + 3, 11 + 6])
     assert [[c.token_ids for c in s] for s in out] == [[c.token_ids for c in s] for s in again]
     # the n samples of a prompt are not copies of one another
     assert len({tuple(c.token_ids) for c in out[0]}) > 1
     # a response stops at max_model_len
     long_prompt = [1] + [5] * (MAX_MODEL_LEN - 3)
-    (c,), = engine.generate([long_prompt], n=1, temperature=1.0, max_tokens=50, seed=0)
+    (c,), = engine.generate([long_prompt], n=1, temperature=1.0, max_tokens=50, seeds=[0])
     assert len(c.token_ids) <= 2
 
 
@@ -79,7 +80,7 @@ def test_greedy_and_raw_logprobs_match_transformers(engine, hf_model):
         assert c.token_ids[: len(ref)] == ref[: len(c.token_ids)]
     # raw_logprobs: the model's own distribution, whatever the sampling temperature / top-p
     for temperature, top_p in ((1.0, 1.0), (0.6, 0.9)):
-        out = engine.generate(PROMPTS, n=2, temperature=temperature, top_p=top_p, max_tokens=8, seed=3)
+        out = engine.generate(PROMPTS, n=2, temperature=temperature, top_p=top_p, max_tokens=8, seeds=[3, 3 + 3, 3 + 6])
         diffs = torch.cat([torch.tensor(c.logprobs, dtype=torch.float64) - _hf_logprobs(hf_model, p, c.token_ids)
                            for p, s in zip(PROMPTS, out) for c in s])
         assert diffs.abs().mean() <= 1e-3 and diffs.abs().max() <= 1e-2, (temperature, diffs.abs().max())
@@ -118,55 +119,57 @@ def test_bad_prompts_give_one_line_errors(engine):
         with pytest.raises(UserError, match=needle) as e:
             engine.generate(prompts, **kw)
         assert "\n" not in str(e.value)
-    engine.sleep()  # CPU: no-op, the engine stays usable
-    engine.wake_up()
+    with pytest.raises(UserError, match="seeds for"):
+        engine.generate([[1, 2]], n=1, max_tokens=2, seeds=[1, 2])
+    engine.sleep(2)  # CPU: only the state is recorded; generating needs a wake-up first
+    with pytest.raises(UserError, match="while kv_cache and weights sleep"):
+        engine.generate([[1, 2]], n=1, temperature=0.0, max_tokens=2)
+    engine.wake_up(["weights"])
+    assert engine.sleeping == {"kv_cache"}
+    engine.wake_up(["kv_cache"])
     assert engine.generate([[1, 2]], n=1, temperature=0.0, max_tokens=2)
 
 
 def test_bad_settings_give_one_line_errors(tmp_path, hf_dir):
     from megatron_srft.models.tiny import make_tiny_hf_model
-    from megatron_srft.rollout.vllm_engine import RolloutEngine
+    from megatron_srft.rollout.vllm_engine import VllmEngine
 
     with pytest.raises(ConfigError, match="config.json"):
-        RolloutEngine(RolloutConfig(), str(tmp_path / "missing"), dtype="fp32", seed=0, max_model_len=32)
+        VllmEngine(RolloutConfig(), str(tmp_path / "missing"), dtype="fp32", seed=0, max_model_len=32)
     small = tmp_path / "hd16"
     make_tiny_hf_model(small, hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=128, vocab_size=100)
     with pytest.raises(ConfigError, match="head_dim 16"):
-        RolloutEngine(RolloutConfig(), str(small), dtype="fp32", seed=0, max_model_len=32)
+        VllmEngine(RolloutConfig(), str(small), dtype="fp32", seed=0, max_model_len=32)
     with pytest.raises(ConfigError, match="max_position_embeddings"):
-        RolloutEngine(RolloutConfig(), str(hf_dir), dtype="fp32", seed=0, max_model_len=100_000)
+        VllmEngine(RolloutConfig(), str(hf_dir), dtype="fp32", seed=0, max_model_len=100_000)
     with pytest.raises(ConfigError, match="rollout.dtype"):
-        RolloutEngine(RolloutConfig(), str(hf_dir), dtype="int8", seed=0, max_model_len=32)
-    with pytest.raises(ConfigError, match="tensor_parallel_size"):
-        RolloutEngine(RolloutConfig(tensor_parallel_size=2), str(hf_dir), dtype="fp32", seed=0, max_model_len=32)
+        VllmEngine(RolloutConfig(), str(hf_dir), dtype="int8", seed=0, max_model_len=32)
 
 
 def test_config_resolution(hf_dir):
     from megatron_srft.config import SRFTConfig
-    from megatron_srft.rollout.vllm_engine import engine_settings, resolve_dtype
+    from megatron_srft.rollout.base import resolve_dtype, resolve_engine_settings
 
     assert resolve_dtype("auto", "bf16") == ("bf16" if torch.cuda.is_available() else "fp32")
     assert resolve_dtype("fp16", "bf16") == "fp16"
     cfg = SRFTConfig()
-    cfg.data.max_prompt_length, cfg.data.max_response_length = 400, 300  # 700 > the model's 512 positions
-    assert engine_settings(cfg, str(hf_dir))["max_model_len"] == 512
-    cfg.data.max_response_length = 50
+    assert resolve_engine_settings(cfg.rollout, "bf16", 512, 700).max_model_len == 512  # capped by the model
     cfg.rollout.seed = 9
-    assert engine_settings(cfg, str(hf_dir)) == {"dtype": resolve_dtype("auto", cfg.model.params_dtype),
-                                                 "seed": 9, "max_model_len": 450}
+    got = resolve_engine_settings(cfg.rollout, cfg.model.params_dtype, 512, 450)
+    assert (got.dtype, got.seed, got.max_model_len) == (resolve_dtype("auto", cfg.model.params_dtype), 9, 450)
     cfg.rollout.max_model_len = 64
-    assert engine_settings(cfg, str(hf_dir))["max_model_len"] == 64
+    assert resolve_engine_settings(cfg.rollout, "bf16", 512, 450).max_model_len == 64
 
 
 def test_engine_start_failure_is_one_line(tmp_path, hf_dir):
     """No weight files: vLLM fails inside start-up; we report one line naming the directory."""
     import shutil
 
-    from megatron_srft.rollout.vllm_engine import RolloutEngine
+    from megatron_srft.rollout.vllm_engine import VllmEngine
 
     d = tmp_path / "noweights"
     shutil.copytree(hf_dir, d)
     (d / "model.safetensors").unlink()
     with pytest.raises(UserError, match="failed to start") as e:
-        RolloutEngine(RolloutConfig(), str(d), dtype="fp32", seed=0, max_model_len=32)
+        VllmEngine(RolloutConfig(), str(d), dtype="fp32", seed=0, max_model_len=32)
     assert "\n" not in str(e.value) and str(d) in str(e.value)

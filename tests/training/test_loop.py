@@ -62,10 +62,10 @@ def test_srft_three_steps_tp2(toy, tmp_path):
     rows = _rows(run)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ("reward/mean", "entropy/rollout", "entropy/demo", "weight/sft_mean", "response/length_mean",
-                "mismatch/mean_abs", "time/rollout", "time/sync", "groups/all_equal_fraction"):
+                "mismatch/abs_mean", "time/rollout", "time/sync", "groups/all_equal_fraction"):
         assert key in rows[-1], key
     # fp32 engine vs fp32 trainer on the same weights: the sampled tokens' log-probs agree closely
-    assert rows[0]["mismatch/mean_abs"] < 1e-3
+    assert rows[0]["mismatch/abs_mean"] < 1e-3
 
 
 @pytest.mark.slow
