@@ -55,7 +55,7 @@ def twin_config(path: Path, layout: dict, toy: Path, run_dir: Path) -> SRFTConfi
     p.sequence_parallel, p.backend, p.timeout_minutes = layout["sp"], "gloo", 10
     p.virtual_pipeline_model_parallel_size = None
     d.train_files, d.eval_files, d.template = [str(toy / "train.jsonl")], [], "chat"
-    d.max_prompt_length, d.max_response_length = 32, 16
+    d.max_prompt_length, d.max_response_length = 32, 24
     r.tensor_parallel_size, r.num_rollouts_per_prompt, r.dtype = layout["rollout_tp"], 2, "fp32"
     r.max_tokens, r.max_model_len, r.cpu_kvcache_space_gib, r.sync_bucket_mb = None, None, 1, min(r.sync_bucket_mb, 1)
     t.num_steps, t.prompts_per_step, t.prompts_per_minibatch = 2, 4, 2

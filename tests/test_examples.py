@@ -212,3 +212,14 @@ def test_dockerfile_pins_and_smoke_check():
     assert re.search(r"^RUN srft --version", text, re.M)
     setup = (ROOT / "setup.py").read_text()
     assert '"megatron-core==0.16.1"' in setup and '"gpu": [' in setup
+
+
+@pytest.mark.parametrize("nccl,gloo", [("ib0", "ib0"), ("^lo,docker", ""), ("", "")])
+def test_gloo_follows_the_nccl_interface(nccl, gloo):
+    env = {k: v for k, v in os.environ.items() if k not in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
+    if nccl:
+        env["NCCL_SOCKET_IFNAME"] = nccl
+    res = subprocess.run(["bash", "-c", f"source {ROOT / 'examples/slurm/srft_common.sh'}; "
+                                        'printf "%s" "${GLOO_SOCKET_IFNAME:-}"'],
+                         env=env, capture_output=True, text=True, check=True)
+    assert res.stdout == gloo

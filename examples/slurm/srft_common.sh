@@ -17,9 +17,17 @@ export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 # NCCL_IB_GID_INDEX: set (often 3) only on RoCE fabrics; not needed on native InfiniBand.
 # These are left as the site configured them; export them before `sbatch` to override, for example:
 #   NCCL_IB_HCA="mlx5_0:1,mlx5_3:1,mlx5_4:1,mlx5_5:1" NCCL_SOCKET_IFNAME=ib0 sbatch ...
+#   (GLOO_SOCKET_IFNAME then follows NCCL_SOCKET_IFNAME, below)
 # The collective timeout itself is parallel.timeout_minutes in the config.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"  # fail fast on a hung peer
-# Do not set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: vLLM's sleep mode (rollout.sleep_between_steps)
+# GLOO_SOCKET_IFNAME: the interface of the gloo groups (vLLM builds some at engine start, across nodes; our
+#   result gathers and Megatron's gloo groups use them too). Without it gloo resolves the hostname, which on
+#   multi-homed nodes can pick a management network the other nodes cannot reach: the first step then hangs.
+#   Defaults to NCCL_SOCKET_IFNAME when that names interfaces (gloo has no "^exclude" syntax).
+if [[ -z "${GLOO_SOCKET_IFNAME:-}" && -n "${NCCL_SOCKET_IFNAME:-}" && "${NCCL_SOCKET_IFNAME}" != ^* ]]; then
+    export GLOO_SOCKET_IFNAME="$NCCL_SOCKET_IFNAME"
+fi
+# Do not set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: vLLM's sleep mode (rollout.sleep_level > 0)
 # uses its own CUDA memory pool, which rejects expandable segments.
 
 # ---------------------------------------------------------------------------------------------- container

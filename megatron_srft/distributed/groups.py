@@ -95,10 +95,7 @@ def init_distributed(pcfg: ParallelConfig, seed: int = 1234) -> ParallelGroups:
         torch.cuda.set_device(device)
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            os.environ["MASTER_PORT"] = str(_free_port())
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, init_method=_init_method(),
                                 timeout=datetime.timedelta(minutes=pcfg.timeout_minutes))
     if not mpu.model_parallel_is_initialized():
         mpu.initialize_model_parallel(
@@ -148,19 +145,25 @@ def groups_from_megatron(device: Optional[torch.device] = None) -> ParallelGroup
     )
 
 
+def _init_method() -> str:
+    """torchrun's rendezvous (env://) when it set one; otherwise a free local port for a world of one. The port is
+    not written into the environment: a child process (a test's `srft` subprocess) would inherit it while this
+    process still listens on it."""
+    if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+        return "env://"
+    return f"tcp://127.0.0.1:{_free_port()}"
+
+
 def ensure_launcher_env() -> None:
-    """A world and torchrun's variables for a process that has neither (`srft generate`, tests, notebooks).
+    """A world and the rank variables for a process that has neither (`srft generate`, tests, notebooks).
 
     vLLM's ``external_launcher`` executor reads RANK and LOCAL_RANK and builds its groups on top of an initialised
-    torch.distributed world. Under torchrun (and after :func:`init_distributed`) both exist; a plain process gets a
-    gloo world of one on a free local port.
+    torch.distributed world. Under torchrun (and after :func:`init_distributed`) the world exists; a plain process
+    gets a gloo world of one on a free local port.
     """
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group(backend="gloo", rank=0, world_size=1)
+        dist.init_process_group(backend="gloo", rank=0, world_size=1, init_method=_init_method())
     os.environ.setdefault("RANK", str(dist.get_rank()))
-    os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
     os.environ.setdefault("LOCAL_RANK", "0")
 
 

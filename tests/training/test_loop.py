@@ -11,14 +11,6 @@ import pytest
 from tests.dist import run_ranks
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    from megatron_srft.data.toy import ToySettings, make_toy
-
-    root = tmp_path_factory.mktemp("toy")
-    return make_toy(root / "toy", ToySettings(num_train=64, num_test=8, max_ops=2))
-
-
 def _overrides(toy: Path, run_dir: Path, preset: str, steps: int, extra=()) -> list[str]:
     return [
         f"run_dir={run_dir}", f"model.path={toy / 'model'}", "model.params_dtype=fp32",
@@ -55,34 +47,6 @@ def test_sft_three_steps_dp2(toy, tmp_path):
     assert (run / "checkpoints" / "step_000003" / "state.json").is_file()
 
 
-@pytest.mark.slow
-def test_srft_three_steps_tp2(toy, tmp_path):
-    run = tmp_path / "srft_tp2"
-    run_ranks(_train, 2, _overrides(toy, run, "srft", 3, ["parallel.tensor_model_parallel_size=2"]))
-    rows = _rows(run)
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    for key in ("reward/mean", "entropy/rollout", "entropy/demo", "weight/sft_mean", "response/length_mean",
-                "mismatch/abs_mean", "time/rollout", "time/sync", "groups/all_equal_fraction"):
-        assert key in rows[-1], key
-    # fp32 engine vs fp32 trainer on the same weights: the sampled tokens' log-probs agree closely
-    assert rows[0]["mismatch/abs_mean"] < 1e-3
-
-
-@pytest.mark.slow
-def test_resume_repeats_the_uninterrupted_run(toy, tmp_path):
-    full, part = tmp_path / "full", tmp_path / "part"
-    run_ranks(_train, 1, _overrides(toy, full, "srft", 3))
-    run_ranks(_train, 1, _overrides(toy, part, "srft", 3), 2)  # stops after step 2 (checkpoint at 2)
-    assert [r["step"] for r in _rows(part)] == [1, 2]
-    # a killed save leaves only a .tmp directory: it must be ignored
-    (part / "checkpoints" / "step_000003.tmp").mkdir()
-    run_ranks(_train, 1, _overrides(toy, part, "srft", 3, ["checkpoint.resume=must"]))
-    a, b = _rows(full)[-1], _rows(part)[-1]
-    assert b["step"] == 3
-    for key in ("reward/mean", "loss/minibatch", "entropy/rollout", "optim/grad_norm", "response/length_mean"):
-        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
-
-
 def _load_checkpoint(ckpt_dir, model_dir):
     from megatron_srft.distributed import groups as parallel
     from megatron_srft.checkpoint.training_state import load_training_checkpoint
@@ -117,3 +81,59 @@ def test_layout_is_checked_against_the_model_before_building(toy, tmp_path):
                                              r"max_response_length = 1032 exceeds"):
         run_ranks(_train, 1, _overrides(toy, tmp_path / "long", "sft", 1, ["data.max_response_length=1000"]))
     assert not (tmp_path / "long" / "checkpoints").exists()
+
+
+class _EvalFails:
+    """The real engine, except that greedy generation (this run's evaluation) fails."""
+
+    def __init__(self, **kwargs):
+        from megatron_srft.rollout.vllm_engine import VllmEngine
+
+        self.engine = VllmEngine(**kwargs)
+
+    def generate(self, *args, temperature, **kwargs):
+        if temperature == 0:
+            raise RuntimeError("evaluation failed")
+        return self.engine.generate(*args, temperature=temperature, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+
+def _train_with_failing_eval(overrides):
+    from megatron_srft.config import load_config
+    from megatron_srft.training.loop import train
+
+    try:
+        train(load_config(None, overrides), engine_factory=_EvalFails)
+    except RuntimeError as e:
+        return str(e)
+    return "no error"
+
+
+def test_last_step_is_saved_before_the_evaluation(toy, tmp_path):
+    run = tmp_path / "evalfail"
+    extra = [f"data.eval_files=[{toy / 'test.jsonl'}]", "checkpoint.save_every=0", "checkpoint.export_hf=true"]
+    assert run_ranks(_train_with_failing_eval, 1, _overrides(toy, run, "sft", 1, extra)) == ["evaluation failed"]
+    assert (run / "checkpoints" / "step_000001" / "state.json").is_file()  # nothing of the run is lost
+    assert not (run / "hf").exists()  # and the export comes only after a successful evaluation
+
+
+def test_bad_eval_settings_fail_at_start_up(toy, tmp_path):
+    with pytest.raises(AssertionError, match=r"ConfigError: train.eval_n_samples: expected >= 1, got 0"):
+        run_ranks(_train, 1, _overrides(toy, tmp_path / "e0", "sft", 1, [f"data.eval_files=[{toy / 'test.jsonl'}]",
+                                                                          "train.eval_n_samples=0"]))
+    assert not (tmp_path / "e0" / "checkpoints").exists()
+
+
+def test_consecutive_non_finite_steps_stop_the_run(toy, tmp_path):
+    # lr 1e30: the first update is finite but ruins the weights; the next loss is not finite and its update is
+    # skipped; after max_consecutive_skips such steps the run stops with one line naming the step
+    run = tmp_path / "nan"
+    with pytest.raises(AssertionError, match=r"TrainingError: step 2: 1 consecutive steps had a non-finite loss"):
+        run_ranks(_train, 1, _overrides(toy, run, "sft", 4, ["optimizer.lr=1e30", "optimizer.clip_grad=0",
+                                                             "train.prompts_per_minibatch=4",
+                                                             "train.max_consecutive_skips=1"]))
+    rows = _rows(run)
+    assert [r["optim/num_skipped"] for r in rows] == [0.0, 1.0]
+    assert not (run / "checkpoints" / "step_000002").exists()  # a skipped step is never checkpointed

@@ -107,3 +107,54 @@ def test_packed_equals_padded(reference, hf_dir, samples):
     assert packed_code["num_micro_batches"] < padded_code["num_micro_batches"]
     assert packed_code["metrics"]["loss"] != pytest.approx(reference["metrics"]["loss"], rel=1e-3)
     _assert_same(packed_code, padded_code)
+
+
+def _old_logprob_saving_and_nonfinite(hf_dir, samples):
+    """Single update per rollout batch: pi_old from a separate forward pass vs the training forward's own log-prob
+    (detached). Then a non-finite loss: the update is skipped and the weights stay as they were."""
+    import torch
+
+    from megatron_srft.algorithms.losses import srft_objective
+    from megatron_srft.algorithms.presets import resolve
+    from megatron_srft.config import AlgorithmConfig
+    from megatron_srft.training.batch import pack_micro_batches
+    from megatron_srft.training.step import forward_logprobs, train_minibatch
+    from tests.training.harness import full_params, setup_rank, to_numpy
+
+    settings = resolve(AlgorithmConfig(preset="srft"))
+    out = {}
+    for mode in ("recomputed", "own_forward"):
+        groups, handle, opt, arch = setup_rank(hf_dir, 1, 1)
+        mbs = pack_micro_batches(samples, BUDGET)
+        if mode == "recomputed":
+            for mb, (lp, _) in zip(mbs, forward_logprobs(handle.chunks, mbs, groups, arch.vocab_size)):
+                mb.old_logprob = lp
+        else:
+            for mb in mbs:
+                mb.old_logprob = None
+        metrics = train_minibatch(handle.chunks, opt, mbs, settings, groups, arch.vocab_size)
+        out[mode] = {"metrics": metrics, "params": full_params(handle, arch, groups)}
+
+    def nan_loss(batch, settings, norm):
+        loss, metrics = srft_objective(batch, settings, norm)
+        return loss * float("nan"), metrics
+
+    groups, handle, opt, arch = setup_rank(hf_dir, 1, 1)
+    before = full_params(handle, arch, groups)
+    mbs = pack_micro_batches(samples, BUDGET)
+    metrics = train_minibatch(handle.chunks, opt, mbs, settings, groups, arch.vocab_size, loss_fn=nan_loss)
+    after = full_params(handle, arch, groups)
+    out["nonfinite"] = {"metrics": metrics, "unchanged": all(torch.equal(before[n], after[n]) for n in before)}
+    return to_numpy(out)
+
+
+def test_old_logprob_saving_and_nonfinite_guard(hf_dir, samples):
+    (res,) = run_ranks(_old_logprob_saving_and_nonfinite, 1, hf_dir, samples)
+    a, b = res["recomputed"], res["own_forward"]
+    for key in ("loss", "grad_norm", "loss_rl_pos", "loss_rl_neg", "ratio_mean", "clip_frac"):
+        assert b["metrics"][key] == pytest.approx(a["metrics"][key], rel=1e-6, abs=1e-7), key
+    assert b["metrics"]["ratio_max"] == pytest.approx(1.0, abs=1e-6)  # pi_old = pi_theta in value
+    for name, p in a["params"].items():
+        assert float(np.abs(b["params"][name] - p).max()) <= 1e-6, name
+    bad = res["nonfinite"]
+    assert bad["metrics"]["num_skipped"] == 1.0 and bad["unchanged"]
