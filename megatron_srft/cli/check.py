@@ -58,7 +58,7 @@ MIB = 1024 ** 2
 
 #: Dense (no 2:4 sparsity) BF16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s. Matched in order against
 #: ``torch.cuda.get_device_name()`` (case-insensitive): every string in ``needs`` present, none of ``excludes``.
-#: NVL variants are left out on purpose (their datasheets quote other clocks): they get a datasheet SKIP.
+#: NVL variants are left out on purpose (their datasheets quote other figures): they get a datasheet SKIP.
 KNOWN_CARDS: tuple[tuple[str, float, tuple[str, ...], tuple[str, ...]], ...] = (
     # label,       peak,  needs,             excludes
     ("H100 PCIe", 756.0, ("h100", "pcie"), ("nvl",)),
@@ -81,8 +81,8 @@ MODEL_SHAPES = {
 }
 
 #: Engine/trainer log-prob mismatch that passes: mean |logp_engine - logp_trainer| over the sampled tokens.
-#: A sync that did not reach the engine gives O(0.5) on a randomly initialised model (the engine keeps its
-#: near-uniform dummy weights), a working one ~1e-6 in fp32 and ~1e-2 in bf16.
+#: Measured on CPU (tiny model, fp32): 1.8e-7 after the sync, 0.165 when the sync is skipped (the engine keeps its
+#: dummy weights). The bf16 limit is a loose bound until a GPU run measures the usual bf16 mismatch.
 MISMATCH_LIMIT = {"fp32": 1e-3, "bf16": 0.1, "fp16": 0.1}
 
 
@@ -138,7 +138,7 @@ def choose_sizes(on_gpu: bool, quick: bool, pp_size: int) -> Sizes:
         h2d_bytes=0, memcpy_bytes=(64 if quick else 256) * MIB,
         allreduce_bytes=(4 if quick else 16) * MIB, allreduce_iters=3 if quick else 5,
         warmup_steps=1, measured_steps=1 if quick else 2, num_micro_batches=max(pp_size, 1 if quick else 2),
-        logprob_tokens=1024 if quick else 4096, logprob_vocab=8192 if quick else 32768,
+        logprob_tokens=1024 if quick else 2048, logprob_vocab=8192 if quick else 16384,
         logprob_dtype=torch.float32, logprob_repeats=1 if quick else 2,
         gen_prompts=4, gen_prompt_tokens=12, gen_max_tokens=8 if quick else 16,
     )
@@ -149,6 +149,10 @@ def choose_sizes(on_gpu: bool, quick: bool, pp_size: int) -> Sizes:
 
 class Skip(Exception):
     """Raised inside a check: the check does not apply here (the message says why)."""
+
+
+class PeerFailed(Exception):
+    """This rank's part went well, another rank's failed (its reason is the one printed)."""
 
 
 @dataclass
@@ -170,6 +174,10 @@ def _count(n: float) -> str:
         if n >= scale:
             return f"{n / scale:.3g}{suffix}"
     return f"{n:g}"
+
+
+def _fmt_seconds(t: float) -> str:
+    return f"{t * 1e3:.3g} ms" if t < 1 else f"{t:.3g} s"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -213,6 +221,22 @@ class Context:
 # ============================================================================================ device helpers
 
 
+def together(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on every rank; when it raises on any rank, raise on every rank (:class:`PeerFailed` where it
+    did not), so that no rank walks on into a collective that the failed rank never joins."""
+    from ..distributed import collectives as cx
+
+    error: Optional[BaseException] = None
+    out = None
+    try:
+        out = fn()
+    except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+        error = e
+    if cx.agree(error is not None):
+        raise error if error is not None else PeerFailed("failed on another rank")
+    return out
+
+
 def _sync() -> None:
     """Wait for queued GPU work, so wall-clock timings cover it (no-op on CPU)."""
     if torch.cuda.is_available():
@@ -239,10 +263,23 @@ def _vm_hwm_bytes() -> int:
     raise OSError("no VmHWM in /proc/self/status")
 
 
+def _malloc_trim() -> None:
+    """Hand the C heap's free pages back to the OS (glibc), so that the next allocations show up in the RSS
+    instead of silently reusing memory freed earlier in the process."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak memory of a region: ``torch.cuda.max_memory_allocated`` on GPU; the process's peak RSS on CPU
-    (``VmHWM`` after resetting it through ``/proc/self/clear_refs``). ``extra`` = peak - memory at entry;
-    ``peak`` = the absolute peak. Both None where the platform cannot tell (the RSS peak cannot be reset)."""
+    (``VmHWM`` after returning free heap pages to the OS and resetting the peak through ``/proc/self/clear_refs``).
+    ``extra`` = peak - memory at entry; ``peak`` = the absolute peak. Both None where the platform cannot tell
+    (the RSS peak cannot be reset)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -255,6 +292,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
         else:
+            _malloc_trim()
             try:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")  # resets VmHWM to the current RSS
@@ -358,8 +396,10 @@ def collect_environment(ctx: Context) -> Iterator[Result]:
     if v["megatron_core"] is None:
         problems.append("megatron-core does not import")
     if ctx.on_gpu:
-        if torch.cuda.nccl.is_available([torch.zeros(1, device=ctx.device)]):
+        try:
             v["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        except Exception:  # noqa: BLE001 - a torch built without NCCL
+            v["nccl"] = None
         n = torch.cuda.device_count()
         props = [torch.cuda.get_device_properties(i) for i in range(n)]
         m.update(card=props[0].name if props else None, num_devices=n,
@@ -487,7 +527,7 @@ def measure_all_reduce(ctx: Context) -> Iterator[Result]:
     if not torch.all(probe == want):
         raise RuntimeError(f"all-reduce of rank+1 gave {probe.tolist()}, expected {want}")
     numel = ctx.sizes.allreduce_bytes // 4
-    buf = torch.ones(numel, dtype=torch.float32, device=dev)
+    buf = torch.zeros(numel, dtype=torch.float32, device=dev)  # zeros: repeated sums stay finite
     cx.all_reduce(buf)  # warm-up: the first NCCL call builds the communicator
     best = float("inf")
     with _cpu_kernels():
@@ -641,8 +681,12 @@ def time_training_step(ctx: Context, mcfg) -> tuple[dict, Any]:
     from ..models.builder import build_model, build_optimizer
 
     cfg, s, groups = ctx.cfg, ctx.sizes, ctx.groups
-    handle = build_model(ctx.arch, mcfg, cfg.parallel)
-    optimizer = build_optimizer(handle, OptimizerConfig(lr=1e-6, clip_grad=1.0), mcfg, cfg.parallel)
+
+    def build():
+        handle = build_model(ctx.arch, mcfg, cfg.parallel)
+        return handle, build_optimizer(handle, OptimizerConfig(lr=1e-6, clip_grad=1.0), mcfg, cfg.parallel)
+
+    handle, optimizer = together(build)
     samples = _step_samples(ctx)
     mbs = _pack(ctx, samples)
     times, last = [], {}
@@ -692,9 +736,10 @@ def check_train_step(ctx: Context) -> Iterator[Result]:
     numbers, ctx.handle = time_training_step(ctx, ctx.cfg.model)
     ctx.step3 = numbers
     world = ctx.groups.world_size
-    measured = ctx.matmul_tflops
-    if measured is not None:  # the slowest device of the world bounds the step
-        measured = float(cx.all_reduce(torch.tensor([measured], dtype=torch.float64), "min")[0])
+    # the slowest device of the world bounds the step (a rank whose 1b failed contributes nothing)
+    mine = ctx.matmul_tflops if ctx.matmul_tflops else math.inf
+    measured = float(cx.all_reduce(torch.tensor([mine], dtype=torch.float64), "min")[0])
+    measured = measured if math.isfinite(measured) else None
     flops = numbers["model_tflops_per_step"] * 1e12
     label = ctx.sizes.model_shape or Path(ctx.cfg.model.path).name
     mem = numbers["peak_memory_gib"]
@@ -745,8 +790,8 @@ def check_logprob_op(ctx: Context) -> Iterator[Result]:
     gen = torch.Generator().manual_seed(7)  # the same targets on every TP rank
     targets = torch.randint(0, V, (T,), generator=gen).to(dev)
     g_lp, g_h = torch.randn(T, generator=gen).to(dev), torch.randn(T, generator=gen).to(dev)
-    shard_gen = torch.Generator().manual_seed(100 + tp_rank)
-    logits = (3 * torch.randn(T, v_local, generator=shard_gen)).to(dev, s.logprob_dtype).requires_grad_()
+    shard_gen = torch.Generator(device=dev).manual_seed(100 + tp_rank)  # on the device: [16384, 152064] is 10 GB
+    logits = torch.randn(T, v_local, generator=shard_gen, device=dev, dtype=s.logprob_dtype).mul_(3).requires_grad_()
     logits_bytes = logits.numel() * logits.element_size()
     dtype_name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[s.logprob_dtype]
 
@@ -760,8 +805,10 @@ def check_logprob_op(ctx: Context) -> Iterator[Result]:
         return lp.detach(), h.detach()
 
     def measure(x: torch.Tensor, fused: bool) -> tuple[float, Optional[int], tuple]:
-        best, extra, out = float("inf"), None, None
+        best, extra = float("inf"), None
+        out = run(x, fused)  # warm-up: lazy initialisation, kernel selection, allocator
         for _ in range(s.logprob_repeats):
+            x.grad, out = None, None  # the gradient is part of what is measured
             _free_device_memory()
             with PeakMemory(dev) as mem:
                 _sync()
@@ -803,10 +850,10 @@ def check_logprob_op(ctx: Context) -> Iterator[Result]:
         return "n/a" if x is None else f"{x:.2f}x"
 
     naive_text = ("naive: out of memory" if naive_oom else
-                  f"naive {mem_text(frac(naive_extra))}, {naive_s * 1e3:,.3g} ms; "
+                  f"naive {mem_text(frac(naive_extra))}, {_fmt_seconds(naive_s)}; "
                   f"time {fused_s / naive_s:.2f}x naive")
     detail = (f"[{T} x {V}/{tp}] {dtype_name} fwd+bwd, extra memory over the logits incl. their gradient: "
-              f"fused {mem_text(frac(fused_extra))}, {fused_s * 1e3:,.3g} ms; {naive_text}; max |error| {err:.1e}")
+              f"fused {mem_text(frac(fused_extra))}, {_fmt_seconds(fused_s)}; {naive_text}; max |error| {err:.1e}")
     yield Result("4", "logprob op", PASS, detail, numbers)
 
 
@@ -848,54 +895,68 @@ def check_vllm(ctx: Context) -> Iterator[Result]:
     if ctx.handle is None:
         raise RuntimeError("needs step 3's model, which was not built")
     s, cfg = ctx.sizes, ctx.cfg
-    engine = None
+    box: dict = {}
     try:
         t0 = time.perf_counter()
-        engine = _start_engine(cfg)
+        together(lambda: box.update(engine=_start_engine(cfg)))
+        engine = box["engine"]
         start_s = time.perf_counter() - t0
         bucket_mb = cfg.rollout.sync_bucket_mb
-        first = _sync_weights(ctx.handle, ctx.groups, engine, bucket_mb)  # dummy weights -> the trainer's
-        rng = random.Random(5)
+        # dummy weights -> the trainer's (every rank: the export is a collective over TP/PP)
+        first = together(lambda: _sync_weights(ctx.handle, ctx.groups, engine, bucket_mb))
+        rng = random.Random(5)  # the same prompts on every rank (rollout TP > 1 needs them equal)
         max_len = engine.max_model_len
         max_tokens = min(s.gen_max_tokens, max_len // 2)
         p_len = min(s.gen_prompt_tokens, max_len - max_tokens)
         prompts = [[rng.randrange(ctx.arch.vocab_size) for _ in range(p_len)] for _ in range(s.gen_prompts)]
-        _generate(engine, prompts[:1], 2, seed=1)  # warm-up
-        _sync()
-        t0 = time.perf_counter()
-        completions = _generate(engine, prompts, max_tokens, seed=0)
-        _sync()
-        gen_s = time.perf_counter() - t0
+
+        def generate():
+            _generate(engine, prompts[:1], 2, seed=1)  # warm-up
+            _sync()
+            t0 = time.perf_counter()
+            out = _generate(engine, prompts, max_tokens, seed=0)
+            _sync()
+            if not any(c.token_ids for c in out):
+                raise RuntimeError("the engine generated no tokens")
+            return out, time.perf_counter() - t0
+
+        completions, gen_s = together(generate)
         num_gen = sum(len(c.token_ids) for c in completions)
         yield Result(
             "5a", "vllm engine", PASS,
             f"started in {start_s:.1f} s; {num_gen / gen_s:,.0f} tokens/s generating ({s.gen_prompts} prompts of "
-            f"{p_len} tokens, up to {max_tokens} new, one engine per rank, rollout TP "
+            f"{p_len} tokens, up to {max_tokens} new; one engine per rank, rollout TP "
             f"{cfg.rollout.tensor_parallel_size})",
             {"startup_seconds": start_s, "generated_tokens": num_gen, "generate_seconds": gen_s,
              "tokens_per_s_per_engine": num_gen / gen_s})
 
-        stats = _sync_weights(ctx.handle, ctx.groups, engine, bucket_mb) if not ctx.args.quick else first
+        # the steady state: a second sync (the first one also pays the engine's one-time set-up)
+        stats = first if ctx.args.quick else together(
+            lambda: _sync_weights(ctx.handle, ctx.groups, engine, bucket_mb))
         memcpy = _memcpy_gb_per_s(ctx)
         gbps = stats["bytes"] / stats["seconds"] / 1e9
         yield Result(
             "5b", "weight sync", PASS,
-            f"{gbps:,.3g} GB/s = {gbps / memcpy:.2f}x the device memcpy ({memcpy:,.3g} GB/s); "
+            f"{gbps:,.3g} GB/s = {gbps / memcpy:.2g}x the device memcpy ({memcpy:,.3g} GB/s); "
             f"{stats['bytes'] / 1e9:,.3g} GB in {stats['num_buckets']} bucket(s) of <= {bucket_mb} MiB"
-            + ("" if not ctx.args.quick else " (first sync)"),
+            + (" (first sync)" if ctx.args.quick else ""),
             {"gb_per_s": gbps, "memcpy_gb_per_s": memcpy, "fraction_of_memcpy": gbps / memcpy,
              "bytes": stats["bytes"], "seconds": stats["seconds"], "num_buckets": stats["num_buckets"],
              "first_sync_seconds": first["seconds"]})
 
-        kept = [(p, c) for p, c in zip(prompts, completions) if c.token_ids]
-        samples = [Sample(prompt_ids=p, response_ids=list(c.token_ids), advantage=0.0, is_demo=False, group=i,
-                          reward=0.0) for i, (p, c) in enumerate(kept)]
-        mbs = _pack(ctx, samples, budget=max(ctx.cfg.train.micro_batch_tokens, max(x.num_tokens for x in samples)))
-        per_mb = _trainer_logprobs(ctx.handle, mbs, ctx.groups)
-        trainer = per_sequence_values(mbs, [lp for lp, _ in per_mb], len(samples))
-        eng = torch.cat([torch.tensor(c.logprobs, dtype=torch.float64) for _, c in kept])
-        tr = torch.cat([t.double() for t in trainer])
-        st = mismatch_stats(eng, tr, torch.ones_like(eng, dtype=torch.bool))
+        def mismatch():
+            kept = [(p, c) for p, c in zip(prompts, completions) if c.token_ids]
+            samples = [Sample(prompt_ids=p, response_ids=list(c.token_ids), advantage=0.0, is_demo=False,
+                              group=i, reward=0.0) for i, (p, c) in enumerate(kept)]
+            budget = max(cfg.train.micro_batch_tokens, max(x.num_tokens for x in samples))
+            mbs = _pack(ctx, samples, budget=budget)
+            per_mb = _trainer_logprobs(ctx.handle, mbs, ctx.groups)
+            trainer = torch.cat([t.double() for t in per_sequence_values(mbs, [lp for lp, _ in per_mb],
+                                                                         len(samples))])
+            eng = torch.cat([torch.tensor(c.logprobs, dtype=torch.float64) for _, c in kept])
+            return mismatch_stats(eng, trainer, torch.ones_like(eng, dtype=torch.bool))
+
+        st = together(mismatch)
         dtype = _engine_dtype(cfg)
         limit = MISMATCH_LIMIT.get(dtype, 0.1)
         worst = float(cx.all_reduce(torch.tensor([st["abs_diff_mean"]], dtype=torch.float64), "max")[0])
@@ -905,11 +966,11 @@ def check_vllm(ctx: Context) -> Iterator[Result]:
                    "abs_diff_mean_max_over_ranks": worst, **{k: float(v) for k, v in st.items()}}
         status = PASS if worst <= limit else FAIL
         if status == FAIL:
-            text = f"mean |d logp| {worst:.3g} > {limit:g} (sync did not reach the engine?); " + text
+            text = f"mean |d logp| {worst:.3g} > {limit:g} (did the sync reach the engine?); " + text
         yield Result("5c", "mismatch", status, text, numbers)
     finally:
-        if engine is not None:
-            engine.close()
+        if box.get("engine") is not None:
+            box["engine"].close()
         _free_device_memory()
 
 
@@ -992,12 +1053,12 @@ def load_check_config(args, world_size: int, te_available: bool, on_gpu: bool, w
 
 
 def _run(ctx: Context, check: Callable[[Context], Iterator[Result]], cid: str, name: str,
-         sub_ids: tuple[str, ...] = ()) -> None:
+         subs: tuple[tuple[str, str], ...] = ()) -> None:
     """Run one check on every rank and print its lines (rank 0). ``check`` yields its lines as it goes.
 
     A :class:`Skip` before any line gives one SKIP line ``cid name``; an exception gives a FAIL line for the first
-    sub-check (``sub_ids``, else ``cid``) not yet reported, and the command goes on. Any rank's FAIL fails the
-    same line on rank 0 (its reason prefixed with the rank).
+    sub-check (``subs``: (id, name) pairs; else ``cid``) not yet reported, and the command goes on. Any rank's
+    FAIL fails the same line on rank 0 (its reason prefixed with the rank).
     """
     from ..distributed import collectives as cx
 
@@ -1008,14 +1069,12 @@ def _run(ctx: Context, check: Callable[[Context], Iterator[Result]], cid: str, n
             r.seconds, t0 = round(time.perf_counter() - t0, 2), time.perf_counter()
             results.append(r)
     except Skip as e:
-        if results:
-            raise RuntimeError(f"check {cid} skipped after reporting {results[-1].id}") from e
-        results.append(Result(cid, name, SKIP, str(e) or "not applicable here"))
+        if results:  # a check skips as a whole or not at all; the rest of its lines are missing: say so
+            results.append(Result(*_next_line(results, subs, cid, name), FAIL, f"skipped part-way: {e}"))
+        else:
+            results.append(Result(cid, name, SKIP, str(e) or "not applicable here"))
     except Exception as e:  # noqa: BLE001 - one line, and on to the next check
-        done = {r.id for r in results}
-        fid = next((i for i in sub_ids if i not in done), cid)
-        fname = next((r.name for r in results if r.id == fid), name)
-        results.append(Result(fid, fname if fid != cid else name, FAIL, _one_line(e)))
+        results.append(Result(*_next_line(results, subs, cid, name), FAIL, _one_line(e)))
     if ctx.groups is not None and cx.world_size() > 1:
         everyone = cx.all_gather_object([(r.id, r.status, r.detail) for r in results])
         for rank, theirs in enumerate(everyone):
@@ -1024,15 +1083,24 @@ def _run(ctx: Context, check: Callable[[Context], Iterator[Result]], cid: str, n
             for fid, status, detail in theirs:
                 if status != FAIL:
                     continue
+                if detail.startswith(PeerFailed.__name__):
+                    continue
                 mine = next((r for r in results if r.id == fid), None)
                 if mine is None:
-                    results.append(Result(fid, name, FAIL, f"rank {rank}: {detail}"))
-                elif mine.status != FAIL:
+                    fname = dict(subs).get(fid, name)
+                    results.append(Result(fid, fname, FAIL, f"rank {rank}: {detail}"))
+                elif mine.status != FAIL or mine.detail.startswith(PeerFailed.__name__):
                     mine.status, mine.detail = FAIL, f"rank {rank}: {detail}"
     for r in results:
         ctx.results.append(r)
         if ctx.is_printer:
             print(r.line(), flush=True)
+
+
+def _next_line(results: list[Result], subs: tuple[tuple[str, str], ...], cid: str, name: str) -> tuple[str, str]:
+    """(id, name) of the first sub-check not yet reported (``cid``, ``name`` for a single-line check)."""
+    done = {r.id for r in results}
+    return next(((i, n) for i, n in subs if i not in done), (cid, name))
 
 
 def _entry(ctx: Context, seconds: float) -> dict:
@@ -1124,10 +1192,11 @@ def main(args) -> int:
         _run(ctx, measure_h2d, "1c", "host->device")
         _run(ctx, measure_all_reduce, "2", "all-reduce")
         world = _skip_without_world if ctx.world_error else None
-        _run(ctx, world or check_train_step, "3", "train step", ("3a", "3b"))
+        _run(ctx, world or check_train_step, "3", "train step", (("3a", "train step"), ("3b", "MFU datasheet")))
         _run(ctx, world or check_logprob_op, "4", "logprob op")
-        _run(ctx, world or check_vllm, "5", "vllm", ("5a", "5b", "5c"))
-        _run(ctx, world or check_transformer_engine, "6", "TE step", ("6a", "6b"))
+        _run(ctx, world or check_vllm, "5", "vllm",
+             (("5a", "vllm engine"), ("5b", "weight sync"), ("5c", "mismatch")))
+        _run(ctx, world or check_transformer_engine, "6", "TE step", (("6a", "TE bf16 step"), ("6b", "TE FP8 step")))
         ctx.handle = None
         _free_device_memory()
         entry = _entry(ctx, time.perf_counter() - started)
