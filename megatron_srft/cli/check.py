@@ -675,7 +675,6 @@ def time_training_step(ctx: Context, mcfg) -> tuple[dict, Any]:
     Returns (numbers, handle); the slowest rank's mean step time is the step time. Every rank returns the same
     numbers (they are reduced over the world).
     """
-    from ..config import OptimizerConfig
     from ..distributed import collectives as cx
     from ..distributed.layout import model_flops
     from ..models.builder import build_model, build_optimizer
@@ -684,7 +683,7 @@ def time_training_step(ctx: Context, mcfg) -> tuple[dict, Any]:
 
     def build():
         handle = build_model(ctx.arch, mcfg, cfg.parallel)
-        return handle, build_optimizer(handle, OptimizerConfig(lr=1e-6, clip_grad=1.0), mcfg, cfg.parallel)
+        return handle, build_optimizer(handle, cfg.optimizer, mcfg, cfg.parallel)
 
     handle, optimizer = together(build)
     samples = _step_samples(ctx)
@@ -984,6 +983,8 @@ def check_transformer_engine(ctx: Context) -> Iterator[Result]:
     base = ctx.cfg.model
     ctx.handle = None  # step 3's model is done with: free it for these builds
     _free_device_memory()
+    if ctx.arch is None:  # step 3 failed before reading the shapes
+        prepare_model(ctx)
     bf16_cfg = dataclasses.replace(base, transformer_impl="transformer_engine", params_dtype="bf16", fp8=None,
                                    fp8_param=False)
     step3_is_te_bf16 = ctx.step3.get("spec") == "TE spec, bf16"
@@ -1177,7 +1178,7 @@ def main(args) -> int:
         shape = default_shape(on_gpu, args.quick, gpu_mem)
         cfg = load_check_config(args, world_size, te, on_gpu, workdir, shape)
         sizes = choose_sizes(on_gpu, args.quick, cfg.parallel.pipeline_model_parallel_size)
-        sizes.model_shape = None if args.config else shape
+        sizes.model_shape = shape if cfg.model.path == str(workdir / "model") else None  # synthesized?
         ctx = Context(args=args, cfg=cfg, sizes=sizes, on_gpu=on_gpu, device=device, workdir=workdir,
                       rank=int(os.environ.get("RANK", "0")), world_size=world_size)
         start_world(ctx)
