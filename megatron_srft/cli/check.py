@@ -1035,6 +1035,12 @@ def load_check_config(args, world_size: int, te_available: bool, on_gpu: bool, w
         if not cfg.model.path:
             raise ConfigError("model.path: srft check --config needs the model's directory (its config.json gives "
                               "the shapes; the weights are not loaded)")
+        from ..checkpoint.convert import resolve_source
+
+        try:  # a bad model.path is the user's to fix: one line, exit 2, before any check
+            resolve_source(cfg.model.path)
+        except ConfigError as e:
+            raise ConfigError(f"model.path: {e}") from None
         return cfg
     if any(o.split("=", 1)[0].strip() == "model.path" for o in user):
         model_path = None
