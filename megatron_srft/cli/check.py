@@ -1137,28 +1137,35 @@ def _card_key(card: str) -> str:
     return "check/" + "".join(c if c.isalnum() else "_" for c in card.lower()).strip("_")
 
 
+def read_results_file(path: Path) -> Any:
+    """The ``--out`` file's JSON: a list, or a benchmarks file (a dict with ``runs``); [] when it does not exist.
+    Read once before the checks too, so that a file we could not append to fails the command before the run."""
+    from ..errors import UserError
+
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text() or "[]")
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); pass another --out") from None
+    if isinstance(data, list) or (isinstance(data, dict) and isinstance(data.get("runs"), dict)):
+        return data
+    raise UserError(f"{path}: expected a JSON list (or a benchmarks file with 'runs'); pass another --out")
+
+
 def append_results(path: Path, entry: dict) -> None:
     """Append ``entry`` to the JSON list in ``path`` (created if missing), or, for a benchmarks file
     (``{"runs": {...}}``), set ``runs["check/<card>"]`` in benchmarks/run.py's format. Written to a temporary
     file and renamed, so an interrupted write never leaves a half file."""
-    from ..errors import UserError
-
-    data: Any = []
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text() or "[]")
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); pass another --out") from None
-    if isinstance(data, dict) and isinstance(data.get("runs"), dict):
+    data = read_results_file(path)
+    if isinstance(data, dict):
         data["runs"][_card_key(entry["card"])] = {
             "date": entry["date"], "machine": entry["machine"], "seconds": entry["seconds"],
             "status": "ok" if entry["summary"][FAIL] == 0 else "failed", "results": entry}
         text = json.dumps(data, indent=1, sort_keys=True) + "\n"
-    elif isinstance(data, list):
+    else:
         data.append(entry)
         text = json.dumps(data, indent=1) + "\n"
-    else:
-        raise UserError(f"{path}: expected a JSON list (or a benchmarks file with 'runs'); pass another --out")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
@@ -1179,6 +1186,7 @@ def main(args) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     gpu_mem = torch.cuda.get_device_properties(device).total_memory / GIB if gpu_ok else 0.0
     te = bool(on_gpu and _module_version("transformer_engine"))
+    read_results_file(Path(args.out))  # before the run: results that could not be written would be lost
     workdir = Path(tempfile.mkdtemp(prefix="srft_check_"))
     try:
         shape = default_shape(on_gpu, args.quick, gpu_mem)

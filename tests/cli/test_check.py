@@ -167,6 +167,9 @@ def test_append_results_list_and_benchmarks_file(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(UserError, match="bad.json: not valid JSON"):
         check.append_results(bad, entry)
+    bad.write_text('{"a": 1}')
+    with pytest.raises(UserError, match="expected a JSON list"):
+        check.read_results_file(bad)  # main() reads --out before running any check
 
 
 def test_sizes_cover_the_issue_shapes():
