@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "make-toy": ("megatron_srft.cli.make_toy", "Write the CPU toy task: char tokenizer, tiny Qwen2 config, problems."),
     "config": ("megatron_srft.cli.config", "Print the resolved config (--print) or the config reference."),
     "launch": ("megatron_srft.cli.launch", "Print or run the torchrun command for a single- or multi-node job."),
+    "check": ("megatron_srft.cli.check", "Validate this node and measure it: CUDA/NCCL, a Megatron step's MFU, vLLM, TE."),
 }
 
 

@@ -1,0 +1,196 @@
+"""`srft check`: the whole command on CPU (one process, and 2 gloo ranks under torchrun), every check's line and
+status, the JSON it appends; the datasheet table; a failing check does not stop the others."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_srft.cli import check
+from megatron_srft.errors import UserError
+
+REPO = Path(__file__).resolve().parents[2]
+LINE = re.compile(r"^(\w+)\s+(.+?)\s+(PASS|FAIL|SKIP)\s+(.*)$")
+# The lines of a CPU run with vLLM importable and no Transformer Engine, in order.
+CPU_IDS = ["1a", "1b", "1c", "2", "3a", "3b", "4", "5a", "5b", "5c", "6"]
+
+
+def _srft_check(out: Path, *extra: str, nproc: int = 1, timeout: int = 600) -> tuple[int, dict, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "megatron_srft", "check", "--quick", "--out", str(out), *extra]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m",
+               "megatron_srft", "check", "--quick", "--out", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO))
+    lines = {}
+    for line in proc.stdout.splitlines():
+        m = LINE.match(line)
+        if m and m.group(1) in CPU_IDS:
+            lines[m.group(1)] = (m.group(3), m.group(4))
+    return proc.returncode, lines, proc.stdout + proc.stderr[-3000:]
+
+
+def _assert_cpu_run(rc: int, lines: dict, log: str, out: Path, world: int) -> dict:
+    assert rc == 0, log
+    assert list(lines) == CPU_IDS, log  # every line, once, in the issue's order (rank 0 only prints)
+    status = {k: v[0] for k, v in lines.items()}
+    skipped = {"1c", "3b", "6"} | ({"2"} if world == 1 else set())
+    assert {k for k, v in status.items() if v == "SKIP"} == skipped, log
+    assert all(status[k] == "PASS" for k in CPU_IDS if k not in skipped), log
+    assert "no CUDA device" in lines["1c"][1] and "Transformer Engine" in lines["6"][1]
+    assert "tokens/s/device" in lines["3a"][1] and "MFU" in lines["3a"][1]
+    entries = json.loads(out.read_text())
+    assert isinstance(entries, list) and len(entries) == 1
+    entry = entries[0]
+    assert entry["card"] == "cpu" and entry["world_size"] == world and entry["quick"] is True
+    assert entry["versions"]["torch"] and entry["versions"]["megatron_core"] and "date" in entry
+    assert [c["id"] for c in entry["checks"]] == CPU_IDS
+    assert entry["summary"] == {"PASS": len(CPU_IDS) - len(skipped), "FAIL": 0, "SKIP": len(skipped)}
+    by_id = {c["id"]: c for c in entry["checks"]}
+    assert by_id["3a"]["numbers"]["tokens_per_s_per_device"] > 0
+    assert 0 < by_id["3a"]["numbers"]["mfu_vs_measured"] < 1.5  # vs the measured rate: noisy on a shared CPU
+    assert by_id["5c"]["numbers"]["abs_diff_mean"] < 1e-3  # fp32 engine and trainer agree after the sync
+    assert by_id["4"]["numbers"]["max_abs_error"] < 1e-4
+    return entry
+
+
+@pytest.mark.slow
+def test_check_quick_one_process(tmp_path):
+    out = tmp_path / "check.json"
+    rc, lines, log = _srft_check(out)
+    _assert_cpu_run(rc, lines, log, out, world=1)
+    assert "world of 1 rank" in lines["2"][1]
+
+
+@pytest.mark.slow
+def test_check_quick_two_gloo_ranks(tmp_path):
+    out = tmp_path / "check.json"
+    rc, lines, log = _srft_check(out, nproc=2)
+    entry = _assert_cpu_run(rc, lines, log, out, world=2)
+    assert "gloo, 2 ranks" in lines["2"][1]
+    assert entry["layout"] == {"tp": 1, "pp": 1, "dp": 2}
+
+
+@pytest.mark.slow
+def test_check_quick_config_tp2(tmp_path, tiny_qwen2):
+    """--config: the config's model and layout (TP 2 over 2 ranks): the vocab-parallel op, TP export into vLLM."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"model: {{path: {tiny_qwen2}, params_dtype: fp32, transformer_impl: local}}\n"
+        "parallel: {tensor_model_parallel_size: 2}\n"
+        "data: {max_prompt_length: 16, max_response_length: 48}\n"
+        "rollout: {dtype: fp32, sync_bucket_mb: 16}\n"
+        "train: {micro_batch_tokens: 256, prompts_per_step: 2, prompts_per_minibatch: 2}\n")
+    out = tmp_path / "check.json"
+    rc, lines, log = _srft_check(out, "--config", str(cfg), nproc=2)
+    entry = _assert_cpu_run(rc, lines, log, out, world=2)
+    assert entry["layout"] == {"tp": 2, "pp": 1, "dp": 1} and entry["config"] == str(cfg)
+    assert "/2]" in lines["4"][1]  # the op ran on vocab shards
+
+
+# ----------------------------------------------------------------------------------------------- pieces
+
+
+@pytest.mark.parametrize("name,label,peak", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM", 989.0),
+    ("NVIDIA H100 PCIe", "H100 PCIe", 756.0),
+    ("NVIDIA H200", "H200", 989.0),
+    ("NVIDIA GH200 480GB", "H200", 989.0),
+    ("NVIDIA A100-SXM4-80GB", "A100", 312.0),
+    ("NVIDIA A100 80GB PCIe", "A100", 312.0),
+])
+def test_datasheet_peak_known_cards(name, label, peak):
+    assert check.datasheet_peak(name) == (label, peak)
+
+
+@pytest.mark.parametrize("name", ["NVIDIA H100 NVL", "NVIDIA H200 NVL", "NVIDIA GeForce RTX 4090", "cpu"])
+def test_datasheet_peak_unknown_cards(name):
+    assert check.datasheet_peak(name) is None
+
+
+def _ctx() -> check.Context:
+    import torch
+
+    sizes = check.choose_sizes(on_gpu=False, quick=True, pp_size=1)
+    return check.Context(args=argparse.Namespace(quick=True, config=None), cfg=None, sizes=sizes, on_gpu=False,
+                         device=torch.device("cpu"), workdir=Path("."))
+
+
+def test_a_failing_check_prints_one_line_and_the_next_runs(capsys):
+    ctx = _ctx()
+
+    def partial(ctx):
+        yield check.Result("5a", "vllm engine", check.PASS, "ok")
+        raise RuntimeError("engine fell over\nwith a long trace")
+
+    def skipped(ctx):
+        raise check.Skip("not here")
+        yield
+
+    def fine(ctx):
+        yield check.Result("4", "logprob op", check.PASS, "fast")
+
+    check._run(ctx, partial, "5", "vllm", (("5a", "vllm engine"), ("5b", "weight sync"), ("5c", "mismatch")))
+    check._run(ctx, skipped, "6", "TE step", (("6a", "TE bf16 step"), ("6b", "TE FP8 step")))
+    check._run(ctx, fine, "4", "logprob op")
+    printed = capsys.readouterr().out.splitlines()
+    assert [LINE.match(p).group(1, 3) for p in printed] == [("5a", "PASS"), ("5b", "FAIL"), ("6", "SKIP"),
+                                                              ("4", "PASS")]
+    assert printed[1].endswith("RuntimeError: engine fell over") and "weight sync" in printed[1]
+    assert printed[2].endswith("not here") and "TE step" in printed[2]
+    assert [r.status for r in ctx.results] == ["PASS", "FAIL", "SKIP", "PASS"]
+
+
+def test_append_results_list_and_benchmarks_file(tmp_path):
+    entry = {"card": "NVIDIA H100 80GB HBM3", "date": "d", "machine": {}, "seconds": 1.0,
+             "summary": {"PASS": 3, "FAIL": 0, "SKIP": 1}}
+    listing = tmp_path / "out.json"
+    check.append_results(listing, entry)
+    check.append_results(listing, dict(entry, date="e"))
+    assert [e["date"] for e in json.loads(listing.read_text())] == ["d", "e"]
+    bench = tmp_path / "results.json"
+    bench.write_text(json.dumps({"runs": {"logprob": {"status": "ok"}}}))
+    check.append_results(bench, entry)
+    runs = json.loads(bench.read_text())["runs"]
+    assert runs["logprob"] == {"status": "ok"}
+    assert runs["check/nvidia_h100_80gb_hbm3"]["status"] == "ok"
+    assert runs["check/nvidia_h100_80gb_hbm3"]["results"] == entry
+    assert not list(tmp_path.glob(".*tmp*"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(UserError, match="bad.json: not valid JSON"):
+        check.append_results(bad, entry)
+    bad.write_text('{"a": 1}')
+    with pytest.raises(UserError, match="expected a JSON list"):
+        check.read_results_file(bad)  # main() reads --out before running any check
+
+
+def test_sizes_cover_the_issue_shapes():
+    gpu = check.choose_sizes(on_gpu=True, quick=False, pp_size=1)
+    assert (gpu.logprob_tokens, gpu.logprob_vocab) == (16384, 152064)
+    assert check.default_shape(True, False, 79.1) == "qwen2.5-1.5b"
+    assert check.default_shape(True, True, 79.1) == "qwen2.5-0.5b"
+    assert check.default_shape(False, False, 0.0) == "tiny"
+    assert check.choose_sizes(on_gpu=False, quick=True, pp_size=4).num_micro_batches == 4
+
+
+def test_config_errors_are_one_line_and_fp8_configs_load_without_te(tmp_path, tiny_qwen2):
+    from megatron_srft.errors import ConfigError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"model: {{path: {tmp_path / 'missing'}}}\n")
+    args = argparse.Namespace(config=str(bad), overrides=[], quick=True)
+    with pytest.raises(ConfigError, match=r"^model.path: .*missing: not a directory$"):
+        check.load_check_config(args, 1, False, False, tmp_path, "tiny")
+    fp8 = tmp_path / "fp8.yaml"
+    fp8.write_text(f"model: {{path: {tiny_qwen2}, fp8: hybrid, transformer_impl: transformer_engine}}\n")
+    cfg = check.load_check_config(argparse.Namespace(config=str(fp8), overrides=[], quick=True), 1,
+                                  False, False, tmp_path, "tiny")
+    assert cfg.model.fp8 is None and cfg.model.transformer_impl == "local"  # step 3 runs; check 6 says why not
