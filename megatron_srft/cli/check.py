@@ -585,27 +585,39 @@ def _release_optimizer(handle) -> None:
 
 
 def _start_engine(cfg):
-    """The rollout engine on the config (dummy weights: the first sync brings the trainer's)."""
-    from ..rollout.vllm_engine import RolloutEngine
+    """The rollout engine on the config (dummy weights: the first sync brings the trainer's), settings resolved
+    by the one resolver the training run uses."""
+    from ..models.arch import load_arch
+    from ..rollout.base import engine_class, resolve_engine_settings
 
-    return RolloutEngine.from_config(cfg, cfg.model.path, load_format="dummy")
+    s = resolve_engine_settings(cfg.rollout, cfg.model.params_dtype, load_arch(cfg.model.path).max_position_embeddings,
+                                cfg.data.max_prompt_length + cfg.data.max_response_length)
+    return engine_class(cfg.rollout.engine)(cfg.rollout, cfg.model.path, dtype=s.dtype, seed=s.seed,
+                                            max_model_len=s.max_model_len, load_format="dummy")
 
 
 def _engine_dtype(cfg) -> str:
-    from ..rollout.vllm_engine import resolve_dtype
+    from ..rollout.base import resolve_dtype
 
     return resolve_dtype(cfg.rollout.dtype, cfg.model.params_dtype)
 
 
 def _sync_weights(handle, groups, engine, bucket_mb: int) -> dict:
+    """Fresh parameters (overlapped param gather), then the trainer's weights into this rank's engine shard."""
     from ..rollout.sync import sync_weights
+    from ..training.step import sync_parameters
 
+    sync_parameters(handle.chunks)
     return sync_weights(handle.chunks, handle.arch, groups, engine, bucket_mb)
 
 
 def _generate(engine, prompts: list[list[int]], max_tokens: int, seed: int) -> list:
     """One sample per prompt at temperature 1: [num_prompts] Completions (token_ids, logprobs)."""
-    return [per[0] for per in engine.generate(prompts, n=1, temperature=1.0, max_tokens=max_tokens, seed=seed)]
+    from ..rollout.base import sequential_seeds
+
+    out = engine.generate(prompts, n=1, temperature=1.0, max_tokens=max_tokens,
+                          seeds=sequential_seeds(seed, len(prompts), 1))
+    return [per[0] for per in out]
 
 
 # ============================================================================================ check 3
@@ -1027,11 +1039,13 @@ def load_check_config(args, world_size: int, te_available: bool, on_gpu: bool, w
     spec and check 6 says why it skips) instead of failing the load: the check is for nodes that may lack TE.
     """
     from ..config import ConfigError, load_config
+    from ..distributed.layout import validate_layout
 
     user = list(args.overrides)
     if args.config:
         no_te = [] if te_available else ["model.fp8=null", "model.fp8_param=false", "model.transformer_impl=local"]
-        cfg = load_config(args.config, user + no_te, world_size=world_size)
+        cfg = load_config(args.config, user + no_te)
+        validate_layout(cfg, world_size)
         if not cfg.model.path:
             raise ConfigError("model.path: srft check --config needs the model's directory (its config.json gives "
                               "the shapes; the weights are not loaded)")
@@ -1047,7 +1061,7 @@ def load_check_config(args, world_size: int, te_available: bool, on_gpu: bool, w
     else:
         model_path = str(synthesize_model_dir(shape, workdir / "model"))
     defaults = [f"model.params_dtype={'bf16' if on_gpu else 'fp32'}", "parallel.timeout_minutes=10",
-                "rollout.sleep_between_steps=false",  # the check never puts the engine to sleep
+                "rollout.sleep_level=0",  # the check never puts the engine to sleep
                 f"train.prompts_per_step={world_size}", f"train.prompts_per_minibatch={world_size}"]
     if model_path:
         defaults.append(f"model.path={model_path}")
@@ -1056,7 +1070,9 @@ def load_check_config(args, world_size: int, te_available: bool, on_gpu: bool, w
     else:
         defaults += ["data.max_prompt_length=16", "data.max_response_length=48", "train.micro_batch_tokens=256",
                      "rollout.sync_bucket_mb=16"]
-    return load_config(None, defaults + user, world_size=world_size)
+    cfg = load_config(None, defaults + user)
+    validate_layout(cfg, world_size)
+    return cfg
 
 
 def _run(ctx: Context, check: Callable[[Context], Iterator[Result]], cid: str, name: str,
