@@ -232,6 +232,11 @@ class TrainConfig:
     prompts_per_minibatch: int = _f(64, "Prompts per optimizer step (paper 64: 2 optimizer steps per rollout step).")
     micro_batch_tokens: int = _f(16384, "Token budget of one packed micro-batch per rank.")
     sequence_packing: bool = _f(True, "Pack sequences into micro-batches (else pad, one sequence per row).")
+    old_logprobs: Literal["recompute", "engine"] = _f(
+        "recompute", "pi_old of the PPO ratio: `recompute` = the trainer's log-probs before the step's first update "
+        "(free for the first mini-batch: its own forward; one forward-only pass for the others); `engine` = the "
+        "rollout engine's log-probs (no pass at all; the ratio pi_theta / pi_engine corrects for the engine/trainer "
+        "mismatch and the PPO clip truncates it, verl's bypass mode).")
     reward: Literal["math", "exact"] = _f("math", "Reward function (megatron_srft/rewards).")
     reward_timeout_s: float = _f(10.0, "Per-sample verifier timeout; a timeout scores 0.")
     reward_workers: int = _f(2, "Verifier worker processes on each rollout engine's leader rank.")

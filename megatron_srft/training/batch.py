@@ -97,6 +97,7 @@ class MicroBatch:
     engine_logprob: Optional[torch.Tensor]
     num_sequences: int  # real sequences (padding segment not counted)
     max_seqlen: int  # longest segment, for THD attention kernels
+    old_from_engine: bool = False  # old_logprob holds the engine's log-probs (train.old_logprobs = engine)
 
     @property
     def num_tokens(self) -> int:

@@ -256,16 +256,22 @@ def split_minibatches(samples: list, num_minibatches: int, micro_batch_tokens: i
     return out
 
 
-def attach_old_logprobs(policy: Policy, minibatches: list, settings) -> None:
+def attach_old_logprobs(policy: Policy, minibatches: list, settings, source: str = "recompute") -> None:
     """pi_old on every rollout token, computed where it carries information.
 
-    The first mini-batch is trained before any update of this rollout batch, so its pi_old is its own training
-    forward's log-prob, detached (``old_logprob = None``; training/step.py token_batch): no extra pass, and with
-    one optimizer step per rollout batch none at all. Later mini-batches need the pre-update policy: one
-    forward-only pass over them, now. Presets without rollouts have no ratio to compute: no pass.
+    ``recompute``: the first mini-batch is trained before any update of this rollout batch, so its pi_old is its
+    own training forward's log-prob, detached (``old_logprob = None``; training/step.py token_batch): no extra
+    pass, and with one optimizer step per rollout batch none at all. Later mini-batches need the pre-update policy:
+    one forward-only pass over them, now. ``engine``: pi_old is the engine's log-prob everywhere; no pass. Presets
+    without rollouts have no ratio to compute: no pass.
     """
     from .step import forward_logprobs
 
+    if source == "engine":
+        for mbs, _ in minibatches:
+            for mb in mbs:
+                mb.old_logprob, mb.old_from_engine = mb.engine_logprob, mb.engine_logprob is not None
+        return
     for mbs, _ in minibatches[:1]:
         for mb in mbs:
             mb.old_logprob = None
@@ -441,7 +447,7 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
             minibatches = split_minibatches(samples, num_minibatches, cfg.train.micro_batch_tokens,
                                             cfg.train.sequence_packing, pad_multiple)
             with timer("old_logprob"):
-                attach_old_logprobs(policy, minibatches, settings)
+                attach_old_logprobs(policy, minibatches, settings, cfg.train.old_logprobs)
             with timer("train"):
                 train_metrics = update_policy(policy, minibatches, settings, cfg, step)
             metrics = {**reduce_stats(stats, groups), **batch.metrics, **train_metrics, **timer.as_metrics()}

@@ -299,8 +299,10 @@ def train_minibatch(chunks: list, optimizer, micro_batches: Sequence[MicroBatch]
             loss_sum = loss_sum + loss.detach().double().to(loss_sum.device)
             accumulate(metric_sums, metrics)
             if batch.engine_logprob is not None:
+                # engine vs trainer: pi_old, or (pi_old being the engine's own) this forward's log-prob
                 rollout = batch.loss_mask.bool() & ~batch.is_demo.bool()
-                accumulate(metric_sums, mismatch_sums(batch.engine_logprob, batch.old_logprob, rollout))
+                trainer = lp.detach() if mb.old_from_engine else batch.old_logprob
+                accumulate(metric_sums, mismatch_sums(batch.engine_logprob, trainer, rollout))
             return loss * undo_schedule, {}
 
         return out, loss_func

@@ -123,15 +123,18 @@ def _old_logprob_saving_and_nonfinite(hf_dir, samples):
 
     settings = resolve(AlgorithmConfig(preset="srft"))
     out = {}
-    for mode in ("recomputed", "own_forward"):
+    for mode in ("recomputed", "own_forward", "engine"):
         groups, handle, opt, arch = setup_rank(hf_dir, 1, 1)
         mbs = pack_micro_batches(samples, BUDGET)
         if mode == "recomputed":
             for mb, (lp, _) in zip(mbs, forward_logprobs(handle.chunks, mbs, groups, arch.vocab_size)):
                 mb.old_logprob = lp
-        else:
+        elif mode == "own_forward":
             for mb in mbs:
                 mb.old_logprob = None
+        else:  # train.old_logprobs = engine, with an engine that agrees with the trainer exactly
+            for mb, (lp, _) in zip(mbs, forward_logprobs(handle.chunks, mbs, groups, arch.vocab_size)):
+                mb.engine_logprob, mb.old_logprob, mb.old_from_engine = lp, lp, True
         metrics = train_minibatch(handle.chunks, opt, mbs, settings, groups, arch.vocab_size)
         out[mode] = {"metrics": metrics, "params": full_params(handle, arch, groups)}
 
@@ -150,11 +153,13 @@ def _old_logprob_saving_and_nonfinite(hf_dir, samples):
 
 def test_old_logprob_saving_and_nonfinite_guard(hf_dir, samples):
     (res,) = run_ranks(_old_logprob_saving_and_nonfinite, 1, hf_dir, samples)
-    a, b = res["recomputed"], res["own_forward"]
-    for key in ("loss", "grad_norm", "loss_rl_pos", "loss_rl_neg", "ratio_mean", "clip_frac"):
-        assert b["metrics"][key] == pytest.approx(a["metrics"][key], rel=1e-6, abs=1e-7), key
-    assert b["metrics"]["ratio_max"] == pytest.approx(1.0, abs=1e-6)  # pi_old = pi_theta in value
-    for name, p in a["params"].items():
-        assert float(np.abs(b["params"][name] - p).max()) <= 1e-6, name
+    a = res["recomputed"]
+    for b in (res["own_forward"], res["engine"]):
+        for key in ("loss", "grad_norm", "loss_rl_pos", "loss_rl_neg", "ratio_mean", "clip_frac"):
+            assert b["metrics"][key] == pytest.approx(a["metrics"][key], rel=1e-6, abs=1e-7), key
+        assert b["metrics"]["ratio_max"] == pytest.approx(1.0, abs=1e-6)  # pi_old = pi_theta in value
+        for name, p in a["params"].items():
+            assert float(np.abs(b["params"][name] - p).max()) <= 1e-6, name
+    assert res["engine"]["metrics"]["mismatch_abs_mean"] <= 1e-6  # logged in engine mode too
     bad = res["nonfinite"]
     assert bad["metrics"]["num_skipped"] == 1.0 and bad["unchanged"]
