@@ -154,7 +154,8 @@ class RolloutConfig:
     temperature: float = _f(1.0, "Sampling temperature (paper: 1.0).")
     top_p: float = _f(1.0, "Nucleus sampling.")
     max_tokens: Optional[int] = _f(None, "Max new tokens; null = data.max_response_length.")
-    stop: list[str] = _f([], "Extra stop strings.")
+    stop: list[str] = _f([], "Stop strings: a response ends with the token that completes one (its token ids are "
+                             "cut there; e.g. '</answer>'). Besides the model's EOS.")
     seed: int = _f(0, "Sampling seed.")
     tensor_parallel_size: int = _f(
         1, "Ranks per vLLM engine (rollout TP). Every rank belongs to one engine; engines = world / this "

@@ -37,9 +37,10 @@ class Engine(Protocol):
     with the same arguments (SPMD); each rank holds one engine object."""
 
     def generate(self, prompt_token_ids: list[list[int]], *, n: int, temperature: float, top_p: float,
-                 max_tokens: int, seeds: Optional[list[int]] = None,
-                 stop_token_ids: Optional[list[int]] = None) -> list[list[Completion]]:
-        """``n`` completions per prompt ([num_prompts][n]); prompt i's sample j uses seed ``seeds[i] + j``."""
+                 max_tokens: int, seeds: Optional[list[int]] = None, stop_token_ids: Optional[list[int]] = None,
+                 stop: Optional[list[str]] = None) -> list[list[Completion]]:
+        """``n`` completions per prompt ([num_prompts][n]); prompt i's sample j uses seed ``seeds[i] + j``; a
+        response ends after the token that completes a ``stop`` string."""
 
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Load ``(hf_name, full tensor)`` pairs covering the whole model (consumed lazily); returns the count."""

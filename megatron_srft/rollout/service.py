@@ -218,7 +218,7 @@ class RolloutService:
             if mine:
                 outs = self.engine.generate(
                     [p.prompt_ids for p in mine], n=num_rollouts, temperature=self.cfg.rollout.temperature,
-                    top_p=self.cfg.rollout.top_p, max_tokens=self.max_tokens,
+                    top_p=self.cfg.rollout.top_p, max_tokens=self.max_tokens, stop=self.cfg.rollout.stop or None,
                     seeds=[step_seed(self.cfg.rollout.seed, step) + g * num_rollouts for g in share])
             gen_s = time.perf_counter() - t_gen
             self._rest()
@@ -313,7 +313,8 @@ class RolloutService:
             outs = self.engine.generate([p.prompt_ids for p in mine], n=n_samples, temperature=temperature,
                                         top_p=top_p, max_tokens=self.max_tokens,
                                         seeds=[base + g * n_samples for g in share],
-                                        stop_token_ids=[self.tokenizer.eos_token_id])
+                                        stop_token_ids=[self.tokenizer.eos_token_id],
+                                        stop=self.cfg.rollout.stop or None)
         self._rest()
         records, timeouts = grade(mine, outs, self.tokenizer, self.pool, keep_text=keep_records) \
             if self.is_leader else ([], 0)

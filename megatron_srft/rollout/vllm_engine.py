@@ -27,6 +27,7 @@ buffers. vLLM's CPU worker has no sleep mode: there these calls only record the 
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -51,6 +52,38 @@ _MIN_CPU_HEAD_DIM = 32
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0] if text else exc.__class__.__name__)[:300]
+
+
+class ExpectedReloadWarnings(logging.Filter):
+    """Drops vLLM's "X: Failed to load weights" warnings that every healthy weight sync produces.
+
+    vLLM's in-place reload (``reload_weights``) warns for each layer that received no tensor and got its previous
+    tensors back. A sync sends every weight of the HF checkpoint, so two kinds of layer legitimately receive
+    none: rotary embeddings (their cos/sin cache is computed, never loaded) and, with tied embeddings, the LM head
+    (it shares the embedding, which is sent). A newcomer sees "Failed" at every step of a healthy run; the same
+    warning for any other layer (a real missing weight) stays visible.
+    """
+
+    LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+    def __init__(self, tied_lm_head: bool) -> None:
+        super().__init__()
+        self.expected = {"ParallelLMHead"} if tied_lm_head else set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.endswith(": Failed to load weights"):
+            return True
+        layer = message.split(":", 1)[0]
+        return not (layer.endswith("RotaryEmbedding") or layer in self.expected)
+
+    @classmethod
+    def install(cls, tied_lm_head: bool) -> None:
+        """Once per process (replacing an earlier one: the last engine's model decides about the LM head)."""
+        logger = logging.getLogger(cls.LOGGER)
+        for f in [f for f in logger.filters if isinstance(f, cls)]:
+            logger.removeFilter(f)
+        logger.addFilter(cls(tied_lm_head))
 
 
 def _refresh_tied_output_layer(worker) -> bool:
@@ -123,6 +156,9 @@ class VllmEngine:
             raise UserError(f"rollout engine failed to start for {self.model_dir}: {_first_line(e)}") from e
         self.startup_seconds = time.perf_counter() - start
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
+        from ..models.arch import load_arch
+
+        ExpectedReloadWarnings.install(tied_lm_head=load_arch(self.model_dir).tie_word_embeddings)
 
     # ------------------------------------------------------------------------------------------ set-up
 
@@ -175,13 +211,17 @@ class VllmEngine:
 
     def generate(self, prompt_token_ids: list[list[int]], *, n: int = 1, temperature: float = 1.0,
                  top_p: float = 1.0, max_tokens: int = 16, seeds: Optional[list[int]] = None,
-                 stop_token_ids: Optional[list[int]] = None) -> list[list[Completion]]:
+                 stop_token_ids: Optional[list[int]] = None,
+                 stop: Optional[list[str]] = None) -> list[list[Completion]]:
         """Sample ``n`` completions per prompt. Returns [num_prompts][n] :class:`Completion`.
 
         Seeds: prompt i's samples use seed ``seeds[i] + j`` (j = sample index, vLLM adds j itself); the caller
         makes them a function of the prompt's identity (rollout/service.py: seed, step, global prompt index), so
         a sample does not depend on which engine drew it or what else was in the batch. None = unseeded.
-        ``temperature=0`` is greedy. A response stops at ``max_tokens`` or at ``max_model_len`` tokens in all.
+        ``temperature=0`` is greedy. A response stops at ``max_tokens``, at ``max_model_len`` tokens in all, at a
+        stop token id, or at a ``stop`` string: vLLM then detokenizes as it samples and ends the response with the
+        token that completes the string (the token ids, which the trainer learns from, keep that token and nothing
+        after it; finish_reason "stop").
         """
         llm = self._require_llm()
         if n < 1:
@@ -205,7 +245,7 @@ class VllmEngine:
             params.append(SamplingParams(
                 n=n, temperature=temperature, top_p=top_p, max_tokens=min(max_tokens, room),
                 stop_token_ids=list(stop_token_ids or []), seed=None if seeds is None else int(seeds[i]),
-                logprobs=0, detokenize=False,
+                logprobs=0, detokenize=bool(stop), stop=list(stop or []), include_stop_str_in_output=True,
             ))
         prompts = [TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompt_token_ids]
         try:

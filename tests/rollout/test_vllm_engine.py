@@ -173,3 +173,44 @@ def test_engine_start_failure_is_one_line(tmp_path, hf_dir):
     with pytest.raises(UserError, match="failed to start") as e:
         VllmEngine(RolloutConfig(), str(d), dtype="fp32", seed=0, max_model_len=32)
     assert "\n" not in str(e.value) and str(d) in str(e.value)
+
+
+def test_healthy_sync_prints_no_failed_line_but_real_ones_stay(engine, hf_dir):
+    import logging
+
+    from safetensors.torch import load_file
+
+    from megatron_srft.rollout.vllm_engine import ExpectedReloadWarnings
+
+    seen = []
+
+    class Capture(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    logger = logging.getLogger(ExpectedReloadWarnings.LOGGER)
+    handler = Capture(level=logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        weights = load_file(str(hf_dir / "model.safetensors"))
+        engine.update_weights(iter(weights.items()))  # tied model: rotary cache and LM head receive nothing
+        assert not [m for m in seen if "Failed" in m], seen
+        logger.warning("%s: Failed to load weights", "QKVParallelLinear")  # a real missing weight stays visible
+        assert seen == ["QKVParallelLinear: Failed to load weights"]
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_stop_strings_cut_the_token_ids(engine, hf_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    (full,), = engine.generate([PROMPTS[0]], n=1, temperature=0.0, max_tokens=12)
+    text = [tok.decode(full.token_ids[:k]) for k in range(len(full.token_ids) + 1)]
+    # a stop string completed by the 4th generated token (its text is new at that token)
+    k = next(i for i in range(4, len(text)) if text[i] != text[i - 1])
+    stop = text[k][len(text[k - 1]) - 1:] if len(text[k - 1]) else text[k]
+    (cut,), = engine.generate([PROMPTS[0]], n=1, temperature=0.0, max_tokens=12, stop=[stop])
+    assert cut.finish_reason == "stop"
+    assert cut.token_ids == full.token_ids[:len(cut.token_ids)] and len(cut.token_ids) <= k
+    assert stop in tok.decode(cut.token_ids) and len(cut.logprobs) == len(cut.token_ids)
