@@ -5,6 +5,10 @@ Layout of a model checkpoint directory ``PATH/``::
     PATH/                 Megatron dist_checkpointing files (torch_dist: *.distcp, .metadata, common.pt,
                           metadata.json)
     PATH/srft_model.json  our metadata: family, padded_vocab_size, params_dtype, num_layers, hf_config, step, ...
+    PATH/srft_manifest.json  size + CRC-32 of every file above, written last (checkpoint/manifest.py)
+
+Loading checks every pickle the load would unpickle against allow-lists first (checkpoint/safe_load.py) and
+verifies the manifest: a damaged or hostile checkpoint is a one-line CheckpointError naming the file.
 
 Global tensor shapes do not depend on the layout (the vocab padding is TP-independent, see
 docs/architecture.md), so Megatron reshards on load: save at TP=2, load at PP=2.
@@ -115,7 +119,9 @@ def save_model(chunks: list, path: str | Path, metadata: Optional[dict] = None, 
     dist_checkpointing.save(sharded_sd, str(target))
     if _rank() == 0:
         (target / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
-    _barrier()
+    from .manifest import write_manifest_collective
+
+    write_manifest_collective(target)  # last: its presence says every file above is complete
     if atomic and _rank() == 0:
         from .atomic import replace_dir
 
@@ -130,9 +136,14 @@ def read_metadata(path: str | Path) -> dict:
     if not meta.is_file():
         return {}
     try:
-        return json.loads(meta.read_text())
+        out = json.loads(meta.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{meta}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{meta}: not valid UTF-8 (damaged)") from None
+    if not isinstance(out, dict):
+        raise ConfigError(f"{meta}: expected a JSON object")
+    return out
 
 
 def is_model_checkpoint(path: str | Path) -> bool:
@@ -187,13 +198,35 @@ def _load_in_place(chunks: list, path: Path) -> None:
                 view.copy_(value)
 
 
-def load_model(chunks: list, path: str | Path, *, in_place: bool = False) -> dict:
-    """Collective: load a torch_dist model checkpoint into the chunks (any TP/PP layout). Returns its metadata."""
+def check_readable(path: str | Path, *, verified: bool = False) -> None:
+    """Collective: everything a load of the torch_dist directory ``path`` will read is intact (its manifest, unless
+    the caller ``verified`` it already) and holds nothing executable (safe_load). Raises CheckpointError."""
+    from ..errors import CheckpointError
+    from . import manifest
+    from .safe_load import check_dcp_dir
+
+    path = Path(path)
+    if not verified:
+        if manifest.has_manifest(path):
+            problems = manifest.verify_collective(path)
+            if problems:
+                raise CheckpointError(manifest.summarize(problems))
+        elif _rank() == 0:
+            print(f"[srft] warning: {path} has no {manifest.MANIFEST} (written by an older version): its files "
+                  f"are not verified", flush=True)
+    check_dcp_dir(path)
+
+
+def load_model(chunks: list, path: str | Path, *, in_place: bool = False, verified: bool = False) -> dict:
+    """Collective: load a torch_dist model checkpoint into the chunks (any TP/PP layout). Returns its metadata.
+
+    The directory is checked first (:func:`check_readable`; ``verified``: its manifest was verified already)."""
     from megatron.core import dist_checkpointing
 
     path = Path(path)
     if not is_model_checkpoint(path):
         raise ConfigError(f"{path}: not a Megatron dist checkpoint (no metadata.json / .metadata)")
+    check_readable(path, verified=verified)
     meta = read_metadata(path)
     from ..models.builder import unwrap
 

@@ -390,7 +390,8 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
     """Run training; returns the last step's metrics. ``stop_after`` ends early (tests of resume/kill)."""
     from ..distributed import groups as parallel
     from ..algorithms.presets import resolve
-    from ..checkpoint.training_state import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+    from ..checkpoint.run_dir import plan_run
+    from ..checkpoint.training_state import load_training_checkpoint, save_training_checkpoint
     from ..data.templates import THINKING_TEMPLATES
     from ..rewards import RewardPool
     from .metrics import MetricsLogger, PhaseTimer
@@ -400,6 +401,8 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
     settings = resolve(cfg.algorithm)
     if cfg.rollout.tis_cap is not None:
         settings = dataclasses.replace(settings, tis_cap=cfg.rollout.tis_cap)
+    run = plan_run(cfg.run_dir, cfg.checkpoint.resume, to_dict(cfg), cfg.checkpoint.allow_changes, rank=groups.rank,
+                   world=groups.world_size)
     policy = build_policy(cfg, groups)
     problems = load_problems_for(cfg, policy.tokenizer, need_demos=settings.num_demos > 0)
     sampler = PromptSampler(len(problems.train), cfg.train.prompts_per_step, seed=cfg.data.seed,
@@ -409,11 +412,10 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
                            tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar,
                            log_every=cfg.logging.log_every)
     start_step = 0
-    ckpt = latest_checkpoint(run_dir) if cfg.checkpoint.resume != "never" else None
-    if cfg.checkpoint.resume == "must" and ckpt is None:
-        raise ConfigError(f"checkpoint.resume: 'must' but no complete checkpoint in {run_dir / 'checkpoints'}")
+    ckpt = run.resume_from
     if ckpt is not None:
-        start_step = load_training_checkpoint(ckpt, policy.chunks, policy.optimizer, rank=groups.rank).step
+        start_step = load_training_checkpoint(ckpt, policy.chunks, policy.optimizer, rank=groups.rank,
+                                              verified=True).step
     # A fresh start begins a fresh metrics.jsonl; a resume drops the lines of steps after its checkpoint.
     logger.truncate_after(start_step if ckpt is not None else -1)
     if groups.is_logging_rank:
@@ -434,7 +436,7 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
     stop = _StopFlag(cfg.checkpoint.save_on_signal)
     metrics: dict = {}
     num_minibatches = cfg.train.prompts_per_step // cfg.train.prompts_per_minibatch
-    meta = {"params_dtype": cfg.model.params_dtype, "config": to_dict(cfg)}
+    meta = {"params_dtype": cfg.model.params_dtype, "config": to_dict(cfg), "run_id": run.run_id}
     with RewardPool(cfg.train.reward, timeout_s=cfg.train.reward_timeout_s, num_workers=cfg.train.reward_workers,
                     require_think=cfg.data.template in THINKING_TEMPLATES) if am_leader else _NullPool() as pool:
         if need_engine:
@@ -532,6 +534,7 @@ def export_final_hf(policy: Policy, groups: ParallelGroups, out_dir: Path, param
 
     from ..checkpoint.atomic import replace_dir
     from ..checkpoint.convert import copy_side_files, write_safetensors
+    from ..checkpoint.manifest import write_manifest
     from ..models.builder import torch_dtype
     from ..models.mapping import export_hf_weights
 
@@ -548,6 +551,7 @@ def export_final_hf(policy: Policy, groups: ParallelGroups, out_dir: Path, param
             hf_cfg["dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[params_dtype]
             (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
             copy_side_files(policy.model_dir, tmp)
+            write_manifest(tmp)  # last: sizes + CRC-32 of every file (checkpoint/manifest.py)
             replace_dir(tmp, out_dir)
         else:
             for _ in items:
