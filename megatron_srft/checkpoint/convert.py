@@ -277,6 +277,9 @@ def preflight_mcore_to_hf(ckpt: str | Path, out_dir: str | Path, overwrite: bool
     if source.kind != "mcore":
         raise ConfigError(f"{ckpt}: expected a Megatron checkpoint (DIR/model or a torch_dist dir), found an HF dir")
     _check_out(Path(out_dir), overwrite, tuple(_inputs_of(source, Path(ckpt))))
+    from .safe_load import check_dcp_dir
+
+    check_dcp_dir(source.model_dir)  # nothing in it is unpickled before this (cheap: no tensor is read)
     return source
 
 
