@@ -81,7 +81,7 @@ def test_convert_refuses_crafted_checkpoint_with_one_line(run_copy, tmp_path, ca
 
 
 def test_resume_from_crafted_checkpoint_exits_with_one_line(run_copy, tmp_path, toy_task):
-    from tests.checkpoint.conftest import toy_overrides
+    from tests.toy_run import toy_overrides
 
     shutil.rmtree(run_copy / "checkpoints" / "step_000001")  # no intact checkpoint to fall back to
     step = run_copy / "checkpoints" / "step_000002"
