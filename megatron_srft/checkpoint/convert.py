@@ -147,10 +147,11 @@ def _check_out(out: Path, overwrite: bool, inputs: tuple = ()) -> None:
     """Refuse an output that is, contains or lies inside an input (symlinks resolved) before anything is deleted;
     a non-empty output needs ``overwrite``."""
     real_out = Path(os.path.realpath(out))
-    for inp in inputs:
-        real_in = Path(os.path.realpath(inp))
+    real_ins = [(inp, Path(os.path.realpath(inp))) for inp in inputs]
+    for inp, real_in in real_ins:
         if real_out == real_in:
             raise UserError(f"--out {out}: is the input {inp}; choose a new directory (the input is never replaced)")
+    for inp, real_in in real_ins:
         if real_in in real_out.parents:
             raise UserError(f"--out {out}: lies inside the input {inp}; choose a directory outside it")
         if real_out in real_in.parents:
@@ -229,9 +230,13 @@ def check_hf_dir(hf_dir: str | Path, arch: ArchSpec, *, verify_manifest: bool = 
     hf_dir = Path(hf_dir)
     if verify_manifest and manifest.has_manifest(hf_dir):
         manifest.verify(hf_dir)
-    weights = HFWeights(hf_dir)
+    if (hf_dir / HFWeights.INDEX).is_file() or not (hf_dir / HFWeights.SINGLE).is_file():
+        weight_map = HFWeights(hf_dir).weight_map  # the index (JSON only; no shard is opened)
+    else:
+        header, _ = read_safetensors_header(hf_dir / HFWeights.SINGLE)
+        weight_map = {k: HFWeights.SINGLE for k in header if k != "__metadata__"}
     by_file: dict[str, list[str]] = {}
-    for name, fname in weights.weight_map.items():
+    for name, fname in weight_map.items():
         by_file.setdefault(fname, []).append(name)
     shapes: dict[str, list] = {}
     for fname, names in sorted(by_file.items()):
@@ -267,8 +272,8 @@ def preflight_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, overwrite: bo
     if source.kind != "hf":
         raise ConfigError(f"{hf_dir}: expected an HF model directory, found a Megatron checkpoint")
     _check_out(Path(out_dir), overwrite, (Path(hf_dir),))
+    check_hf_dir(hf_dir, source.arch, verify_manifest=False)  # headers before names; the load verifies the manifest
     check_hf_names(source.arch, HFWeights(hf_dir).names())
-    check_hf_dir(hf_dir, source.arch, verify_manifest=False)  # the load verifies the manifest
     return source
 
 
