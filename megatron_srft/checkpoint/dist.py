@@ -217,6 +217,19 @@ def check_readable(path: str | Path, *, verified: bool = False) -> None:
     check_dcp_dir(path)
 
 
+def _load_failure(e: BaseException) -> str:
+    """The first line of what went wrong in a failed load (torch wraps per-rank failures in ``e.failures``)."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        e = next(iter(failures.values()))
+        if isinstance(e, tuple):  # (exception, traceback) in some torch versions
+            e = e[0]
+    if isinstance(e, KeyError) and e.args:
+        return f"the checkpoint has no tensor {e.args[0]!r}"
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else e.__class__.__name__)[:300]
+
+
 def load_model(chunks: list, path: str | Path, *, in_place: bool = False, verified: bool = False) -> dict:
     """Collective: load a torch_dist model checkpoint into the chunks (any TP/PP layout). Returns its metadata.
 
@@ -234,10 +247,19 @@ def load_model(chunks: list, path: str | Path, *, in_place: bool = False, verifi
     if "padded_vocab_size" in meta and int(meta["padded_vocab_size"]) != padded:
         raise ConfigError(f"{path / META_FILE}: padded_vocab_size {meta['padded_vocab_size']} != the model's "
                           f"{padded}; set model.make_vocab_size_divisible_by as when it was saved")
-    if in_place and len(chunks) == 1:
-        _load_in_place(chunks, path)
-        return meta
-    state = dist_checkpointing.load(_sharded_state_dict(chunks), str(path))
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        if in_place and len(chunks) == 1:
+            _load_in_place(chunks, path)
+            return meta
+        state = dist_checkpointing.load(_sharded_state_dict(chunks), str(path))
+    except (CheckpointingException, CheckpointException) as e:  # e.g. a tensor of another global shape
+        from ..errors import CheckpointError
+
+        raise CheckpointError(f"{path}: does not fit the model being loaded (another architecture or size? "
+                              f"{_load_failure(e)})") from e
     for i, c in enumerate(chunks):
         # DDP's load_state_dict returns nothing: load into the wrapped GPTModel (same tensors, copied in place).
         result = unwrap(c).load_state_dict(state if len(chunks) == 1 else state[f"model{i}"], strict=False)

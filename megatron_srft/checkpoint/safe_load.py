@@ -41,6 +41,8 @@ from ..errors import CheckpointError
 
 # --------------------------------------------------------------------------------------------- allow-lists
 
+_DCP_META = "torch.distributed.checkpoint.metadata"
+
 #: The classes a torch DCP ``.metadata`` pickle is made of (torch 2.13, as written by megatron-core 0.16.1).
 DCP_METADATA_GLOBALS: frozenset[tuple[str, str]] = frozenset({
     ("torch.distributed.checkpoint.metadata", "Metadata"),
@@ -119,8 +121,6 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
 def load_dcp_metadata(path: str | Path):
     """``.metadata`` of a torch DCP directory (or the file itself) -> ``torch.distributed.checkpoint.Metadata``,
     through the allow-list; a missing, foreign or malformed file is a :class:`CheckpointError`."""
-    from torch.distributed.checkpoint.metadata import Metadata
-
     p = Path(path)
     if p.is_dir():
         p = p / ".metadata"
@@ -134,9 +134,15 @@ def load_dcp_metadata(path: str | Path):
     except Exception as e:  # truncated or garbled pickles raise many types
         raise CheckpointError(f"{p}: not a readable checkpoint index ({e.__class__.__name__}: "
                               f"{_first_line(e)})") from None
-    if not isinstance(md, Metadata):
+    if not _is_dcp(md, "Metadata"):
         raise CheckpointError(f"{p}: expected torch checkpoint Metadata, found {type(md).__name__}")
     return md
+
+
+def _is_dcp(obj, name: str) -> bool:
+    """``obj`` is an instance of torch.distributed.checkpoint's metadata class ``name`` (compared by name: the
+    classes come from the allow-listed unpickler, and this module does not import torch.distributed)."""
+    return type(obj).__module__ == _DCP_META and type(obj).__name__ == name
 
 
 # --------------------------------------------------------------------------------------------- torch files
@@ -217,10 +223,10 @@ def safe_torch_load(path: str | Path):
 
 
 def _byte_items(md) -> list:
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
-    return [(idx, info) for idx, info in (md.storage_data or {}).items()
-            if isinstance(md.state_dict_metadata.get(idx.fqn), BytesStorageMetadata)]
+    storage = md.storage_data if isinstance(md.storage_data, dict) else {}
+    items = md.state_dict_metadata if isinstance(md.state_dict_metadata, dict) else {}
+    return [(idx, info) for idx, info in storage.items()
+            if _is_dcp(items.get(getattr(idx, "fqn", None)), "BytesStorageMetadata")]
 
 
 def check_dcp_dir(path: str | Path) -> None:
@@ -245,6 +251,9 @@ def check_dcp_dir(path: str | Path) -> None:
     handles: dict[str, Any] = {}
     try:
         for idx, info in _byte_items(md):
+            if not (isinstance(getattr(info, "offset", None), int) and isinstance(getattr(info, "length", None), int)
+                    and isinstance(getattr(info, "relative_path", None), str)):
+                raise CheckpointError(f"{root / '.metadata'}: malformed storage entry for item {idx.fqn!r}")
             rel = str(info.relative_path)
             # A relative path that leaves the directory (or is absolute) is never followed.
             if os.path.isabs(rel) or ".." in Path(rel).parts:

@@ -222,8 +222,17 @@ def load_training_checkpoint(path: str | Path, chunks, optimizer, *, rank: int, 
     load_model(chunks, path / "model", verified=True)
     model_sd = unwrap(chunks[0]).sharded_state_dict()  # maps optimizer state to params by identity
     _ensure_optimizer_state(optimizer)
-    opt_sd = dist_checkpointing.load(optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIM_META),
-                                     str(path / "optimizer"))
+    try:
+        opt_sd = dist_checkpointing.load(optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                                      metadata=_OPTIM_META), str(path / "optimizer"))
+    except Exception as e:  # Megatron's errors name internal keys: say what the user can change
+        saved = (state.get("config") or {}).get("parallel") or {}
+        raise CheckpointError(
+            f"{path / 'optimizer'}: the optimizer state does not fit this run (it reloads only at the TP/PP layout "
+            f"it was saved with: tensor_model_parallel_size={saved.get('tensor_model_parallel_size', '?')}, "
+            f"pipeline_model_parallel_size={saved.get('pipeline_model_parallel_size', '?')}, and the same model; "
+            f"to change the layout start a new run from {path / 'model'}, which reshards) "
+            f"[{e.__class__.__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}]") from e
     with torch.no_grad():  # Megatron copies into the fp32 master params (leaves that require grad) in place
         optimizer.load_state_dict(opt_sd)
     _restore_adam_steps(optimizer, opt_sd)

@@ -40,8 +40,8 @@ def describe(exc: BaseException) -> tuple[str, int, bool]:
     """(one-line message, exit code, whether the traceback is worth a log file) for a failure."""
     from ..errors import SrftError
 
-    if isinstance(exc, SrftError):
-        return _first_line(exc) or exc.__class__.__name__, 2, False
+    if isinstance(exc, SrftError):  # complete as it is; a wrapped library error keeps its traceback in the log
+        return _first_line(exc) or exc.__class__.__name__, 2, exc.__cause__ is not None
     if isinstance(exc, UnicodeDecodeError):
         return (f"invalid UTF-8 ({exc.reason} at byte {exc.start}); files must be UTF-8 encoded", 2, True)
     if isinstance(exc, OSError):
