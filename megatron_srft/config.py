@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -39,6 +40,29 @@ def _sub(cls, help: str):
 def _need(cond: bool, path: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{path}: {msg}")
+
+
+#: Upper bounds for sizes and counts: far beyond any real run, low enough that a typo (an extra few zeros) is an
+#: error instead of a hang or an allocation that never finishes.
+MAX_STEPS = 10_000_000
+MAX_PROMPTS = 1_000_000
+MAX_TOKENS = 100_000_000
+MAX_SEED = 2**63 - 1
+MAX_TIMEOUT_S = 86_400.0  # one day
+
+
+def _finite(obj, path: str) -> None:
+    """Every float field of a section is finite (NaN and inf are never a meaningful setting)."""
+    import math
+
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{path}.{f.name}: expected a finite number, got {v}")
+
+
+def _in(value, lo, hi, path: str, what: str = "") -> None:
+    _need(lo <= value <= hi, path, f"expected {what or f'{lo} <= value <= {hi}'}, got {value}")
 
 
 # --------------------------------------------------------------------------------------------- sections
@@ -122,10 +146,14 @@ class OptimizerConfig:
     clip_grad: float = _f(1.0, "Global grad-norm clip (paper: 1.0); 0 = off.")
 
     def validate(self, path: str) -> None:
+        _finite(self, path)
         _need(self.lr > 0, f"{path}.lr", f"expected > 0, got {self.lr}")
         _need(0 <= self.min_lr <= self.lr, f"{path}.min_lr", "expected 0 <= min_lr <= lr")
-        _need(self.warmup_steps >= 0, f"{path}.warmup_steps", "expected >= 0")
-        _need(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, f"{path}.adam_beta1", "betas must be in [0, 1)")
+        _in(self.warmup_steps, 0, MAX_STEPS, f"{path}.warmup_steps")
+        _need(0 <= self.adam_beta1 < 1, f"{path}.adam_beta1", f"expected in [0, 1), got {self.adam_beta1}")
+        _need(0 <= self.adam_beta2 < 1, f"{path}.adam_beta2", f"expected in [0, 1), got {self.adam_beta2}")
+        _need(self.adam_eps > 0, f"{path}.adam_eps", f"expected > 0, got {self.adam_eps}")
+        _need(self.weight_decay >= 0, f"{path}.weight_decay", f"expected >= 0, got {self.weight_decay}")
         _need(self.clip_grad >= 0, f"{path}.clip_grad", "expected >= 0")
 
 
@@ -143,8 +171,9 @@ class DataConfig:
     seed: int = _f(1, "Data order seed.")
 
     def validate(self, path: str) -> None:
-        _need(self.max_prompt_length > 0, f"{path}.max_prompt_length", "expected > 0")
-        _need(self.max_response_length > 0, f"{path}.max_response_length", "expected > 0")
+        _in(self.max_prompt_length, 1, MAX_TOKENS, f"{path}.max_prompt_length")
+        _in(self.max_response_length, 1, MAX_TOKENS, f"{path}.max_response_length")
+        _in(self.seed, 0, MAX_SEED, f"{path}.seed")
 
 
 @dataclass
@@ -214,8 +243,9 @@ class AlgorithmConfig:
     entropy_bonus: Optional[float] = _f(None, "Entropy bonus coefficient (code 0.001, paper 0).")
 
     def validate(self, path: str) -> None:
-        _need(self.num_demos_per_prompt is None or self.num_demos_per_prompt >= 0, f"{path}.num_demos_per_prompt",
-              "expected >= 0")
+        _finite(self, path)
+        _need(self.num_demos_per_prompt is None or 0 <= self.num_demos_per_prompt <= 1024,
+              f"{path}.num_demos_per_prompt", "expected 0 <= value <= 1024")
         _need(self.adv_eps > 0, f"{path}.adv_eps", "expected > 0")
         _need(self.demo_gamma > 0, f"{path}.demo_gamma", "expected > 0")
         _need(0 < self.clip_eps < 1, f"{path}.clip_eps", "expected 0 < eps < 1")
@@ -224,6 +254,7 @@ class AlgorithmConfig:
         _need(self.sft_coef is None or self.sft_coef >= 0, f"{path}.sft_coef", "expected >= 0")
         _need(self.rl_pos_coef is None or self.rl_pos_coef >= 0, f"{path}.rl_pos_coef", "expected >= 0")
         _need(self.sft_weight_max is None or self.sft_weight_max > 0, f"{path}.sft_weight_max", "expected > 0")
+        _need(self.entropy_bonus is None or self.entropy_bonus >= 0, f"{path}.entropy_bonus", "expected >= 0")
 
 
 @dataclass
@@ -250,28 +281,47 @@ class TrainConfig:
     seed: int = _f(1234, "Model init / dropout seed.")
 
     def validate(self, path: str) -> None:
-        _need(self.num_steps >= 0, f"{path}.num_steps", "expected >= 0")
-        _need(self.prompts_per_step >= 1, f"{path}.prompts_per_step", "expected >= 1")
-        _need(self.prompts_per_minibatch >= 1, f"{path}.prompts_per_minibatch", "expected >= 1")
+        _finite(self, path)
+        _in(self.num_steps, 0, MAX_STEPS, f"{path}.num_steps")
+        _in(self.prompts_per_step, 1, MAX_PROMPTS, f"{path}.prompts_per_step")
+        _in(self.prompts_per_minibatch, 1, MAX_PROMPTS, f"{path}.prompts_per_minibatch")
         _need(self.prompts_per_step % self.prompts_per_minibatch == 0, f"{path}.prompts_per_minibatch",
               f"must divide prompts_per_step ({self.prompts_per_step})")
-        _need(self.micro_batch_tokens >= 1, f"{path}.micro_batch_tokens", "expected >= 1")
-        _need(self.reward_timeout_s > 0, f"{path}.reward_timeout_s", "expected > 0")
-        _need(self.reward_workers >= 1, f"{path}.reward_workers", "expected >= 1")
-        _need(self.max_consecutive_skips >= 1, f"{path}.max_consecutive_skips", "expected >= 1")
+        _in(self.micro_batch_tokens, 1, MAX_TOKENS, f"{path}.micro_batch_tokens")
+        _need(0 < self.reward_timeout_s <= MAX_TIMEOUT_S, f"{path}.reward_timeout_s",
+              f"expected 0 < seconds <= {MAX_TIMEOUT_S:g} (a day), got {self.reward_timeout_s:g}")
+        _in(self.reward_workers, 1, 4096, f"{path}.reward_workers")
+        _in(self.eval_every, 0, MAX_STEPS, f"{path}.eval_every")
+        _in(self.eval_n_samples, 1, 100_000, f"{path}.eval_n_samples")
+        _need(0 <= self.eval_temperature <= 100, f"{path}.eval_temperature",
+              f"expected 0 <= temperature <= 100, got {self.eval_temperature}")
+        _in(self.seed, 0, MAX_SEED, f"{path}.seed")
+        _in(self.max_consecutive_skips, 1, MAX_STEPS, f"{path}.max_consecutive_skips")
 
 
 @dataclass
 class CheckpointConfig:
     save_every: int = _f(50, "Save a checkpoint every N steps (and at the end); 0 = only at the end.")
-    keep_last: int = _f(3, "Keep the newest K checkpoints.")
-    resume: Literal["auto", "never", "must"] = _f("auto", "Resume from RUN_DIR/checkpoints if present.")
+    keep_last: int = _f(3, "Keep the newest K checkpoints of this run (older ones of this run only are deleted).")
+    resume: Literal["auto", "must", "never", "fresh"] = _f(
+        "auto", "auto = resume from the newest intact checkpoint of RUN_DIR, else start a new run; must = resume or "
+        "fail; never = start a new run, refusing a RUN_DIR that holds checkpoints; fresh = move the previous run's "
+        "files to RUN_DIR/previous_runs/ (nothing is deleted) and start a new run. See docs/reliability.md."
+    )
+    allow_changes: list[str] = _f(
+        [], "Config fields (dotted, or a section name, or '*') that may differ from the resumed checkpoint's even "
+        "though they break an exact resume (data, model, seeds, batch sizes, TP/PP)."
+    )
     export_hf: bool = _f(False, "Export the final model to RUN_DIR/hf.")
     save_on_signal: bool = _f(True, "Save before exiting on SIGTERM/SIGUSR1 (SLURM pre-emption).")
 
     def validate(self, path: str) -> None:
-        _need(self.save_every >= 0, f"{path}.save_every", "expected >= 0")
-        _need(self.keep_last >= 1, f"{path}.keep_last", "expected >= 1")
+        _in(self.save_every, 0, MAX_STEPS, f"{path}.save_every")
+        _in(self.keep_last, 1, MAX_STEPS, f"{path}.keep_last")
+        known = _field_paths(SRFTConfig())
+        for i, name in enumerate(self.allow_changes):
+            _need(name == "*" or name in known, f"{path}.allow_changes[{i}]",
+                  f"{name!r} is not a config field or section (e.g. data.seed, optimizer, '*')")
 
 
 @dataclass
@@ -281,7 +331,7 @@ class LoggingConfig:
     log_every: int = _f(1, "Console log every N steps (metrics.jsonl gets every step).")
 
     def validate(self, path: str) -> None:
-        _need(self.log_every >= 1, f"{path}.log_every", "expected >= 1")
+        _in(self.log_every, 1, MAX_STEPS, f"{path}.log_every")
 
 
 @dataclass
@@ -306,6 +356,17 @@ class SRFTConfig:
             if dataclasses.is_dataclass(sub):
                 sub.validate(f.name)
         return self
+
+
+def _field_paths(obj, prefix: str = "") -> set[str]:
+    """Every dotted field path and section name of a config tree."""
+    out: set[str] = set()
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        out.add(prefix + f.name)
+        if dataclasses.is_dataclass(v):
+            out |= _field_paths(v, f"{prefix}{f.name}.")
+    return out
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -358,15 +419,23 @@ def _coerce(value: Any, tp, path: str, where: str) -> Any:
             return value
         raise bad
     if tp is float:
+        out = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            try:
+                out = float(value)
+            except OverflowError:  # an int beyond the float range
+                pass
+        elif isinstance(value, str):
             # PyYAML (YAML 1.1) reads `1e-6` (no dot) as a string; accept any float literal.
             try:
-                return float(value)
+                out = float(value)
             except ValueError:
                 pass
-        raise bad
+        if out is None:
+            raise bad
+        if not math.isfinite(out):  # .inf / .nan / 1e999: never a meaningful setting
+            raise ConfigError(f"{where}{path}: expected a finite number, got {value!r}")
+        return out
     if tp is str:
         if isinstance(value, str):
             return value

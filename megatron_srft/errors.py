@@ -17,3 +17,8 @@ class ConfigError(SrftError, ValueError):
 
 class UserError(SrftError):
     """An error in the user's input (arguments, files); printed as one line, exit code 2."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint or converted directory that cannot be read safely or completely (a file that is missing,
+    truncated, fails its checksum, or holds something other than what the format allows); one line naming the file."""

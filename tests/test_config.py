@@ -93,3 +93,44 @@ def test_every_field_has_help():
         if dataclasses.is_dataclass(sub):
             for sf in dataclasses.fields(sub):
                 assert sf.metadata.get("help"), f"{f.name}.{sf.name}"
+
+
+@pytest.mark.parametrize("override, words", [
+    ("optimizer.lr=.inf", "optimizer.lr: expected a finite number"),
+    ("optimizer.lr=.nan", "optimizer.lr: expected a finite number"),
+    ("optimizer.lr=1e999", "optimizer.lr: expected a finite number"),
+    ("optimizer.lr=inf", "optimizer.lr: expected a finite number"),
+    ("optimizer.adam_eps=-1e-8", "optimizer.adam_eps: expected > 0"),
+    ("optimizer.weight_decay=-0.1", "optimizer.weight_decay: expected >= 0"),
+    ("rollout.temperature=.inf", "rollout.temperature: expected a finite number"),
+    ("train.eval_temperature=.inf", "train.eval_temperature: expected a finite number"),
+    ("train.reward_timeout_s=1e13", "train.reward_timeout_s: expected 0 < seconds <= 86400"),
+    ("train.reward_timeout_s=10000000000000", "train.reward_timeout_s: expected 0 < seconds <= 86400"),
+    ("train.prompts_per_step=1000000000000", "train.prompts_per_step: expected 1 <= value <= 1000000"),
+    ("train.num_steps=100000000000", "train.num_steps: expected 0 <= value <= 10000000"),
+    ("train.eval_n_samples=0", "train.eval_n_samples: expected 1 <= value"),
+    ("train.seed=-1", "train.seed: expected 0 <= value"),
+    ("data.seed=-5", "data.seed: expected 0 <= value"),
+    ("data.max_response_length=10000000000", "data.max_response_length: expected 1 <= value"),
+    ("algorithm.adv_eps=.nan", "algorithm.adv_eps: expected a finite number"),
+    ("checkpoint.keep_last=0", "checkpoint.keep_last: expected 1 <= value"),
+    ("checkpoint.resume=sometimes", "checkpoint.resume: expected 'auto' | 'must' | 'never' | 'fresh'"),
+    ("checkpoint.allow_changes=[data.sed]", "checkpoint.allow_changes[0]: 'data.sed' is not a config field"),
+    ("logging.log_every=0", "logging.log_every: expected 1 <= value"),
+])
+def test_values_that_cannot_be_right_are_config_errors(override, words):
+    with pytest.raises(ConfigError, match=None) as e:
+        load_config(None, [override])
+    assert words in str(e.value), str(e.value)
+
+
+def test_validate_catches_non_finite_values_set_in_code():
+    cfg = SRFTConfig()
+    cfg.optimizer.lr = float("inf")
+    with pytest.raises(ConfigError, match="optimizer.lr: expected a finite number"):
+        cfg.validate()
+    cfg = SRFTConfig()
+    cfg.algorithm.clip_eps = float("nan")
+    with pytest.raises(ConfigError, match="algorithm.clip_eps: expected a finite number"):
+        cfg.validate()
+    assert load_config(None, ["checkpoint.allow_changes=[data.seed, optimizer, '*']", "checkpoint.resume=fresh"])

@@ -8,6 +8,12 @@ A converted directory (``srft convert hf-to-mcore``) is self-contained::
 
 Memory: the Megatron model is built without initialisation (``perform_initialization=False``: empty
 tensors) and filled HF tensor by HF tensor, so the peak is about the model's bytes plus one tensor.
+
+Nothing is trusted on the way in or out (docs/reliability.md): the output may not be, contain or lie inside an
+input; every output directory gets a manifest (checkpoint/manifest.py) written last; an input's manifest is
+verified, and HF shards are checked against the index and their safetensors headers (sizes, offsets, shapes,
+the embedding rows against ``vocab_size``) before any tensor is read, and each tensor's values (finite,
+``|w| <=`` models.mapping.MAX_ABS_WEIGHT) as it is converted.
 """
 
 from __future__ import annotations
@@ -22,14 +28,19 @@ from typing import Optional
 import torch
 
 from ..config import ConfigError, ModelConfig, ParallelConfig
+from ..errors import CheckpointError, UserError
 from ..models.arch import ArchSpec, arch_from_hf_config, load_arch
 from . import dist as dist_ckpt
+from . import manifest
 
 #: Files copied next to the weights in both directions (tokenizer and generation settings; never executed).
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
               "tokenizer.model", "added_tokens.json", "vocab.txt", "chat_template.jinja", "chat_template.json",
               "generation_config.json")
 _HF_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+_ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                   "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_MAX_HEADER_BYTES = 100 << 20
 _TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -95,9 +106,11 @@ def build_and_load(source: ModelSource, pcfg: ParallelConfig, groups, params_dty
     model = builder.build_gpt(arch, mcfg, pcfg, pp_rank=groups.pp_rank, pre_process=groups.is_first_pp_stage,
                               post_process=groups.is_last_pp_stage, tf_config=tf_config)
     if source.kind == "hf":
+        check_hf_dir(source.model_dir, arch)
         load_hf_into_model([model], arch, source.model_dir, groups)
     else:
-        dist_ckpt.load_model([model], source.model_dir, in_place=groups.world_size == 1)
+        dist_ckpt.load_model([model], source.model_dir, in_place=groups.world_size == 1,
+                             verified=verify_converted_root(source))
     chunks = [model]
     if wrap_ddp:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -108,13 +121,47 @@ def build_and_load(source: ModelSource, pcfg: ParallelConfig, groups, params_dty
                                padded_vocab_size=arch.padded_vocab_size(divisible, pcfg.tensor_model_parallel_size))
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def verify_converted_root(source: ModelSource) -> bool:
+    """Collective: verify the manifest of a converted directory's root (config, tokenizer, model/ recursively).
+
+    Returns True when the model directory was verified with it. A training checkpoint's root is not verified here
+    (its manifest also covers the optimizer state, which a model load does not read): its model/ is, by the load.
+    """
+    if source.kind != "mcore" or source.root == source.model_dir or not manifest.has_manifest(source.root) \
+            or (source.root / "state.json").exists():
+        return False
+    problems = manifest.verify_collective(source.root)
+    if problems:
+        raise CheckpointError(manifest.summarize(problems))
+    return True
+
+
+def _inputs_of(source: ModelSource, given: Path) -> list[Path]:
+    paths = [given, source.root, source.model_dir]
+    if source.meta.get("source"):
+        paths.append(Path(source.meta["source"]))  # side files may be copied from there
+    return paths
+
+
+def _check_out(out: Path, overwrite: bool, inputs: tuple = ()) -> None:
+    """Refuse an output that is, contains or lies inside an input (symlinks resolved) before anything is deleted;
+    a non-empty output needs ``overwrite``."""
+    real_out = Path(os.path.realpath(out))
+    real_ins = [(inp, Path(os.path.realpath(inp))) for inp in inputs]
+    for inp, real_in in real_ins:
+        if real_out == real_in:
+            raise UserError(f"--out {out}: is the input {inp}; choose a new directory (the input is never replaced)")
+    for inp, real_in in real_ins:
+        if real_in in real_out.parents:
+            raise UserError(f"--out {out}: lies inside the input {inp}; choose a directory outside it")
+        if real_out in real_in.parents:
+            raise UserError(f"--out {out}: contains the input {inp}; replacing it would delete the input")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out}: output directory exists and is not empty (pass --overwrite to replace it)")
 
 
-def _prepare_out(out: Path, overwrite: bool) -> Path:
-    _check_out(out, overwrite)
+def _prepare_out(out: Path, overwrite: bool, inputs: tuple = ()) -> Path:
+    _check_out(out, overwrite, inputs)
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -124,7 +171,88 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
 def _finish_out(tmp: Path, out: Path) -> None:
     from .atomic import replace_dir
 
+    manifest.write_manifest(tmp)  # last: sizes + CRC-32 of every file, model/'s own manifest included
     replace_dir(tmp, out)
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """(header dict, data offset) of a safetensors file, checked against the file's size; no tensor is read.
+
+    Every tensor's dtype, shape and byte range must agree, and the ranges must lie inside the file: a truncated
+    or garbled shard is a CheckpointError naming the file.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated ({size} bytes; not a safetensors file)")
+        n = int.from_bytes(head, "little")
+        if n <= 0 or n > _MAX_HEADER_BYTES or 8 + n > size:
+            raise CheckpointError(f"{path}: damaged or truncated safetensors header (length {n}, file {size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path}: damaged safetensors header (not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: damaged safetensors header (not an object)")
+    data_len = size - 8 - n
+    end_max = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            numel = 1
+            for d in shape:
+                numel *= int(d)
+            expected = numel * _ST_DTYPE_BYTES[dtype]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: damaged safetensors header entry for {name!r}") from None
+        if not (0 <= begin <= end) or end - begin != expected:
+            raise CheckpointError(f"{path}: tensor {name!r}: {dtype}{list(shape)} needs {expected} bytes, the header "
+                                  f"gives {end - begin}")
+        if end > data_len:
+            raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {8 + n + end}, the file has "
+                                  f"{size}")
+        end_max = max(end_max, end)
+    if end_max != data_len:
+        raise CheckpointError(f"{path}: {data_len - end_max} bytes beyond the last tensor (damaged or not a "
+                              f"safetensors file)")
+    return header, 8 + n
+
+
+def check_hf_dir(hf_dir: str | Path, arch: ArchSpec, *, verify_manifest: bool = True) -> None:
+    """Before any tensor is read: the directory's manifest (when it has one, as our exports do; it reads every
+    byte, so ``verify_manifest=False`` skips it in cheap pre-flight checks), every shard's header against the file
+    and the index, and the embedding rows against the config's ``vocab_size``."""
+    from ..models.mapping import HFWeights
+
+    hf_dir = Path(hf_dir)
+    if verify_manifest and manifest.has_manifest(hf_dir):
+        manifest.verify(hf_dir)
+    if (hf_dir / HFWeights.INDEX).is_file() or not (hf_dir / HFWeights.SINGLE).is_file():
+        weight_map = HFWeights(hf_dir).weight_map  # the index (JSON only; no shard is opened)
+    else:
+        header, _ = read_safetensors_header(hf_dir / HFWeights.SINGLE)
+        weight_map = {k: HFWeights.SINGLE for k in header if k != "__metadata__"}
+    by_file: dict[str, list[str]] = {}
+    for name, fname in weight_map.items():
+        by_file.setdefault(fname, []).append(name)
+    shapes: dict[str, list] = {}
+    for fname, names in sorted(by_file.items()):
+        header, _ = read_safetensors_header(hf_dir / fname)
+        for name in names:
+            if name not in header:
+                raise CheckpointError(f"{hf_dir / fname}: has no tensor {name!r}, which "
+                                      f"{HFWeights.INDEX} places in it")
+            shapes[name] = header[name]["shape"]
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in shapes and int(shapes[name][0]) != arch.vocab_size:
+            rows = int(shapes[name][0])
+            effect = (f"converting would drop {rows - arch.vocab_size} rows of real tokens" if rows > arch.vocab_size
+                      else "the embedding lacks rows for some token ids")
+            raise CheckpointError(f"{hf_dir / 'config.json'}: vocab_size={arch.vocab_size} but {name} has {rows} "
+                                  f"rows ({effect}); set vocab_size to {rows}")
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:
@@ -143,8 +271,9 @@ def preflight_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, overwrite: bo
     source = resolve_source(hf_dir)
     if source.kind != "hf":
         raise ConfigError(f"{hf_dir}: expected an HF model directory, found a Megatron checkpoint")
+    _check_out(Path(out_dir), overwrite, (Path(hf_dir),))
+    check_hf_dir(hf_dir, source.arch, verify_manifest=False)  # headers before names; the load verifies the manifest
     check_hf_names(source.arch, HFWeights(hf_dir).names())
-    _check_out(Path(out_dir), overwrite)
     return source
 
 
@@ -152,7 +281,10 @@ def preflight_mcore_to_hf(ckpt: str | Path, out_dir: str | Path, overwrite: bool
     source = resolve_source(ckpt)
     if source.kind != "mcore":
         raise ConfigError(f"{ckpt}: expected a Megatron checkpoint (DIR/model or a torch_dist dir), found an HF dir")
-    _check_out(Path(out_dir), overwrite)
+    _check_out(Path(out_dir), overwrite, tuple(_inputs_of(source, Path(ckpt))))
+    from .safe_load import check_dcp_dir
+
+    check_dcp_dir(source.model_dir)  # nothing in it is unpickled before this (cheap: no tensor is read)
     return source
 
 
@@ -166,7 +298,7 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: Optional[str] = 
 
     hf_dir, out = Path(hf_dir), Path(out_dir)
     source = preflight_hf_to_mcore(hf_dir, out, overwrite)
-    tmp = _prepare_out(out, overwrite)
+    tmp = _prepare_out(out, overwrite, (hf_dir,))
     try:
         handle = build_and_load(source, ParallelConfig(), groups_from_megatron(),
                                 params_dtype=dtype or _hf_dtype(source.arch),
@@ -235,14 +367,17 @@ def mcore_to_hf(ckpt: str | Path, out_dir: str | Path, overwrite: bool = False,
 
     source = preflight_mcore_to_hf(ckpt, out_dir, overwrite)
     out = Path(out_dir)
-    tmp = _prepare_out(out, overwrite)
+    tmp = _prepare_out(out, overwrite, tuple(_inputs_of(source, Path(ckpt))))
     try:
         groups = groups_from_megatron()
         handle = build_and_load(source, ParallelConfig(), groups)
         dtype = source.meta.get("params_dtype") or "bf16"
         # Megatron's local-spec norms stay fp32 whatever params_dtype is; the HF files use one dtype.
         torch_dtype = getattr(torch, _TORCH_NAMES.get(dtype, "bfloat16"))
-        items = ((n, t.to(torch_dtype)) for n, t in export_hf_weights(handle.chunks, source.arch, groups))
+        from ..models.mapping import check_weight_values
+
+        items = ((n, check_weight_values(n, t, source.model_dir).to(torch_dtype))
+                 for n, t in export_hf_weights(handle.chunks, source.arch, groups))
         write_safetensors(items, tmp, max_shard_bytes)
         del handle
         (tmp / "config.json").write_text(json.dumps(_hf_config_for_export(source, dtype), indent=2))

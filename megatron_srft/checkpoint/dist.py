@@ -5,6 +5,10 @@ Layout of a model checkpoint directory ``PATH/``::
     PATH/                 Megatron dist_checkpointing files (torch_dist: *.distcp, .metadata, common.pt,
                           metadata.json)
     PATH/srft_model.json  our metadata: family, padded_vocab_size, params_dtype, num_layers, hf_config, step, ...
+    PATH/srft_manifest.json  size + CRC-32 of every file above, written last (checkpoint/manifest.py)
+
+Loading checks every pickle the load would unpickle against allow-lists first (checkpoint/safe_load.py) and
+verifies the manifest: a damaged or hostile checkpoint is a one-line CheckpointError naming the file.
 
 Global tensor shapes do not depend on the layout (the vocab padding is TP-independent, see
 docs/architecture.md), so Megatron reshards on load: save at TP=2, load at PP=2.
@@ -114,7 +118,9 @@ def save_model(chunks: list, path: str | Path, metadata: Optional[dict] = None, 
     dist_checkpointing.save(sharded_sd, str(target))
     if _rank() == 0:
         (target / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
-    _barrier()
+    from .manifest import write_manifest_collective
+
+    write_manifest_collective(target)  # last: its presence says every file above is complete
     if atomic and _rank() == 0:
         from .atomic import replace_dir
 
@@ -129,9 +135,14 @@ def read_metadata(path: str | Path) -> dict:
     if not meta.is_file():
         return {}
     try:
-        return json.loads(meta.read_text())
+        out = json.loads(meta.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{meta}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{meta}: not valid UTF-8 (damaged)") from None
+    if not isinstance(out, dict):
+        raise ConfigError(f"{meta}: expected a JSON object")
+    return out
 
 
 def is_model_checkpoint(path: str | Path) -> bool:
@@ -221,13 +232,48 @@ def _without_absent_extra_state(sharded_sd: dict, path: Path) -> dict:
     return prune(sharded_sd)
 
 
-def load_model(chunks: list, path: str | Path, *, in_place: bool = False) -> dict:
-    """Collective: load a torch_dist model checkpoint into the chunks (any TP/PP layout). Returns its metadata."""
+def check_readable(path: str | Path, *, verified: bool = False) -> None:
+    """Collective: everything a load of the torch_dist directory ``path`` will read is intact (its manifest, unless
+    the caller ``verified`` it already) and holds nothing executable (safe_load). Raises CheckpointError."""
+    from ..errors import CheckpointError
+    from . import manifest
+    from .safe_load import check_dcp_dir
+
+    path = Path(path)
+    if not verified:
+        if manifest.has_manifest(path):
+            problems = manifest.verify_collective(path)
+            if problems:
+                raise CheckpointError(manifest.summarize(problems))
+        elif _rank() == 0:
+            print(f"[srft] warning: {path} has no {manifest.MANIFEST} (written by an older version): its files "
+                  f"are not verified", flush=True)
+    check_dcp_dir(path)
+
+
+def _load_failure(e: BaseException) -> str:
+    """The first line of what went wrong in a failed load (torch wraps per-rank failures in ``e.failures``)."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        e = next(iter(failures.values()))
+        if isinstance(e, tuple):  # (exception, traceback) in some torch versions
+            e = e[0]
+    if isinstance(e, KeyError) and e.args:
+        return f"the checkpoint has no tensor {e.args[0]!r}"
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else e.__class__.__name__)[:300]
+
+
+def load_model(chunks: list, path: str | Path, *, in_place: bool = False, verified: bool = False) -> dict:
+    """Collective: load a torch_dist model checkpoint into the chunks (any TP/PP layout). Returns its metadata.
+
+    The directory is checked first (:func:`check_readable`; ``verified``: its manifest was verified already)."""
     from megatron.core import dist_checkpointing
 
     path = Path(path)
     if not is_model_checkpoint(path):
         raise ConfigError(f"{path}: not a Megatron dist checkpoint (no metadata.json / .metadata)")
+    check_readable(path, verified=verified)
     meta = read_metadata(path)
     from ..models.builder import unwrap
 
@@ -235,10 +281,20 @@ def load_model(chunks: list, path: str | Path, *, in_place: bool = False) -> dic
     if "padded_vocab_size" in meta and int(meta["padded_vocab_size"]) != padded:
         raise ConfigError(f"{path / META_FILE}: padded_vocab_size {meta['padded_vocab_size']} != the model's "
                           f"{padded}; set model.make_vocab_size_divisible_by as when it was saved")
-    if in_place and len(chunks) == 1:
-        _load_in_place(chunks, path)
-        return meta
-    state = dist_checkpointing.load(_without_absent_extra_state(_sharded_state_dict(chunks), path), str(path))
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        if in_place and len(chunks) == 1:
+            _load_in_place(chunks, path)
+            return meta
+        state = dist_checkpointing.load(_without_absent_extra_state(_sharded_state_dict(chunks), path),
+                                       str(path))
+    except (CheckpointingException, CheckpointException) as e:  # e.g. a tensor of another global shape
+        from ..errors import CheckpointError
+
+        raise CheckpointError(f"{path}: does not fit the model being loaded (another architecture or size? "
+                              f"{_load_failure(e)})") from e
     for i, c in enumerate(chunks):
         # DDP's load_state_dict returns nothing: load into the wrapped GPTModel (same tensors, copied in place).
         result = unwrap(c).load_state_dict(state if len(chunks) == 1 else state[f"model{i}"], strict=False)

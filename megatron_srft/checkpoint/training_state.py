@@ -5,11 +5,13 @@ Layout of ``RUN_DIR/checkpoints/step_000010/``::
     model/        Megatron dist checkpoint of the model (checkpoint.dist.save_model; `srft convert mcore-to-hf`
                   reads it, and it loads at any TP/PP)
     optimizer/    Megatron dist checkpoint of the optimizer state (same TP/PP/DP layout to resume)
-    rng/rank_R.pt per-rank RNG states (tensors only: loaded with weights_only=True)
-    state.json    step, data cursor, lr, config snapshot
+    rng/rank_R.pt per-rank RNG states (tensors only: checked by safe_load, then loaded with weights_only=True)
+    state.json    step, data cursor, run_id, config snapshot
+    srft_manifest.json  size + CRC-32 of state.json, rng/* and the manifests of model/ and optimizer/ (written last)
 
 A checkpoint is written to ``step_000010.tmp`` on every rank and renamed by rank 0 after a barrier, so a killed run
-never leaves a directory that looks complete. The newest complete ``step_*`` directory is the resume point.
+never leaves a directory that looks complete. Which checkpoint a run resumes from, and which ones rotation may
+delete (only this run's, older than the newest), is decided in checkpoint/run_dir.py.
 """
 
 from __future__ import annotations
@@ -89,13 +91,36 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def read_state(path: str | Path) -> dict:
+    """``state.json`` of a training checkpoint; a missing or damaged one is a one-line CheckpointError."""
+    from ..errors import CheckpointError
+
+    state_file = Path(path) / "state.json"
+    try:
+        state = json.loads(state_file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{state_file}: not found (incomplete or not a training checkpoint)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{state_file}: not valid JSON ({str(e).splitlines()[0]}; damaged)") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) \
+            or not isinstance(state.get("data_cursor"), int):
+        raise CheckpointError(f"{state_file}: expected an object with integer 'step' and 'data_cursor'")
+    return state
+
+
 def save_training_checkpoint(run_dir: str | Path, step: int, chunks, optimizer, *, data_cursor: int,
                              metadata: dict, keep_last: int, rank: int, arch=None) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint path."""
+    """Collective: every rank calls it. Returns the final checkpoint path.
+
+    ``metadata["run_id"]`` (checkpoint/run_dir.py) marks the checkpoint as this run's: rotation then deletes only
+    this run's checkpoints older than this one, keeping the newest ``keep_last``.
+    """
     from megatron.core import dist_checkpointing
 
     from ..models.builder import unwrap
     from .dist import save_model
+    from .manifest import write_manifest_collective
+    from .run_dir import rotate_checkpoints, set_aside
 
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:06d}"
@@ -111,14 +136,22 @@ def save_training_checkpoint(run_dir: str | Path, step: int, chunks, optimizer, 
         opt_dir.mkdir(exist_ok=True)
     _barrier()
     dist_checkpointing.save(optimizer.sharded_state_dict(model_sd, metadata=_OPTIM_META), str(opt_dir))
+    write_manifest_collective(opt_dir)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank}.pt")
     if rank == 0:
         (tmp / "state.json").write_text(json.dumps({"step": step, "data_cursor": data_cursor, **metadata}, indent=1))
-    _barrier()
+    write_manifest_collective(tmp)  # last: lists state.json, rng/* and the model/ and optimizer/ manifests
     if rank == 0:
+        run_id = metadata.get("run_id")
+        if final.exists():
+            try:
+                same_run = read_state(final).get("run_id") == run_id
+            except Exception:
+                same_run = False
+            if not same_run:  # never delete what is not ours: another run's (or an unreadable) step_N goes aside
+                set_aside(final, "replaced")
         replace_dir(tmp, final)
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        rotate_checkpoints(run_dir, run_id, keep_last, newest=final)
     _barrier()
     return final
 
@@ -158,27 +191,52 @@ def _restore_adam_steps(optimizer, opt_sd: dict) -> None:
                 state["step"] = torch.tensor(float(step), dtype=torch.float32)
 
 
-def load_training_checkpoint(path: str | Path, chunks, optimizer, *, rank: int) -> ResumeState:
-    """Collective. Restores model, optimizer, this rank's RNG; returns step and data cursor."""
+def load_training_checkpoint(path: str | Path, chunks, optimizer, *, rank: int, verified: bool = False) -> ResumeState:
+    """Collective. Restores model, optimizer, this rank's RNG; returns step and data cursor.
+
+    Nothing is loaded before the checkpoint's manifest is verified (skipped when the caller ``verified`` it, as
+    checkpoint/run_dir.py's plan_run does) and every pickle in it passed the allow-lists (checkpoint/safe_load.py).
+    """
     from megatron.core import dist_checkpointing
 
+    from ..errors import CheckpointError
     from ..models.builder import unwrap
-    from .dist import load_model
+    from . import manifest
+    from .dist import check_readable, load_model
+    from .safe_load import check_torch_file, safe_torch_load
 
     path = Path(path)
-    state_file = path / "state.json"
-    if not state_file.is_file():
-        raise FileNotFoundError(f"{state_file}: not found (incomplete or not a training checkpoint)")
-    state = json.loads(state_file.read_text())
-    load_model(chunks, path / "model")
+    state = read_state(path)
+    if not verified:
+        if manifest.has_manifest(path):
+            problems = manifest.verify_collective(path)
+            if problems:
+                raise CheckpointError(manifest.summarize(problems))
+        elif rank == 0:
+            print(f"[srft] warning: {path} has no {manifest.MANIFEST} (written by an older version): its files "
+                  f"are not verified", flush=True)
+    check_readable(path / "optimizer", verified=True)
+    rng_file = path / "rng" / f"rank_{rank}.pt"
+    if rng_file.is_file():
+        check_torch_file(rng_file)
+    load_model(chunks, path / "model", verified=True)
     model_sd = unwrap(chunks[0]).sharded_state_dict()  # maps optimizer state to params by identity
     _ensure_optimizer_state(optimizer)
-    opt_sd = dist_checkpointing.load(optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIM_META),
-                                     str(path / "optimizer"))
+    try:
+        opt_sd = dist_checkpointing.load(optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                                      metadata=_OPTIM_META), str(path / "optimizer"))
+    except Exception as e:  # Megatron's errors name internal keys: say what the user can change
+        saved = (state.get("config") or {}).get("parallel") or {}
+        raise CheckpointError(
+            f"{path / 'optimizer'}: the optimizer state does not fit this run (it reloads only at the TP/PP layout "
+            f"it was saved with: tensor_model_parallel_size={saved.get('tensor_model_parallel_size', '?')}, "
+            f"pipeline_model_parallel_size={saved.get('pipeline_model_parallel_size', '?')}, and the same model; "
+            f"to change the layout start a new run from {path / 'model'}, which reshards) "
+            f"[{e.__class__.__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}]") from e
     with torch.no_grad():  # Megatron copies into the fp32 master params (leaves that require grad) in place
         optimizer.load_state_dict(opt_sd)
     _restore_adam_steps(optimizer, opt_sd)
     rng_file = path / "rng" / f"rank_{rank}.pt"
     if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=True))
+        _set_rng_state(safe_torch_load(rng_file))
     return ResumeState(step=int(state["step"]), data_cursor=int(state["data_cursor"]), extra=state)

@@ -1,7 +1,8 @@
 """The ``srft`` command line. Each subcommand lives in its own module, imported only when it runs.
 
-A subcommand module provides ``add_arguments(parser)`` and ``main(args) -> int``. Errors a user can fix
-(:class:`~megatron_srft.errors.SrftError`, bad files) print one line ``srft <cmd>: error: ...`` and exit 2.
+A subcommand module provides ``add_arguments(parser)`` and ``main(args) -> int``. Every failure prints one line
+``srft <cmd>: error: ...`` (exit 2 for errors the user can fix, 1 otherwise) and its traceback goes to a log file
+whose path the line names, or to stderr with ``SRFT_DEBUG=1`` (cli/failures.py); under torchrun one rank reports.
 """
 
 from __future__ import annotations
@@ -59,11 +60,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog=f"srft {name}", description=help_text)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
-    from ..errors import SrftError
+    from .failures import report
 
     try:
         return int(module.main(args) or 0)
-    except (SrftError, FileNotFoundError, FileExistsError) as e:
-        msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
-        print(f"srft {name}: error: {msg}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"srft {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # every failure: one line, the traceback in a log file (cli/failures.py)
+        return report(name, e, run_dir=getattr(args, "srft_run_dir", None))

@@ -59,14 +59,37 @@ class TokenizedProblem:
 
 
 class TokenizedProblems(list):
-    """A list of :class:`TokenizedProblem` that also says how many problems the length filters dropped."""
+    """A list of :class:`TokenizedProblem` that also says how many problems the length filters dropped, and why
+    (:meth:`drop_summary`, for the start-up summary)."""
 
     num_dropped_prompt: int = 0
     num_dropped_demo: int = 0
+    max_prompt_length: int = 0
+    max_response_length: int = 0
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.dropped: list[tuple[str, str]] = []  # (source "file:line", reason), in file order
 
     @property
     def num_dropped(self) -> int:
         return self.num_dropped_prompt + self.num_dropped_demo
+
+    def drop_summary(self, max_examples: int = 3) -> str:
+        """One line: how many problems were dropped, for which reason, and the first few by file and line
+        ("" when none was dropped)."""
+        if not self.num_dropped:
+            return ""
+        parts = []
+        if self.num_dropped_prompt:
+            parts.append(f"{self.num_dropped_prompt} with a prompt over data.max_prompt_length="
+                         f"{self.max_prompt_length} tokens")
+        if self.num_dropped_demo:
+            parts.append(f"{self.num_dropped_demo} with a demonstration over data.max_response_length="
+                         f"{self.max_response_length} tokens")
+        examples = "; ".join(f"{src} ({why})" for src, why in self.dropped[:max_examples])
+        more = ", ..." if len(self.dropped) > max_examples else ""
+        return f"{self.num_dropped} dropped: {', '.join(parts)} (e.g. {examples}{more})"
 
 
 # --------------------------------------------------------------------------------------------- row parsing
@@ -157,11 +180,16 @@ def parse_row(row: Any, where: str, *, default_source: str, require_demo: bool =
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                f"data files must be UTF-8 encoded") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
@@ -223,6 +251,7 @@ def tokenize_problems(problems: list[Problem], tokenizer, template: str, max_pro
     if tokenizer.eos_token_id is None:
         raise DataError("tokenizer: has no eos_token; demonstrations must end in EOS")
     out = TokenizedProblems()
+    out.max_prompt_length, out.max_response_length = max_prompt_length, max_response_length
     # batched calls: the fast tokenizer encodes a list in parallel (46k demos of up to 8k tokens take minutes
     # one by one)
     for start in range(0, len(problems), _TOKENIZE_BATCH):
@@ -235,8 +264,10 @@ def tokenize_problems(problems: list[Problem], tokenizer, template: str, max_pro
             d_ids = None if pr.demonstration is None else list(next(demo_iter)) + [tokenizer.eos_token_id]
             if len(p_ids) > max_prompt_length:
                 out.num_dropped_prompt += 1
+                out.dropped.append((pr.source, f"prompt {len(p_ids)} tokens"))
             elif d_ids is not None and len(d_ids) > max_response_length:
                 out.num_dropped_demo += 1
+                out.dropped.append((pr.source, f"demonstration {len(d_ids)} tokens"))
             else:
                 out.append(TokenizedProblem(prompt_ids=list(p_ids), demo_ids=d_ids, answer=pr.answer,
                                             data_source=pr.data_source, source=pr.source))

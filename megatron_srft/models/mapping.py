@@ -24,6 +24,7 @@ global number.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -128,6 +129,9 @@ def to_mcore(rule: Rule, arch: ArchSpec, hf_tensors: list[torch.Tensor], padded_
         return hf_tensors[0]
     if rule.kind == "vocab":
         t = hf_tensors[0]
+        if t.shape[0] != arch.vocab_size:  # never pad or trim real rows away silently
+            raise ConfigError(f"config.json: vocab_size={arch.vocab_size} but {rule.hf[0]} has {t.shape[0]} rows; "
+                              f"set vocab_size to {t.shape[0]}")
         if t.shape[0] == padded_vocab:
             return t
         pad = t.new_zeros((padded_vocab - t.shape[0], *t.shape[1:]))
@@ -267,6 +271,25 @@ def megatron_full_to_hf(arch: ArchSpec, mcore_name_tensor_iter: Iterable[tuple[s
 
 # ----------------------------------------------------------------------------------------- HF safetensors reader
 
+#: A weight beyond this magnitude is not a trained value but damage (a flipped exponent bit gives ~1e37); the
+#: largest weights of the supported families are orders of magnitude smaller.
+MAX_ABS_WEIGHT = 1e5
+
+
+def check_weight_values(name: str, tensor: torch.Tensor, source) -> torch.Tensor:
+    """``tensor`` unchanged when every value is finite and ``|w| <= MAX_ABS_WEIGHT``; else a one-line error naming
+    the tensor (a NaN/inf from a diverged run, or a flipped byte in a shard)."""
+    from ..errors import CheckpointError
+
+    if tensor.numel() == 0 or not tensor.is_floating_point():
+        return tensor
+    amax = float(tensor.detach().abs().max())
+    if not math.isfinite(amax) or amax > MAX_ABS_WEIGHT:
+        what = "non-finite values (NaN/inf)" if not math.isfinite(amax) else f"a value of magnitude {amax:.3g}"
+        raise CheckpointError(f"{source}: tensor {name!r} holds {what}, beyond any trained weight (bound "
+                              f"{MAX_ABS_WEIGHT:g}): the file is damaged, or the run that wrote it diverged")
+    return tensor
+
 
 class HFWeights:
     """The safetensors of an HF directory (``model.safetensors`` or sharded with an index), read tensor by tensor."""
@@ -308,7 +331,7 @@ class HFWeights:
         for fname in sorted(by_file):
             with safe_open(str(self.dir / fname), framework="pt") as f:
                 for name in by_file[fname]:
-                    yield name, f.get_tensor(name)
+                    yield name, check_weight_values(name, f.get_tensor(name), self.dir / fname)
 
 
 # ----------------------------------------------------------------------------------------- model-side helpers

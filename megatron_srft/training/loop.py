@@ -80,6 +80,7 @@ class Problems:
     eval: list
     num_filtered: int = 0
     num_eval_filtered: int = 0
+    drop_notes: list = dataclasses.field(default_factory=list)  # one line per file that lost problems, and why
 
 
 # --------------------------------------------------------------------------------------------- set-up
@@ -109,6 +110,8 @@ def build_policy(cfg: SRFTConfig, groups: ParallelGroups) -> Policy:
 def load_problems_for(cfg: SRFTConfig, tokenizer, *, need_demos: bool) -> Problems:
     from ..data.dataset import load_problems, tokenize_problems
 
+    notes: list[str] = []
+
     def load(files, require_demo):
         out, dropped = [], 0
         for f in files:
@@ -116,6 +119,8 @@ def load_problems_for(cfg: SRFTConfig, tokenizer, *, need_demos: bool) -> Proble
             toks = tokenize_problems(probs, tokenizer, cfg.data.template, cfg.data.max_prompt_length,
                                      cfg.data.max_response_length)
             dropped += len(probs) - len(toks)
+            if toks.drop_summary():
+                notes.append(f"{f}: {toks.drop_summary()}")
             out.extend(toks)
         return out, dropped
 
@@ -127,7 +132,8 @@ def load_problems_for(cfg: SRFTConfig, tokenizer, *, need_demos: bool) -> Proble
     evals, eval_dropped = load(cfg.data.eval_files, False)
     if cfg.data.eval_files and not evals:
         raise ConfigError(f"data.eval_files: no usable problems after length filters ({eval_dropped} dropped)")
-    return Problems(train=train, eval=evals, num_filtered=dropped, num_eval_filtered=eval_dropped)
+    return Problems(train=train, eval=evals, num_filtered=dropped, num_eval_filtered=eval_dropped,
+                    drop_notes=notes)
 
 
 def check_eval_settings(cfg: SRFTConfig) -> None:
@@ -361,6 +367,7 @@ def _startup_summary(cfg: SRFTConfig, groups: ParallelGroups, problems: Problems
         f"{'' if service.engine is not None else ' (no generation: verifier only)'}; sleep level "
         f"{cfg.rollout.sleep_level}",
     ]
+    lines += [f"[srft] {note}" for note in problems.drop_notes]
     return "\n".join(lines)
 
 
@@ -369,7 +376,8 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
     """Run training; returns the last step's metrics. ``stop_after`` ends early (tests of resume/kill);
     ``engine_factory`` builds the rollout engines (tests wrap the real one)."""
     from ..algorithms.presets import resolve
-    from ..checkpoint.training_state import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+    from ..checkpoint.run_dir import plan_run
+    from ..checkpoint.training_state import load_training_checkpoint, save_training_checkpoint
     from ..data.templates import THINKING_TEMPLATES
     from ..distributed.groups import init_distributed
     from ..distributed.layout import token_pad_multiple
@@ -383,6 +391,8 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
     settings = resolve(cfg.algorithm)
     if cfg.rollout.tis_cap is not None:
         settings = dataclasses.replace(settings, tis_cap=cfg.rollout.tis_cap)
+    run = plan_run(cfg.run_dir, cfg.checkpoint.resume, to_dict(cfg), cfg.checkpoint.allow_changes, rank=groups.rank,
+                   world=groups.world_size)
     policy = build_policy(cfg, groups)
     problems = load_problems_for(cfg, policy.tokenizer, need_demos=settings.num_demos > 0)
     sampler = PromptSampler(len(problems.train), cfg.train.prompts_per_step, seed=cfg.data.seed,
@@ -394,11 +404,10 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
                            tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar,
                            log_every=cfg.logging.log_every)
     start_step = 0
-    ckpt = latest_checkpoint(run_dir) if cfg.checkpoint.resume != "never" else None
-    if cfg.checkpoint.resume == "must" and ckpt is None:
-        raise ConfigError(f"checkpoint.resume: 'must' but no complete checkpoint in {run_dir / 'checkpoints'}")
+    ckpt = run.resume_from
     if ckpt is not None:
-        start_step = load_training_checkpoint(ckpt, policy.chunks, policy.optimizer, rank=groups.rank).step
+        start_step = load_training_checkpoint(ckpt, policy.chunks, policy.optimizer, rank=groups.rank,
+                                              verified=True).step
         policy.version = start_step  # any value that differs from the engines' (they start with dummy weights)
     # A fresh start begins a fresh metrics.jsonl; a resume drops the lines of steps after its checkpoint.
     logger.truncate_after(start_step if ckpt is not None else -1)
@@ -411,13 +420,15 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
     stop = _StopFlag(cfg.checkpoint.save_on_signal)
     metrics: dict = {}
     num_minibatches = cfg.train.prompts_per_step // cfg.train.prompts_per_minibatch
-    meta = {"params_dtype": cfg.model.params_dtype, "config": to_dict(cfg)}
+    meta = {"params_dtype": cfg.model.params_dtype, "config": to_dict(cfg), "run_id": run.run_id}
     completed = start_step == cfg.train.num_steps
     consecutive_skips = 0
+    last_saved = ckpt
 
     def save(step: int) -> None:
+        nonlocal last_saved
         sync_parameters(policy.chunks)  # every shard current before it is written
-        save_training_checkpoint(run_dir, step, policy.chunks, policy.optimizer, data_cursor=sampler.cursor(step),
+        last_saved = save_training_checkpoint(run_dir, step, policy.chunks, policy.optimizer, data_cursor=sampler.cursor(step),
                                  metadata=meta, keep_last=cfg.checkpoint.keep_last, rank=groups.rank,
                                  arch=policy.handle.arch)
 
@@ -460,7 +471,7 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
             if consecutive_skips >= cfg.train.max_consecutive_skips:
                 raise TrainingError(f"step {step}: {consecutive_skips} consecutive steps had a non-finite loss or "
                                     f"gradient and were skipped (train.max_consecutive_skips); the last checkpoint "
-                                    f"is {latest_checkpoint(run_dir)}")
+                                    f"is {last_saved}")
             last = step == cfg.train.num_steps
             stopping = stop.agreed()
             # Save, then evaluate: a failing evaluation never costs the step. A step whose update was skipped is
@@ -492,6 +503,7 @@ def export_final_hf(policy: Policy, groups: ParallelGroups, out_dir: Path, param
 
     from ..checkpoint.atomic import replace_dir
     from ..checkpoint.convert import copy_side_files, write_safetensors
+    from ..checkpoint.manifest import write_manifest
     from ..models.builder import torch_dtype
 
     dtype = torch_dtype(params_dtype)
@@ -506,6 +518,7 @@ def export_final_hf(policy: Policy, groups: ParallelGroups, out_dir: Path, param
         hf_cfg["dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[params_dtype]
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
         copy_side_files(policy.model_dir, tmp)
+        write_manifest(tmp)  # last: sizes + CRC-32 of every file (checkpoint/manifest.py)
         replace_dir(tmp, out_dir)
     else:
         for _ in items:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,11 +57,21 @@ class MetricsLogger:
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop lines of steps that the restored checkpoint had not reached (a killed run's tail)."""
+        """On resume, drop lines of steps that the restored checkpoint had not reached (a killed run's tail).
+
+        A torn last line (the run was killed while writing it) is dropped with a warning; the file is rewritten
+        to a temporary sibling and renamed, so a kill during the rewrite leaves the old or the new file whole.
+        """
         if not self.enabled or not self.path.exists():
             return
-        kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        self.path.write_text("".join(ln + "\n" for ln in kept))
+        rows = parse_metrics_lines(self.path)
+        kept = [json.dumps(r) for r in rows if r["step"] <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w") as f:
+            f.write("".join(ln + "\n" for ln in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -108,16 +119,34 @@ def _clean(v):
     return v
 
 
+def parse_metrics_lines(path: Path) -> list[dict]:
+    """Rows of a metrics.jsonl. A torn LAST line (a kill mid-write: not complete JSON) is dropped with a warning;
+    a bad line elsewhere is a one-line error naming the file and line."""
+    from ..errors import UserError
+
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    rows = []
+    last = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
+    for i, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("no integer 'step'")
+        except (ValueError, UnicodeDecodeError) as e:
+            if i == last:
+                print(f"[srft] warning: {path}:{i + 1}: dropping a torn last line (the run was stopped while "
+                      f"writing it)", file=sys.stderr, flush=True)
+                break
+            raise UserError(f"{path}:{i + 1}: not a metrics row ({str(e).splitlines()[0]})") from None
+        rows.append(row)  # (a complete last row without its newline is kept: the write got that far)
+    return rows
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (is this a run directory?)")
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise ValueError(f"{path}:{i}: not valid JSON") from None
-    return rows
+    return parse_metrics_lines(path)

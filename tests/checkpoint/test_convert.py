@@ -120,3 +120,114 @@ def test_non_empty_output_refused_and_wrong_kind(tmp_path, hf_dir, capsys):
     err = _err(capsys, ["convert", "hf-to-mcore", "--hf", str(tmp_path / "nope"), "--out", str(tmp_path / "o3")])
     assert "not a directory" in err
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------------------------- never touch the input
+
+
+def _snapshot(d):
+    from pathlib import Path
+
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(Path(d).rglob("*")) if p.is_file()}
+
+
+def test_out_that_is_inside_or_contains_the_input_is_refused(tmp_path, hf_dir, trained_run, capsys):
+    hf = tmp_path / "models" / "hf"
+    shutil.copytree(hf_dir, hf)
+    before = _snapshot(tmp_path / "models")
+    (tmp_path / "link").symlink_to(hf)
+    for out, words in ((hf, "is the input"), (tmp_path / "link", "is the input"), (hf / "sub", "lies inside the input"),
+                       (tmp_path / "models", "contains the input")):
+        err = _err(capsys, ["convert", "hf-to-mcore", "--hf", str(hf), "--out", str(out), "--overwrite"])
+        assert words in err, err
+    assert _snapshot(tmp_path / "models") == before
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = _snapshot(run)
+    step = run / "checkpoints" / "step_000002"
+    for out, words in ((run, "contains the input"), (step / "model", "is the input"), (step, "is the input"),
+                       (step / "model" / "x", "lies inside")):
+        err = _err(capsys, ["convert", "mcore-to-hf", "--ckpt", str(step), "--out", str(out), "--overwrite"])
+        assert words in err, err
+    assert _snapshot(run) == before
+
+
+# --------------------------------------------------------------------------------------------- no silent garbage
+
+
+def test_vocab_size_below_the_embedding_rows_is_an_error(tmp_path, hf_dir, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(hf_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    rows = cfg["vocab_size"]
+    cfg["vocab_size"] = rows - 10
+    (bad / "config.json").write_text(json.dumps(cfg))
+    err = _err(capsys, ["convert", "hf-to-mcore", "--hf", str(bad), "--out", str(tmp_path / "o")])
+    assert f"vocab_size={rows - 10} but model.embed_tokens.weight has {rows} rows" in err
+    assert "drop 10 rows" in err and not (tmp_path / "o").exists()
+    # the same guard where the rows are converted (training straight from an HF directory)
+    from megatron_srft.models.arch import load_arch
+    from megatron_srft.models.mapping import _EMBED, to_mcore
+
+    with pytest.raises(Exception, match=f"vocab_size={rows - 10} but model.embed_tokens.weight has {rows} rows"):
+        to_mcore(_EMBED, load_arch(bad), [torch.zeros(rows, 4)], 128)
+
+
+def _tensor_span(path, name):
+    from megatron_srft.checkpoint.convert import read_safetensors_header
+
+    header, start = read_safetensors_header(path)
+    begin, end = header[name]["data_offsets"]
+    return start + begin, start + end
+
+
+def test_damaged_shards_are_named(tmp_path, hf_dir, capsys):
+    from megatron_srft.errors import CheckpointError
+    from megatron_srft.models.mapping import HFWeights
+
+    # a truncated shard: its header promises more bytes than the file holds
+    bad = tmp_path / "trunc"
+    shutil.copytree(hf_dir, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[:-1000])
+    err = _err(capsys, ["convert", "hf-to-mcore", "--hf", str(bad), "--out", str(tmp_path / "o")])
+    assert "model.safetensors: truncated: tensor" in err
+    # one flipped byte: the high exponent byte of one fp32 weight, which then reads ~1e37 (or inf/nan)
+    flip = tmp_path / "flip"
+    shutil.copytree(hf_dir, flip)
+    name = "model.layers.1.mlp.down_proj.weight"
+    begin, _ = _tensor_span(flip / "model.safetensors", name)
+    raw = bytearray((flip / "model.safetensors").read_bytes())
+    raw[begin + 4 * 7 + 3] ^= 0x40
+    (flip / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=rf"tensor '{name}' holds (non-finite values|a value of magnitude)"):
+        for _ in HFWeights(flip).iter_tensors():
+            pass
+
+
+def _convert_chain(step, hf_out, mc_out, damaged_hf):
+    """mcore -> HF -> mcore (both outputs carry manifests), then a damaged copy of the HF output."""
+    codes = [cli.main(["convert", "mcore-to-hf", "--ckpt", step, "--out", hf_out]),
+             cli.main(["convert", "hf-to-mcore", "--hf", hf_out, "--out", mc_out])]
+    shutil.copytree(hf_out, damaged_hf)
+    shard = sorted(p for p in __import__("pathlib").Path(damaged_hf).glob("*.safetensors"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[-5] ^= 0x01  # a single bit inside the last tensor: only the checksum can tell
+    shard.write_bytes(bytes(raw))
+    codes.append(cli.main(["convert", "hf-to-mcore", "--hf", damaged_hf, "--out", mc_out + "2"]))
+    return codes
+
+
+def test_converted_directories_carry_verified_manifests(tmp_path, trained_run):
+    from megatron_srft.checkpoint import manifest
+
+    step = trained_run / "checkpoints" / "step_000002"
+    hf_out, mc_out, damaged = tmp_path / "hf", tmp_path / "mc", tmp_path / "damaged"
+    (codes,) = run_ranks(_convert_chain, 1, str(step), str(hf_out), str(mc_out), str(damaged))
+    assert codes == [0, 0, 2]
+    assert "model.safetensors.index.json" in manifest.read_manifest(hf_out) and manifest.verify_part(hf_out) == []
+    assert set(manifest.read_manifest(mc_out)) >= {"config.json", "model/srft_manifest.json"}
+    assert manifest.verify_part(mc_out) == [] and manifest.verify_part(mc_out / "model") == []
+    (problem,) = manifest.verify_part(damaged)
+    assert "does not match the manifest" in problem and ".safetensors" in problem
+    assert not (tmp_path / "mc2").exists()

@@ -112,3 +112,29 @@ def test_local_spec_checkpoint_loads_into_modules_with_extra_state(tmp_path):
     hf = make_case(tmp_path / "hf", "qwen2_untied")
     assert main(["convert", "hf-to-mcore", "--hf", str(hf), "--out", str(tmp_path / "conv"), "--dtype", "fp32"]) == 0
     assert run_ranks(_load_into_extra_state_model, 1, str(tmp_path / "conv" / "model"), hf) == [0.0]
+
+
+def _load_into_other_shape(hf_dir, ckpt_model_dir):
+    from megatron_srft.checkpoint.convert import resolve_source
+    from megatron_srft.checkpoint.dist import load_model
+    from megatron_srft.config import ModelConfig, ParallelConfig
+    from megatron_srft.distributed.groups import init_distributed
+    from megatron_srft.errors import CheckpointError
+    from megatron_srft.models.builder import build_model
+
+    pcfg = ParallelConfig()
+    init_distributed(pcfg)
+    handle = build_model(resolve_source(hf_dir).arch, ModelConfig(params_dtype="fp32"), pcfg)
+    try:
+        load_model(handle.chunks, ckpt_model_dir)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def test_checkpoint_of_another_shape_is_a_named_error(tmp_path, trained_run):
+    hf = make_case(tmp_path / "hf", "qwen2_untied")  # hidden 128 but 100-token vocab and untied: other shapes
+    model = trained_run / "checkpoints" / "step_000001" / "model"
+    (msg,) = run_ranks(_load_into_other_shape, 1, str(hf), str(model))
+    assert msg is not None and msg.startswith(f"{model}: does not fit the model being loaded"), msg
+    assert "the checkpoint has no tensor 'output_layer.weight'" in msg

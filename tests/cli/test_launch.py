@@ -173,3 +173,54 @@ def test_exec_runs_this_nodes_torchrun(tmp_path):
     assert "--node-rank=1" in argv and "--nnodes=2" in argv and "--rdzv-endpoint=gpu01:29500" in argv
     assert argv[-4:] == ["train", "--config", EXAMPLE_7B, "train.num_steps=1"]
     assert "node 1:" in res.stderr
+
+
+def test_sigusr1_to_srft_launch_checkpoints_the_toy_run(run_copy, toy_task, tmp_path):
+    """Pre-emption the way users launch: SIGUSR1 to `srft launch` (which execs torchrun) reaches the trainer, which
+    finishes its step, writes a checkpoint and exits. The run starts with checkpoint.resume=fresh in a used run
+    directory, so the previous run is moved aside (not deleted) by the real training loop."""
+    import signal
+    import socket
+    import time
+
+    import yaml
+
+    from megatron_srft.checkpoint import manifest
+    from megatron_srft.checkpoint.run_dir import ARCHIVE_DIR, RUN_FILE, step_dirs
+    from megatron_srft.config import load_config, to_dict
+    from tests.toy_run import toy_overrides
+
+    old_run = json.loads((run_copy / RUN_FILE).read_text())["run_id"]
+    cfg = load_config(None, toy_overrides(toy_task, run_copy, 10_000, ["checkpoint.save_every=0",
+                                                                       "checkpoint.resume=fresh"]))
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_", "MASTER_"))}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_srft", "launch", "--gpus-per-node", "1",
+                             "--rdzv-port", str(port), "--shutdown-timeout", "240", "--config",
+                             str(tmp_path / "cfg.yaml")], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = run_copy / "metrics.jsonl"
+    try:
+        deadline = time.time() + 480
+        # the old run was moved aside, and the new run finished a step
+        while not ((run_copy / ARCHIVE_DIR).is_dir() and metrics.is_file() and metrics.read_text().strip()):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # torchrun forwarded the signal and the trainer returned normally (its last metrics line); torchrun itself
+    # then exits non-zero (it re-raises a handled signal once its workers are done), which is its design
+    assert "closing signal SIGUSR1" in out and '"loss/sft"' in out, out[-3000:]
+    (ckpt,) = step_dirs(run_copy)
+    state = json.loads((ckpt / "state.json").read_text())
+    assert 1 <= state["step"] < 10_000 and state["run_id"] != old_run
+    assert manifest.verify_part(ckpt) == []
+    (archived,) = (run_copy / ARCHIVE_DIR).iterdir()
+    assert [p.name for p in step_dirs(archived)] == ["step_000001", "step_000002"]

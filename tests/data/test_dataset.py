@@ -122,3 +122,28 @@ def test_tokenize_verl_file_with_paper_template_keeps_its_system_prompt(tok):
     assert len(out) == len(probs) and out.num_dropped == 0
     text = tok.decode(out[0].prompt_ids)
     assert text.startswith(probs[0].prompt[0]["content"][:40]) and text.endswith("\nA:")
+
+
+def test_dropped_problems_are_counted_and_named(tok, tmp_path):
+    p = _jsonl(tmp_path, [
+        {"prompt": "1+2", "answer": "3", "demonstration": "3"},
+        {"prompt": "9" * 40, "answer": "9"},
+        {"prompt": "2+2", "answer": "4", "demonstration": "4" * 40},
+        {"prompt": "8" * 50, "answer": "8"},
+    ], name="eval.jsonl")
+    toks = tokenize_problems(load_problems(p), tok, "plain", max_prompt_length=20, max_response_length=10)
+    assert len(toks) == 1 and (toks.num_dropped_prompt, toks.num_dropped_demo) == (2, 1)
+    assert [src for src, _ in toks.dropped] == [f"{p}:2", f"{p}:3", f"{p}:4"]
+    summary = toks.drop_summary(max_examples=2)
+    assert summary.startswith("3 dropped: 2 with a prompt over data.max_prompt_length=20 tokens, 1 with a "
+                              "demonstration over data.max_response_length=10 tokens")
+    assert f"{p}:2 (prompt 40 tokens); {p}:3 (demonstration 41 tokens), ..." in summary
+    none = tokenize_problems(load_problems(p)[:1], tok, "plain", max_prompt_length=20, max_response_length=10)
+    assert none.drop_summary() == "" and none.dropped == []
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(b'{"prompt": "1+2", "answer": "3"}\n{"prompt": "caf\xe9", "answer": "3"}\n')
+    with pytest.raises(DataError, match=rf"{p}:2: not valid UTF-8 \(byte 0xe9 at column 16\)"):
+        load_problems(p)
