@@ -30,22 +30,14 @@ def toy(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def toy_task(tmp_path_factory):
-    """The toy task (tests/toy_run.py): tiny Qwen2 + char tokenizer, 64 training problems."""
-    from megatron_srft.data.toy import ToySettings, make_toy
-
-    return make_toy(tmp_path_factory.mktemp("ckpt_toy") / "toy", ToySettings(num_train=64, num_test=8, max_ops=2))
-
-
-@pytest.fixture(scope="session")
-def trained_run(toy_task, tmp_path_factory):
+def trained_run(toy, tmp_path_factory):
     """A real 2-step SFT run (1 rank), made once: RUN_DIR with checkpoints/step_000001 and step_000002 (model/,
     optimizer/, rng/, state.json, manifests), metrics.jsonl and srft_run.json. Tests copy it (``run_copy``)."""
     from tests.dist import run_ranks
     from tests.toy_run import toy_overrides, train_toy
 
     run = tmp_path_factory.mktemp("ckpt_run") / "run"
-    run_ranks(train_toy, 1, toy_overrides(toy_task, run, 2))
+    run_ranks(train_toy, 1, toy_overrides(toy, run, 2))
     return run
 
 

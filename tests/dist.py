@@ -42,6 +42,19 @@ def _entry(rank, world_size, port, fn, args, queue, collected):
 
 
 def run_ranks(fn, world_size: int, *args, timeout: float = 600.0):
+    """Run ``fn(*args)`` on ``world_size`` spawned gloo ranks; their return values, in rank order.
+
+    The rendezvous port is picked free and released before the ranks bind it; another process on the machine can
+    take it in between (EADDRINUSE while the ranks start their world). Only that failure is retried, once."""
+    try:
+        return _run_ranks(fn, world_size, *args, timeout=timeout)
+    except AssertionError as e:
+        if "EADDRINUSE" not in str(e) or "_entry" not in str(e):
+            raise
+        return _run_ranks(fn, world_size, *args, timeout=timeout)
+
+
+def _run_ranks(fn, world_size: int, *args, timeout: float = 600.0):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     collected = ctx.Event()

@@ -80,7 +80,7 @@ def test_convert_refuses_crafted_checkpoint_with_one_line(run_copy, tmp_path, ca
     assert not marker.exists() and not (tmp_path / "hf").exists()
 
 
-def test_resume_from_crafted_checkpoint_exits_with_one_line(run_copy, tmp_path, toy_task):
+def test_resume_from_crafted_checkpoint_exits_with_one_line(run_copy, tmp_path, toy):
     from tests.toy_run import toy_overrides
 
     shutil.rmtree(run_copy / "checkpoints" / "step_000001")  # no intact checkpoint to fall back to
@@ -91,7 +91,7 @@ def test_resume_from_crafted_checkpoint_exits_with_one_line(run_copy, tmp_path, 
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     env.pop("SRFT_DEBUG", None)
     res = subprocess.run([sys.executable, "-m", "megatron_srft", "train", "--resume", "must",
-                          *toy_overrides(toy_task, run_copy, 3)], env=env, cwd=tmp_path, capture_output=True,
+                          *toy_overrides(toy, run_copy, 3)], env=env, cwd=tmp_path, capture_output=True,
                          text=True, timeout=600)
     errors = [ln for ln in res.stderr.splitlines() if "error" in ln.lower() and "warn" not in ln.lower()]
     assert res.returncode == 2, res.stderr[-3000:]

@@ -90,7 +90,7 @@ def test_one_rank_claims_the_message(tmp_path, monkeypatch):
     assert claim(marker, 1)
 
 
-def test_torchrun_error_on_every_rank_is_reported_once(tmp_path, toy_task):
+def test_torchrun_error_on_every_rank_is_reported_once(tmp_path, toy):
     """Two ranks hit the same config error (world-size check after start-up): one line, from rank 0."""
     from tests.toy_run import toy_overrides
 
@@ -99,7 +99,7 @@ def test_torchrun_error_on_every_rank_is_reported_once(tmp_path, toy_task):
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "MASTER_", "SRFT_DEBUG"))}
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    overrides = toy_overrides(toy_task, tmp_path / "run", 1, ["train.prompts_per_minibatch=1",
+    overrides = toy_overrides(toy, tmp_path / "run", 1, ["train.prompts_per_minibatch=1",
                                                                 "train.prompts_per_step=3"])
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
                           f"--master-port={port}", "-m", "megatron_srft", "train", *overrides],

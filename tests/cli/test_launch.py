@@ -175,7 +175,7 @@ def test_exec_runs_this_nodes_torchrun(tmp_path):
     assert "node 1:" in res.stderr
 
 
-def test_sigusr1_to_srft_launch_checkpoints_the_toy_run(run_copy, toy_task, tmp_path):
+def test_sigusr1_to_srft_launch_checkpoints_the_toy_run(run_copy, toy, tmp_path):
     """Pre-emption the way users launch: SIGUSR1 to `srft launch` (which execs torchrun) reaches the trainer, which
     finishes its step, writes a checkpoint and exits. The run starts with checkpoint.resume=fresh in a used run
     directory, so the previous run is moved aside (not deleted) by the real training loop."""
@@ -191,7 +191,7 @@ def test_sigusr1_to_srft_launch_checkpoints_the_toy_run(run_copy, toy_task, tmp_
     from tests.toy_run import toy_overrides
 
     old_run = json.loads((run_copy / RUN_FILE).read_text())["run_id"]
-    cfg = load_config(None, toy_overrides(toy_task, run_copy, 10_000, ["checkpoint.save_every=0",
+    cfg = load_config(None, toy_overrides(toy, run_copy, 10_000, ["checkpoint.save_every=0",
                                                                        "checkpoint.resume=fresh"]))
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
     with socket.socket() as s:
