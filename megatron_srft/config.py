@@ -326,7 +326,13 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    tensorboard: bool = _f(False, "Also write TensorBoard event files.")
+    tensorboard: bool = _f(False, "Also write TensorBoard event files (RUN_DIR/tensorboard).")
+    wandb: bool = _f(False, "Also log to Weights & Biases (pip install 'megatron-srft[logging]').")
+    wandb_project: str = _f("megatron-srft", "W&B project.")
+    wandb_entity: Optional[str] = _f(None, "W&B entity (team or user); null = your default.")
+    wandb_run_name: Optional[str] = _f(None, "W&B run name; null = the run directory's name.")
+    wandb_mode: Literal["online", "offline"] = _f(
+        "online", "offline: write the W&B run under RUN_DIR/wandb (clusters without egress; `wandb sync` it later).")
     progress_bar: bool = _f(True, "Console progress bar with ETA (rank 0).")
     log_every: int = _f(1, "Console log every N steps (metrics.jsonl gets every step).")
 

@@ -401,8 +401,7 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
                                       cfg.model.fp8 is not None)
     run_dir = Path(cfg.run_dir)
     logger = MetricsLogger(run_dir, enabled=groups.is_logging_rank, total_steps=cfg.train.num_steps,
-                           tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar,
-                           log_every=cfg.logging.log_every)
+                           logging_cfg=cfg.logging, run_config=to_dict(cfg), run_id=run.run_id)
     start_step = 0
     ckpt = run.resume_from
     if ckpt is not None:

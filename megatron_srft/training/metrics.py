@@ -1,7 +1,10 @@
-"""Run metrics: ``RUN_DIR/metrics.jsonl`` (one line per step), optional TensorBoard, a console progress line.
+"""Run metrics: ``RUN_DIR/metrics.jsonl`` (one line per step, the record of truth), a console progress line, and
+optional sinks from :data:`SINKS`: TensorBoard (``RUN_DIR/tensorboard``) and Weights & Biases (online, or offline
+under ``RUN_DIR/wandb`` for clusters without egress: `wandb sync` it later).
 
 Only the logging rank writes. Values are plain floats; the step's wall-clock phases are recorded as
 ``time/<phase>`` so a user can see where a step's time goes (rollout, reward, old_logprob, train, sync, ...).
+A sink is a class with ``log(step, row)`` and ``close()``; adding one is a class and a row in :data:`SINKS`.
 """
 
 from __future__ import annotations
@@ -34,27 +37,81 @@ class PhaseTimer:
         return {f"time/{k}": v for k, v in self.seconds.items()}
 
 
+def _optional(module: str, field: str):
+    import importlib
+
+    from ..errors import ConfigError
+
+    try:
+        return importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - the package is optional
+        raise ConfigError(f"{field}: needs the '{module.split('.')[0]}' package "
+                          f"(pip install 'megatron-srft[logging]')") from None
+
+
+class TensorBoardSink:
+    """Scalars into ``RUN_DIR/tensorboard`` (read them with TensorBoard, or its event reader)."""
+
+    def __init__(self, run_dir: Path, cfg, run_config: dict, run_id: Optional[str]) -> None:
+        writer = _optional("torch.utils.tensorboard", "logging.tensorboard").SummaryWriter
+        self.writer = writer(str(run_dir / "tensorboard"))
+
+    def log(self, step: int, row: dict) -> None:
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """A Weights & Biases run: ``logging.wandb_project`` / ``_entity`` / ``_run_name``; ``wandb_mode: offline``
+    writes it under ``RUN_DIR/wandb`` (`wandb sync RUN_DIR/wandb/offline-run-*` later). The W&B run id is the
+    run's own id, so a resumed run continues the same W&B run (steps it already logged are not logged again)."""
+
+    def __init__(self, run_dir: Path, cfg, run_config: dict, run_id: Optional[str]) -> None:
+        wandb = _optional("wandb", "logging.wandb")
+        self.run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity,
+                              name=cfg.wandb_run_name or run_dir.name, mode=cfg.wandb_mode, dir=str(run_dir),
+                              config=run_config, id=run_id, resume="allow" if run_id else None, reinit=True)
+        self.last_step = getattr(self.run, "step", 0) or 0
+
+    def log(self, step: int, row: dict) -> None:
+        if step < self.last_step:  # W&B rejects steps below its own; a resume re-logs the steps after the ckpt
+            return
+        self.last_step = step
+        self.run.log({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+#: logging config switch -> sink class (names and docs follow this table)
+SINKS = {"tensorboard": TensorBoardSink, "wandb": WandbSink}
+
+
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, *, enabled: bool, total_steps: int, tensorboard: bool = False,
-                 progress_bar: bool = True, log_every: int = 1) -> None:
+    """metrics.jsonl, the console line, and the sinks the logging config switches on (logging rank only)."""
+
+    def __init__(self, run_dir: str | Path, *, enabled: bool, total_steps: int, logging_cfg=None,
+                 progress_bar: bool = True, log_every: int = 1, run_config: Optional[dict] = None,
+                 run_id: Optional[str] = None) -> None:
         self.enabled = enabled
         self.total_steps = total_steps
-        self.progress_bar = progress_bar
-        self.log_every = log_every
+        self.progress_bar = logging_cfg.progress_bar if logging_cfg is not None else progress_bar
+        self.log_every = logging_cfg.log_every if logging_cfg is not None else log_every
         self.path = Path(run_dir) / "metrics.jsonl"
-        self._tb = None
+        self.sinks: list = []
         self._t0 = time.time()
         self._first_step: Optional[int] = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except Exception as e:  # the package is optional
-                raise RuntimeError("logging.tensorboard: needs the 'tensorboard' package (pip install tensorboard)") \
-                    from e
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        for name, sink in SINKS.items():
+            if logging_cfg is not None and getattr(logging_cfg, name):
+                self.sinks.append(sink(Path(run_dir), logging_cfg, run_config or {}, run_id))
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop lines of steps that the restored checkpoint had not reached (a killed run's tail).
@@ -79,10 +136,8 @@ class MetricsLogger:
         row = {"step": step, **{k: _clean(v) for k, v in sorted(metrics.items())}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self._tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, step)
+        for sink in self.sinks:
+            sink.log(step, row)
         if self._first_step is None:
             self._first_step = step
             self._t0 = time.time()
@@ -107,8 +162,9 @@ class MetricsLogger:
                   flush=True)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
 
 def _clean(v):

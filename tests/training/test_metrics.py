@@ -58,3 +58,75 @@ def test_torn_last_line_is_dropped_with_a_warning_and_the_rewrite_is_atomic(tmp_
     path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
     with pytest.raises(UserError, match=r"metrics.jsonl:2: not a metrics row"):
         read_metrics(tmp_path)
+
+
+def _wandb_records(run_file):
+    """(kind, payload) of every record in an offline W&B run file: a LevelDB-style log (7-byte header, 32 KiB
+    blocks, records of crc32 / length / type then a protobuf Record)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, block, partial = run_file.read_bytes(), 7, 32768, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if pos % block + 7 > block:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # full, or last of several
+            record = pb.Record()
+            record.ParseFromString(partial + chunk)
+            partial = b""
+            yield record.WhichOneof("record_type"), record
+        elif kind in (2, 3):  # first / middle
+            partial += chunk
+
+
+def _logging(**kw):
+    from megatron_srft.config import LoggingConfig
+
+    return LoggingConfig(progress_bar=False, **kw)
+
+
+def test_tensorboard_and_wandb_offline_runs_read_back(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for var, value in (("WANDB_SILENT", "true"), ("WANDB_X_DISABLE_STATS", "true"), ("WANDB_X_DISABLE_META", "true"),
+                       ("WANDB_CONSOLE", "off")):
+        monkeypatch.setenv(var, value)  # a quiet, quick test run: no system metrics or console capture
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    cfg = _logging(tensorboard=True, wandb=True, wandb_mode="offline", wandb_project="p", wandb_run_name="toy")
+    log = MetricsLogger(tmp_path, enabled=True, total_steps=3, logging_cfg=cfg, run_config={"lr": 1e-4},
+                        run_id="abc123")
+    for step in (1, 2, 3):
+        log.log(step, {"loss/total": 1.0 / step, "eval/accuracy": 0.1 * step, "note": "x"})
+    log.close()
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars("loss/total")] == [(1, 1.0), (2, 0.5), (3, 0.333333)]
+
+    (run_file,) = (tmp_path / "wandb").glob("offline-run-*-abc123/run-abc123.wandb")
+    history = []
+    for kind, record in _wandb_records(run_file):
+        if kind == "history":
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            history.append((items["_step"], items["loss/total"], items["eval/accuracy"]))
+        elif kind == "run":
+            assert record.run.run_id == "abc123" and record.run.display_name == "toy"
+    assert [(s, round(a, 6), round(b, 6)) for s, a, b in history] == [(1, 1.0, 0.1), (2, 0.5, 0.2),
+                                                                      (3, 0.333333, 0.3)]
+
+
+def test_a_missing_sink_package_is_a_config_error(tmp_path, monkeypatch):
+    import sys
+
+    import pytest
+
+    from megatron_srft.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"logging.wandb: needs the 'wandb' package"):
+        MetricsLogger(tmp_path, enabled=True, total_steps=1, logging_cfg=_logging(wandb=True))
