@@ -293,6 +293,8 @@ class TrainConfig:
         _in(self.reward_workers, 1, 4096, f"{path}.reward_workers")
         _in(self.eval_every, 0, MAX_STEPS, f"{path}.eval_every")
         _in(self.eval_n_samples, 1, 100_000, f"{path}.eval_n_samples")
+        _need(self.eval_temperature > 0 or self.eval_n_samples == 1, f"{path}.eval_n_samples",
+              f"greedy evaluation (eval_temperature 0) gives one sample per problem, got {self.eval_n_samples}")
         _need(0 <= self.eval_temperature <= 100, f"{path}.eval_temperature",
               f"expected 0 <= temperature <= 100, got {self.eval_temperature}")
         _in(self.seed, 0, MAX_SEED, f"{path}.seed")

@@ -136,18 +136,6 @@ def load_problems_for(cfg: SRFTConfig, tokenizer, *, need_demos: bool) -> Proble
                     drop_notes=notes)
 
 
-def check_eval_settings(cfg: SRFTConfig) -> None:
-    """Evaluation settings are checked at start-up, not at the first evaluation hours later."""
-    t = cfg.train
-    if t.eval_n_samples < 1:
-        raise ConfigError(f"train.eval_n_samples: expected >= 1, got {t.eval_n_samples}")
-    if t.eval_temperature < 0:
-        raise ConfigError(f"train.eval_temperature: expected >= 0, got {t.eval_temperature}")
-    if t.eval_temperature == 0 and t.eval_n_samples > 1:
-        raise ConfigError("train.eval_n_samples: greedy evaluation (eval_temperature 0) gives one sample per "
-                          f"problem, got {t.eval_n_samples}")
-
-
 class PromptSampler:
     """Which problems step s uses: epoch-wise seeded permutations, a pure function of (seed, step).
 
@@ -386,8 +374,7 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
     from .step import sync_parameters
 
     groups = groups or init_distributed(cfg.parallel, seed=cfg.train.seed)
-    cfg.validate()
-    check_eval_settings(cfg)
+    cfg.validate()  # evaluation settings included: checked now, not at the first evaluation hours later
     settings = resolve(cfg.algorithm)
     if cfg.rollout.tis_cap is not None:
         settings = dataclasses.replace(settings, tis_cap=cfg.rollout.tis_cap)

@@ -9,28 +9,14 @@ from pathlib import Path
 import pytest
 
 from tests.dist import run_ranks
+from tests.toy_run import toy_overrides, train_toy
 
 
 def _overrides(toy: Path, run_dir: Path, preset: str, steps: int, extra=()) -> list[str]:
-    return [
-        f"run_dir={run_dir}", f"model.path={toy / 'model'}", "model.params_dtype=fp32",
-        "model.make_vocab_size_divisible_by=128",
-        f"data.train_files=[{toy / 'train.jsonl'}]", "data.template=chat",
-        "data.max_prompt_length=32", "data.max_response_length=24",
-        f"algorithm.preset={preset}", f"train.num_steps={steps}", "train.prompts_per_step=4",
-        "train.prompts_per_minibatch=2", "train.reward=exact", "train.reward_workers=1",
-        "train.micro_batch_tokens=256", "rollout.num_rollouts_per_prompt=3", "rollout.dtype=fp32",
-        "optimizer.lr=1e-3", "checkpoint.save_every=1", "checkpoint.keep_last=2", "logging.progress_bar=false",
-        *extra,
-    ]
+    return toy_overrides(toy, run_dir, steps, ["checkpoint.keep_last=2", *extra], preset=preset)
 
 
-def _train(overrides, stop_after=None):
-    from megatron_srft.config import load_config
-    from megatron_srft.training.loop import train
-
-    cfg = load_config(None, overrides)
-    return train(cfg, stop_after=stop_after)
+_train = train_toy
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -120,7 +106,7 @@ def test_last_step_is_saved_before_the_evaluation(toy, tmp_path):
 
 
 def test_bad_eval_settings_fail_at_start_up(toy, tmp_path):
-    with pytest.raises(AssertionError, match=r"ConfigError: train.eval_n_samples: expected >= 1, got 0"):
+    with pytest.raises(AssertionError, match=r"ConfigError: train.eval_n_samples: expected 1 <= value <= 100000, got 0"):
         run_ranks(_train, 1, _overrides(toy, tmp_path / "e0", "sft", 1, [f"data.eval_files=[{toy / 'test.jsonl'}]",
                                                                           "train.eval_n_samples=0"]))
     assert not (tmp_path / "e0" / "checkpoints").exists()
