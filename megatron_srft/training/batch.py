@@ -11,11 +11,12 @@ so the response token j of sequence k is predicted at position start_k + P_k - 1
 flat [T]; ``tokens`` and ``position_ids`` are [1, T] (one packed row), as Megatron's GPTModel expects.
 
 Packing is first-fit-decreasing by length into micro-batches of at most ``micro_batch_tokens`` tokens; a longer
-sequence gets a micro-batch of its own. Sequences in one row never attend to each other: on Megatron's local
-spec through a block-diagonal causal mask, on the Transformer Engine spec through ``PackedSeqParams`` (THD
-format, cumulative sequence lengths). On the local spec Megatron's RoPE uses the row position 0..T-1 rather
-than ``position_ids``; rotary attention scores depend only on the distance q - k, which is the same inside a
-contiguous sequence, so packed and unpacked logits agree up to float rounding (tested).
+sequence gets a micro-batch of its own. Sequences in one row never attend to each other: the row goes to the
+model in THD format (``PackedSeqParams`` with the cumulative sequence lengths) on both layer specs, Transformer
+Engine's and our local one (models/local_spec.py attends per segment: memory grows with sum L_k^2, not T^2).
+Megatron's THD RoPE restarts at every sequence, so a packed sequence sees the positions it would see alone;
+packed and unpacked logits agree up to float rounding (tested). :func:`block_causal_mask` is the equivalent
+dense [T, T] mask, kept as the reference the tests compare against.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ __all__ = [
     "split_for_data_parallel",
     "empty_micro_batch",
     "block_causal_mask",
+    "packed_seq_params",
     "model_forward",
     "per_sequence_values",
 ]
@@ -235,14 +237,21 @@ def block_causal_mask(cu_seqlens: torch.Tensor, num_tokens: int, device=None) ->
     return (~allowed)[None, None]
 
 
-def _uses_transformer_engine(model) -> bool:
-    from ..models.builder import unwrap
+def packed_seq_params(mb: MicroBatch, device=None):
+    """THD ``PackedSeqParams`` of a micro-batch: its segment boundaries (the trailing padding segment included)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
 
-    return getattr(unwrap(model).config, "transformer_impl", "local") == "transformer_engine"
+    cu = mb.cu_seqlens.to(device=device, dtype=torch.int32)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
+                           cu_seqlens_kv_padded=cu, max_seqlen_q=mb.max_seqlen, max_seqlen_kv=mb.max_seqlen)
 
 
 def model_forward(model, mb: MicroBatch):
     """Run one micro-batch through this rank's model chunk.
+
+    The row goes in as THD with its cumulative sequence lengths on both layer specs: Transformer Engine's fused
+    attention and our local core (models/local_spec.py: attention per segment, no [T, T] mask) attend within
+    each sequence, and Megatron's THD RoPE restarts positions at every sequence.
 
     On the last pipeline stage returns logits [T, V_local] (this rank's vocab shard); on other stages returns
     the hidden states Megatron sends downstream ([T, 1, H], or [T/TP, 1, H] with sequence parallelism).
@@ -255,17 +264,8 @@ def model_forward(model, mb: MicroBatch):
     device = next(inner.parameters()).device
     tokens = mb.tokens.to(device)
     position_ids = mb.position_ids.to(device)
-    if _uses_transformer_engine(model):
-        from megatron.core.packed_seq_params import PackedSeqParams
-
-        # THD: TE's fused attention takes the packed row with cumulative lengths; RoPE restarts per sequence.
-        cu = mb.cu_seqlens.to(device=device, dtype=torch.int32)
-        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
-                                 cu_seqlens_kv_padded=cu, max_seqlen_q=mb.max_seqlen, max_seqlen_kv=mb.max_seqlen)
-        out = model(input_ids=tokens, position_ids=position_ids, attention_mask=None, packed_seq_params=packed)
-    else:
-        mask = block_causal_mask(mb.cu_seqlens, mb.num_tokens, device=device)
-        out = model(input_ids=tokens, position_ids=position_ids, attention_mask=mask)
+    out = model(input_ids=tokens, position_ids=position_ids, attention_mask=None,
+                packed_seq_params=packed_seq_params(mb, device))
     if getattr(inner, "post_process", True):
         return out[0]  # GPTModel returns [1, T, V_local] batch-first logits
     return out
