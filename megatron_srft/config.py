@@ -234,7 +234,10 @@ class TrainConfig:
     num_steps: int = _f(500, "Rollout steps (paper: 500).")
     prompts_per_step: int = _f(128, "Prompts sampled per rollout step, across all DP ranks (paper: 128).")
     prompts_per_minibatch: int = _f(64, "Prompts per optimizer step (paper 64: 2 optimizer steps per rollout step).")
-    micro_batch_tokens: int = _f(16384, "Token budget of one packed micro-batch per rank.")
+    micro_batch_tokens: Optional[int] = _f(
+        None, "Token budget of one packed micro-batch per rank; null = resolved for the device (GPU 16384, CPU "
+        "8192, halved while a micro-batch would not fit in memory; distributed/layout.py)."
+    )
     sequence_packing: bool = _f(True, "Pack sequences into micro-batches (else pad, one sequence per row).")
     reward: Literal["math", "exact"] = _f("math", "Reward function (megatron_srft/rewards).")
     reward_timeout_s: float = _f(10.0, "Per-sample verifier timeout; a timeout scores 0.")
@@ -250,7 +253,8 @@ class TrainConfig:
         _need(self.prompts_per_minibatch >= 1, f"{path}.prompts_per_minibatch", "expected >= 1")
         _need(self.prompts_per_step % self.prompts_per_minibatch == 0, f"{path}.prompts_per_minibatch",
               f"must divide prompts_per_step ({self.prompts_per_step})")
-        _need(self.micro_batch_tokens >= 1, f"{path}.micro_batch_tokens", "expected >= 1")
+        _need(self.micro_batch_tokens is None or self.micro_batch_tokens >= 1, f"{path}.micro_batch_tokens",
+              "expected >= 1 or null")
         _need(self.reward_timeout_s > 0, f"{path}.reward_timeout_s", "expected > 0")
         _need(self.reward_workers >= 1, f"{path}.reward_workers", "expected >= 1")
 
