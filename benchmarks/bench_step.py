@@ -123,8 +123,7 @@ def main():
                                                 "micro_batch_tokens": cfg.train.micro_batch_tokens}))
 
 if __name__ == "__main__":
-    main()
-    os._exit(0)  # skip the interpreter's teardown (the engine's threads); the result file is written
+    main()  # a normal exit: os._exit would orphan the helper processes the run started
 """
 
 

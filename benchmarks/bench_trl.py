@@ -126,7 +126,6 @@ open(args["result"], "w").write(json.dumps({"step_s": steps, "cpu_s": cpu, "gene
                                             "tokens": per_step_tokens,
                                             "reward": [l.get("reward") for l in logs if "reward" in l],
                                             "peak_rss_bytes": train_peak, "accuracy": acc}))
-os._exit(0)
 """
 
 _OURS_CHILD = r"""
@@ -182,8 +181,7 @@ def main():
                                                 "micro_batch_tokens": cfg.train.micro_batch_tokens}))
 
 if __name__ == "__main__":
-    main()
-    os._exit(0)
+    main()  # a normal exit: os._exit would orphan the helper processes the run started
 """
 
 
