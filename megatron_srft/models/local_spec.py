@@ -83,7 +83,6 @@ class PackedSegmentAttention(MegatronModule):
             tp = parallel_state.get_tensor_model_parallel_world_size()
         head_dim = config.kv_channels
         self.num_heads = config.num_attention_heads // tp
-        self.num_groups = max(1, config.num_query_groups // tp)
         self.hidden_size_per_partition = head_dim * self.num_heads
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         if config.apply_query_key_layer_scaling:
