@@ -7,7 +7,7 @@ SETUP_SHA := $(shell sha256sum setup.py Makefile | sha256sum | cut -c1-12)
 STAMP    := $(VENV)/.installed-$(SETUP_SHA)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo bench reproduce-toy docs lint clean
+.PHONY: install test test-fast demo bench bench-step bench-trl reproduce-toy docs lint clean
 
 install: $(STAMP)
 
@@ -37,8 +37,25 @@ reproduce-toy: install
 bench: install
 	$(PY) benchmarks/run.py
 
+# One RL step's phases and our costs inside them (toy, demo settings); BENCH_ARGS e.g. "--steps 8 --threads 2".
+bench-step: install
+	$(PY) benchmarks/bench_step.py $(BENCH_ARGS)
+
+# Side by side with TRL's GRPOTrainer. TRL runs in its own venv (torch, the same transformers, trl; not vLLM or
+# Megatron), so it never changes this one; TRL_PY points at another interpreter with trl instead.
+TRL_VENV := .venv-trl
+TRL_PY   ?= $(TRL_VENV)/bin/python
+$(TRL_VENV)/bin/python:
+	$(PY_SYS) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/pip install -q torch==2.13.0
+	$(TRL_VENV)/bin/pip install -q "transformers==$$($(PY) -c 'import transformers; print(transformers.__version__)')" \
+		trl==1.16.0 pyyaml
+
+bench-trl: install $(if $(filter $(TRL_VENV)/bin/python,$(TRL_PY)),$(TRL_VENV)/bin/python)
+	$(PY) benchmarks/bench_trl.py --trl-python $(TRL_PY) $(BENCH_ARGS)
+
 docs: install
 	$(PY) -m megatron_srft.config --markdown > docs/config.md
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(TRL_VENV) runs .pytest_cache

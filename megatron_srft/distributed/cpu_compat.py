@@ -7,7 +7,8 @@ Megatron-core 0.16 reaches for CUDA in four ways; each has one redirect here:
 
 1. tensor factories with ``device="cuda"`` / ``torch.cuda.current_device()`` and ``Tensor.cuda()``:
    a :class:`torch.overrides.TorchFunctionMode` rewrites CUDA devices to CPU;
-2. ``torch.cuda.current_device`` / ``synchronize`` / streams / events: patched to CPU no-ops;
+2. ``torch.cuda.current_device`` (returns the CPU device) / ``synchronize`` / streams / events: patched to CPU
+   no-ops;
 3. the CUDA RNG tracker (``torch.cuda.get_rng_state`` and megatron's ``_set_cuda_rng_state``):
    mapped onto the CPU generator so dropout/init under the tracker stay deterministic;
 4. type checks such as ``param.grad.type() == 'torch.cuda.FloatTensor'`` in ``clip_grads``:
@@ -105,8 +106,9 @@ class _NullEvent:
 
 def _patch_torch_cuda() -> None:
     cuda = torch.cuda
-    # A device object, not the index 0: Megatron writes `device=torch.cuda.current_device()` in backward passes
-    # too (e.g. the sequence-parallel reduce-scatter buffer), where autograd runs without our function mode.
+    # A device, not the index 0: autograd runs backward() without the function mode on the stack, so Megatron's
+    # backward-time allocations (sequence parallelism's reduce-scatter/all-gather buffers,
+    # ``torch.empty(..., device=torch.cuda.current_device())``) must get a CPU device from this call alone.
     cuda.current_device = lambda: torch.device("cpu")
     cuda.synchronize = lambda *a, **k: None
     cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()

@@ -4,10 +4,16 @@
 multi-node job (or silently work around): it needs only the config, the :class:`ArchSpec` read from the
 model's ``config.json`` and the world size. ``memory_per_gpu`` is the arithmetic behind the memory budgets
 written in ``examples/configs/*.yaml``; it is an estimate from shapes, not a measurement.
+
+Device defaults: settings left null resolve here for the device a run is on, as pure functions of the config,
+the model's shapes and the device's memory: ``resolve_micro_batch_tokens`` (``train.micro_batch_tokens``),
+``check_micro_batch_memory`` (a one-line warning, or a ConfigError, before the first step when a micro-batch
+cannot fit) and ``resolve_engine_settings`` (the CPU engine's KV cache size).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -156,8 +162,10 @@ def validate_layout(cfg: SRFTConfig, world_size: int, arch: Optional[ArchSpec] =
         _need(seq <= r.max_model_len <= arch.max_position_embeddings, "rollout.max_model_len",
               f"expected {seq} (prompt + response) <= max_model_len <= {arch.max_position_embeddings} "
               f"(max_position_embeddings), got {r.max_model_len}")
-    _need(t.micro_batch_tokens >= seq, "train.micro_batch_tokens",
-          f"{t.micro_batch_tokens} cannot hold one full sequence (max_prompt_length + max_response_length = {seq})")
+    if t.micro_batch_tokens is not None:  # null resolves to at least one full sequence
+        _need(t.micro_batch_tokens >= seq, "train.micro_batch_tokens",
+              f"{t.micro_batch_tokens} cannot hold one full sequence (max_prompt_length + max_response_length = "
+              f"{seq})")
     return dp
 
 
@@ -213,8 +221,11 @@ def memory_per_gpu(cfg: SRFTConfig, arch: ArchSpec, world_size: int, gpu_memory_
       parallelism), for the stage's layers and up to PP micro-batches in flight (1F1B); plus one layer
       recomputed at a time, ~34 x T x h bytes / TP (Korthikanti et al. 2022, flash attention so no a*s term).
       Without recompute every layer costs that 34 x T x h / TP. T = train.micro_batch_tokens.
+      The 34 bytes are for 2-byte activations; fp32 doubles them.
     - logits: T x padded_vocab / TP x 4 bytes (fp32) on the last stage; an upper bound, chunking lowers it.
     - vllm: rollout.gpu_memory_utilization x GPU memory (vLLM's own budget while it is awake).
+
+    T = train.micro_batch_tokens, or its GPU default (:func:`resolve_micro_batch_tokens`) when null.
     """
     p, m = cfg.parallel, cfg.model
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
@@ -224,18 +235,210 @@ def memory_per_gpu(cfg: SRFTConfig, arch: ArchSpec, world_size: int, gpu_memory_
     pbytes = _DTYPE_BYTES[m.params_dtype]
     opt_per_param = 12 if pbytes != 4 else 8
     opt = n * opt_per_param // (dp if p.use_distributed_optimizer else 1)
-    tokens, h = cfg.train.micro_batch_tokens, arch.hidden_size
-    layers = arch.num_layers // pp
-    act_layer = 34 * tokens * h // tp
-    if m.recompute_granularity == "full":
-        kept = tokens * h * pbytes // (tp if p.sequence_parallel else 1)
-        act = kept * layers * pp + act_layer
-    else:
-        act = act_layer * layers * pp
-    logits = tokens * padded // tp * 4
+    tokens = resolve_micro_batch_tokens(cfg, arch, on_gpu=True)
+    act, logits = _activation_bytes(cfg, arch, tokens), _logit_bytes(cfg, arch, tokens)
     vllm = int(cfg.rollout.gpu_memory_utilization * gpu_memory_gib * GIB)
     return MemoryEstimate(params_per_gpu=n, weights=n * pbytes, grads=n * 4, optimizer=opt, activations=act,
                           logits=logits, vllm=vllm)
+
+
+def _activation_bytes(cfg: SRFTConfig, arch: ArchSpec, tokens: int) -> int:
+    """Activations kept for backward on the most loaded stage (formulas in :func:`memory_per_gpu`)."""
+    p, m = cfg.parallel, cfg.model
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    pbytes = _DTYPE_BYTES[m.params_dtype]
+    h, layers = arch.hidden_size, arch.num_layers // pp
+    act_layer = 34 * tokens * h * pbytes // 2 // tp
+    if m.recompute_granularity == "full":
+        kept = tokens * h * pbytes // (tp if p.sequence_parallel else 1)
+        return kept * layers * pp + act_layer
+    return act_layer * layers * pp
+
+
+def _logit_bytes(cfg: SRFTConfig, arch: ArchSpec, tokens: int) -> int:
+    tp = cfg.parallel.tensor_model_parallel_size
+    return tokens * arch.padded_vocab_size(cfg.model.make_vocab_size_divisible_by, tp) // tp * 4
+
+
+# --------------------------------------------------------------------------------------------- device defaults
+
+#: ``train.micro_batch_tokens`` when left null, before the memory check shrinks it. GPU: packed rows go to the
+#: attention kernels in THD format, so memory grows linearly with the budget. CPU: the largest budget that was
+#: faster on the toy (benchmarks/bench_step.py; larger rows amortise the per-micro-batch costs).
+DEFAULT_MICRO_BATCH_TOKENS = {"gpu": 16384, "cpu": 8192}
+#: A resolved budget keeps the micro-batch estimate within this share of the memory left after the model
+#: states (and, on CPU, the colocated engine): the estimate is from shapes, and the CPU local spec was measured
+#: at about twice it (docs/benchmarks.md).
+MICRO_BATCH_MEMORY_SHARE = 0.25
+#: :func:`check_micro_batch_memory` warns above this share of the device memory.
+WARN_MEMORY_SHARE = 0.85
+
+
+@dataclass
+class MicroBatchMemory:
+    """Bytes one micro-batch of ``tokens`` adds on one rank; see :func:`micro_batch_memory`."""
+
+    tokens: int
+    activations: int
+    logits: int
+    attention: int
+
+    @property
+    def total(self) -> int:
+        return self.activations + self.logits + self.attention
+
+
+def micro_batch_memory(cfg: SRFTConfig, arch: ArchSpec, tokens: int) -> MicroBatchMemory:
+    """What a micro-batch of ``tokens`` packed tokens costs on the most loaded rank, from shapes.
+
+    activations and logits: :func:`memory_per_gpu`'s formulas at T = ``tokens``. attention: packed rows are
+    attended per sequence (THD: Transformer Engine, or models/local_spec.py), so no [T, T] scores exist. Without
+    attention dropout the kernels are flash kernels (TE; torch SDPA on CPU and GPU), which never materialise the
+    scores: 0. With dropout torch SDPA falls back to its math kernel, which holds one sequence's scores at a time
+    (the local spec attends segment by segment): heads / TP x L^2 x 4 bytes, L = min(T, max_prompt_length +
+    max_response_length).
+    """
+    tp = cfg.parallel.tensor_model_parallel_size
+    longest = min(tokens, cfg.data.max_prompt_length + cfg.data.max_response_length)
+    attention = 0 if cfg.model.attention_dropout == 0 else arch.num_attention_heads // tp * longest * longest * 4
+    return MicroBatchMemory(tokens=tokens, activations=_activation_bytes(cfg, arch, tokens),
+                            logits=_logit_bytes(cfg, arch, tokens), attention=attention)
+
+
+def model_state_bytes(cfg: SRFTConfig, arch: ArchSpec, world_size: int) -> int:
+    """Weights + grads + optimizer state on the most loaded rank (:func:`memory_per_gpu`'s formulas)."""
+    est = memory_per_gpu(cfg, arch, world_size)
+    return est.weights + est.grads + est.optimizer
+
+
+def engine_bytes(cfg: SRFTConfig, arch: ArchSpec, on_gpu: bool, world_size: int = 1) -> int:
+    """Memory the colocated rollout engine holds next to training on one rank. GPU: 0 (vLLM sleeps during
+    training, or takes the ``rollout.gpu_memory_utilization`` share it is given). CPU: its own copy of the
+    weights plus its KV cache (:func:`resolve_engine_settings`)."""
+    if on_gpu:
+        return 0
+    tp = cfg.rollout.tensor_parallel_size
+    padded = arch.padded_vocab_size(1, 1)
+    weights = params_per_gpu(arch, tp, 1, padded) * _rollout_dtype_bytes(cfg, on_gpu)
+    return weights + resolve_engine_settings(cfg, arch, on_gpu, world_size).kv_cache_bytes
+
+
+def device_memory_bytes(on_gpu: bool, ranks_per_node: int = 1) -> int:
+    """This rank's share of the device memory: the GPU's total, or the host's physical memory / ranks per node.
+    (Reads the machine; the resolvers below take its result as an argument.)"""
+    if on_gpu:
+        import torch
+
+        return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) // max(1, ranks_per_node)
+
+
+def _free_for_micro_batch(cfg: SRFTConfig, arch: ArchSpec, on_gpu: bool, memory_bytes: int, world_size: int) -> int:
+    return memory_bytes - model_state_bytes(cfg, arch, world_size) - engine_bytes(cfg, arch, on_gpu, world_size)
+
+
+def resolve_micro_batch_tokens(cfg: SRFTConfig, arch: ArchSpec, on_gpu: bool, memory_bytes: Optional[int] = None,
+                               world_size: int = 1) -> int:
+    """``train.micro_batch_tokens``, with null resolved for the device.
+
+    A set value is returned as is (:func:`check_micro_batch_memory` judges it). Null: the device's default
+    (:data:`DEFAULT_MICRO_BATCH_TOKENS`), at least one full sequence (max_prompt_length + max_response_length);
+    with ``memory_bytes`` (this rank's device memory, e.g. :func:`device_memory_bytes`) halved while the
+    micro-batch estimate (:func:`micro_batch_memory`) exceeds :data:`MICRO_BATCH_MEMORY_SHARE` of the memory left
+    after the model states and the colocated engine, never below one full sequence.
+    """
+    if cfg.train.micro_batch_tokens is not None:
+        return int(cfg.train.micro_batch_tokens)
+    longest = cfg.data.max_prompt_length + cfg.data.max_response_length
+    tokens = max(DEFAULT_MICRO_BATCH_TOKENS["gpu" if on_gpu else "cpu"], longest)
+    if memory_bytes is None:
+        return tokens
+    room = MICRO_BATCH_MEMORY_SHARE * _free_for_micro_batch(cfg, arch, on_gpu, memory_bytes, world_size)
+    while tokens > longest and micro_batch_memory(cfg, arch, tokens).total > room:
+        tokens = max(longest, tokens // 2)
+    return tokens
+
+
+def check_micro_batch_memory(cfg: SRFTConfig, arch: ArchSpec, tokens: int, on_gpu: bool, memory_bytes: int,
+                             world_size: int = 1) -> Optional[str]:
+    """Before the first step: does a micro-batch of ``tokens`` fit next to the model states and the engine?
+
+    Raises :class:`ConfigError` (one line naming ``train.micro_batch_tokens``) when the estimate exceeds
+    ``memory_bytes``; returns a one-line warning when it exceeds :data:`WARN_MEMORY_SHARE` of it; else None.
+    """
+    mb = micro_batch_memory(cfg, arch, tokens)
+    states = model_state_bytes(cfg, arch, world_size)
+    engine = engine_bytes(cfg, arch, on_gpu, world_size)
+    total = states + engine + mb.total
+    where = "GPU" if on_gpu else "host memory per rank"
+    parts = (f"micro-batch {mb.total / GIB:.1f} GiB (activations {mb.activations / GIB:.1f}, logits "
+             f"{mb.logits / GIB:.1f}, attention {mb.attention / GIB:.1f}) + model states {states / GIB:.1f} GiB"
+             + (f" + engine {engine / GIB:.1f} GiB" if engine else ""))
+    if total > memory_bytes:
+        hint = "leave it null to resolve one that fits" if cfg.train.micro_batch_tokens is not None else \
+            "the model alone does not leave room for one full sequence; use more ranks (TP/PP) or recompute"
+        raise ConfigError(f"train.micro_batch_tokens: {tokens} tokens need about {total / GIB:.1f} GiB ({parts}), "
+                          f"more than the {memory_bytes / GIB:.1f} GiB of {where}; {hint}")
+    if total > WARN_MEMORY_SHARE * memory_bytes:
+        return (f"train.micro_batch_tokens: {tokens} tokens need about {total / GIB:.1f} GiB ({parts}), "
+                f"{total / memory_bytes:.0%} of the {memory_bytes / GIB:.1f} GiB of {where}")
+    return None
+
+
+@dataclass
+class EngineSettings:
+    """Rollout-engine settings resolved for the device (None = vLLM's own default)."""
+
+    kv_cache_bytes: Optional[int]  # CPU KV cache; None on GPU (vLLM sizes it from gpu_memory_utilization)
+    max_num_seqs: Optional[int]
+    block_size: Optional[int]
+
+
+#: vLLM's CPU KV cache is allocated (and zeroed) whole at start-up, so its size is resident memory.
+_MIN_CPU_KV_CACHE_BYTES = 64 * 1024 ** 2
+_KV_CACHE_HEADROOM = 1.25
+
+
+def _rollout_dtype_bytes(cfg: SRFTConfig, on_gpu: bool) -> int:
+    dtype = cfg.rollout.dtype
+    if dtype == "auto":
+        dtype = cfg.model.params_dtype if on_gpu else "fp32"
+    return _DTYPE_BYTES[dtype]
+
+
+def kv_cache_bytes_per_token(arch: ArchSpec, dtype_bytes: int, rollout_tp: int = 1) -> int:
+    """K and V of every layer for one token on one engine rank: 2 x layers x kv_heads / TP x head_dim x bytes
+    (vLLM replicates KV heads when TP exceeds them)."""
+    kv_heads = max(1, arch.num_query_groups // rollout_tp)
+    return 2 * arch.num_layers * kv_heads * arch.head_dim * dtype_bytes
+
+
+def resolve_engine_settings(cfg: SRFTConfig, arch: ArchSpec, on_gpu: bool, world_size: int = 1) -> EngineSettings:
+    """The engine's memory settings for the device.
+
+    GPU: vLLM's own (KV cache from ``rollout.gpu_memory_utilization``). CPU: the KV cache holds one step's
+    rollouts on one engine at once, x1.25, at least 64 MiB: sequences = prompts_per_step / DP x
+    num_rollouts_per_prompt (capped at vLLM's CPU max_num_seqs, 256), each up to max_model_len tokens (null:
+    max_prompt_length + max_response_length). An explicit ``rollout.cpu_kvcache_space_gib`` wins. vLLM's CPU
+    default block size (128) and max_num_seqs (256) measured as fast as the alternatives on the toy
+    (docs/benchmarks.md), so they stay vLLM's.
+    """
+    if on_gpu:
+        return EngineSettings(kv_cache_bytes=None, max_num_seqs=None, block_size=None)
+    r = cfg.rollout
+    explicit = getattr(r, "cpu_kvcache_space_gib", None)
+    if explicit is not None:
+        return EngineSettings(kv_cache_bytes=int(explicit * GIB), max_num_seqs=None, block_size=None)
+    p = cfg.parallel
+    dp = max(1, world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+                               * p.context_parallel_size))
+    seqs = min(256, max(1, cfg.train.prompts_per_step // dp) * max(1, r.num_rollouts_per_prompt))
+    max_len = r.max_model_len or (cfg.data.max_prompt_length + cfg.data.max_response_length)
+    need = seqs * max_len * kv_cache_bytes_per_token(arch, _rollout_dtype_bytes(cfg, on_gpu), r.tensor_parallel_size)
+    need = int(need * _KV_CACHE_HEADROOM)
+    mib = 1024 ** 2
+    return EngineSettings(kv_cache_bytes=max(_MIN_CPU_KV_CACHE_BYTES, -(-need // mib) * mib), max_num_seqs=None,
+                          block_size=None)
 
 
 # --------------------------------------------------------------------------------------------- FLOPs and MFU

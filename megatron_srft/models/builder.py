@@ -94,16 +94,18 @@ def transformer_config(arch: ArchSpec, mcfg: ModelConfig, pcfg: ParallelConfig):
     )
 
 
-def layer_spec(arch: ArchSpec, mcfg: ModelConfig, tf_config=None, pp_rank: Optional[int] = None):
+def layer_spec(arch: ArchSpec, mcfg: ModelConfig, tf_config=None, pp_rank: Optional[int] = None,
+               core_attention=None):
     """The Transformer Engine layer spec on GPU with TE; otherwise our local block spec (models/local_spec.py:
-    Megatron's local layer with norms that support sequence parallelism), which needs ``tf_config``."""
+    Megatron's local layer with norms that support sequence parallelism and per-segment packed attention), which
+    needs ``tf_config``. ``core_attention`` replaces the local spec's core (tests: Megatron's dense-mask one)."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     from .local_spec import local_block_spec
 
     if use_transformer_engine(mcfg):
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm, fp8=mcfg.fp8)
-    return local_block_spec(tf_config, arch.qk_norm, pp_rank=pp_rank)
+    return local_block_spec(tf_config, arch.qk_norm, pp_rank=pp_rank, core_attention=core_attention)
 
 
 @dataclass
@@ -117,15 +119,16 @@ class ModelHandle:
 
 
 def build_gpt(arch: ArchSpec, mcfg: ModelConfig, pcfg: ParallelConfig, pre_process: bool, post_process: bool,
-              tf_config=None, pp_rank: Optional[int] = None, spec=None):
+              tf_config=None, pp_rank: Optional[int] = None, spec=None, core_attention=None):
     """One ``GPTModel`` for this pipeline stage (``pre_process`` = holds the embedding, ``post_process`` = head).
-    ``spec``: a layer or block spec instead of :func:`layer_spec`'s choice."""
+    ``spec``: a layer or block spec instead of :func:`layer_spec`'s choice; ``core_attention``: see there."""
     from megatron.core.models.gpt import GPTModel
 
     tf_config = tf_config or transformer_config(arch, mcfg, pcfg)
     model = GPTModel(
         config=tf_config,
-        transformer_layer_spec=spec if spec is not None else layer_spec(arch, mcfg, tf_config, pp_rank=pp_rank),
+        transformer_layer_spec=spec if spec is not None else layer_spec(arch, mcfg, tf_config, pp_rank=pp_rank,
+                                                                         core_attention=core_attention),
         vocab_size=arch.padded_vocab_size(mcfg.make_vocab_size_divisible_by, pcfg.tensor_model_parallel_size),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,

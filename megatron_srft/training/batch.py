@@ -11,11 +11,12 @@ so the response token j of sequence k is predicted at position start_k + P_k - 1
 flat [T]; ``tokens`` and ``position_ids`` are [1, T] (one packed row), as Megatron's GPTModel expects.
 
 Packing is first-fit-decreasing by length into micro-batches of at most ``micro_batch_tokens`` tokens; a longer
-sequence gets a micro-batch of its own. Sequences in one row never attend to each other: on Megatron's local
-spec through a block-diagonal causal mask, on the Transformer Engine spec through ``PackedSeqParams`` (THD
-format, cumulative sequence lengths). On the local spec Megatron's RoPE uses the row position 0..T-1 rather
-than ``position_ids``; rotary attention scores depend only on the distance q - k, which is the same inside a
-contiguous sequence, so packed and unpacked logits agree up to float rounding (tested).
+sequence gets a micro-batch of its own. Sequences in one row never attend to each other: the row goes to the
+model in THD format (``PackedSeqParams`` with the cumulative sequence lengths) on both layer specs, Transformer
+Engine's and our local one (models/local_spec.py attends per segment: memory grows with sum L_k^2, not T^2).
+Megatron's THD RoPE restarts at every sequence, so a packed sequence sees the positions it would see alone;
+packed and unpacked logits agree up to float rounding (tested). :func:`block_causal_mask` is the equivalent
+dense [T, T] mask, kept as the reference the tests compare against.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ __all__ = [
     "split_for_data_parallel",
     "empty_micro_batch",
     "block_causal_mask",
+    "packed_seq_params",
     "model_forward",
     "per_sequence_values",
 ]
@@ -113,51 +115,75 @@ class MicroBatch:
 
 
 def _build(samples: Sequence[Sample], indices: Sequence[int], pad_to: int) -> MicroBatch:
-    """Concatenate ``samples[i] for i in indices`` into one row of ``pad_to`` (>= total length) tokens."""
-    total = sum(samples[i].num_tokens for i in indices)
+    """Concatenate ``samples[i] for i in indices`` into one row of ``pad_to`` (>= total length) tokens.
+
+    Built from whole-row operations (a handful of tensor ops per micro-batch, not per sequence): with
+    segment k = [start_k, start_k + L_k) and position p = t - start_k,
+    targets[t] = tokens[t + 1] except at each segment's last position, loss_mask[t] = P_k - 1 <= p <= P_k + R_k - 2,
+    and the per-sequence values (advantage, is_demo, seq_index, R_k) are repeated over their segment.
+    """
+    seqs = [samples[i] for i in indices]
+    prompt_lens = [len(s.prompt_ids) for s in seqs]
+    resp_lens = [len(s.response_ids) for s in seqs]
+    lens = [p + r for p, r in zip(prompt_lens, resp_lens)]
+    total = sum(lens)
     T = max(pad_to, total)
-    tokens = torch.full((T,), PAD_ID, dtype=torch.long)
-    position_ids = torch.zeros(T, dtype=torch.long)
-    targets = torch.full((T,), PAD_ID, dtype=torch.long)
-    loss_mask = torch.zeros(T, dtype=torch.float32)
-    advantage = torch.zeros(T, dtype=torch.float32)
-    is_demo = torch.zeros(T, dtype=torch.bool)
-    seq_index = torch.full((T,), -1, dtype=torch.long)
-    seq_num_tokens = torch.zeros(T, dtype=torch.long)
-    old_logprob = torch.zeros(T, dtype=torch.float32)
-    any_engine = any(samples[i].engine_logprobs is not None for i in indices)
-    engine_logprob = torch.zeros(T, dtype=torch.float32) if any_engine else None
+    pad = T - total
+    flat: list[int] = []
+    for s in seqs:
+        flat.extend(s.prompt_ids)
+        flat.extend(s.response_ids)
+    flat.extend([PAD_ID] * pad)
+    tokens = torch.tensor(flat, dtype=torch.long)
+    # segments: the sequences, plus a trailing padding segment (it attends only to itself)
+    seg_lens = lens + ([pad] if pad else [])
     cu = [0]
-    start = 0
-    for i in indices:
-        s = samples[i]
-        P, R = len(s.prompt_ids), len(s.response_ids)
-        L = P + R
-        seq = torch.tensor(list(s.prompt_ids) + list(s.response_ids), dtype=torch.long)
-        tokens[start:start + L] = seq
-        position_ids[start:start + L] = torch.arange(L)
-        targets[start:start + L - 1] = seq[1:]
-        # response token j (0 <= j < R) is predicted at position start + P - 1 + j
-        pred = slice(start + P - 1, start + P - 1 + R)
-        loss_mask[pred] = 1.0
-        advantage[start:start + L] = float(s.advantage)
-        is_demo[start:start + L] = bool(s.is_demo)
-        seq_index[start:start + L] = i
-        seq_num_tokens[start:start + L] = R
-        if s.old_logprobs is not None:
-            old_logprob[pred] = torch.tensor(s.old_logprobs, dtype=torch.float32)
-        if s.engine_logprobs is not None:
-            engine_logprob[pred] = torch.tensor(s.engine_logprobs, dtype=torch.float32)
-        start += L
-        cu.append(start)
-    if T > start:  # trailing padding: its own segment, so it attends only to itself
-        position_ids[start:] = torch.arange(T - start)
-        cu.append(T)
+    for n in seg_lens:
+        cu.append(cu[-1] + n)
     cu_seqlens = torch.tensor(cu, dtype=torch.int32)
+    seg_len_t = torch.tensor(seg_lens, dtype=torch.long)
+
+    def per_token(values: list, dtype) -> torch.Tensor:
+        """One value per sequence (0 for the padding segment), repeated over its segment: [T]."""
+        vals = torch.tensor(values + ([0] if pad else []), dtype=dtype)
+        return torch.repeat_interleave(vals, seg_len_t, output_size=T)
+
+    starts = torch.tensor(cu[:-1], dtype=torch.long)
+    position_ids = torch.arange(T) - torch.repeat_interleave(starts, seg_len_t, output_size=T)
+    P, R = per_token(prompt_lens, torch.long), per_token(resp_lens, torch.long)
+    # response token j (0 <= j < R) is predicted at position P - 1 + j of its sequence
+    loss_mask = ((position_ids >= P - 1) & (position_ids <= P + R - 2)).to(torch.float32)
+    targets = torch.empty_like(tokens)
+    targets[:-1] = tokens[1:]
+    ends = cu_seqlens[1:len(seqs) + 1].long() - 1
+    targets[ends] = PAD_ID  # a sequence's last position predicts nothing
+    if pad:
+        targets[total:] = PAD_ID
+    advantage = per_token([float(s.advantage) for s in seqs], torch.float32)
+    is_demo = per_token([bool(s.is_demo) for s in seqs], torch.bool)
+    seq_index = torch.repeat_interleave(torch.tensor(list(indices) + ([-1] if pad else []), dtype=torch.long),
+                                        seg_len_t, output_size=T)
+    seq_num_tokens = R
+
+    def response_values(name: str) -> Optional[torch.Tensor]:
+        if all(getattr(s, name) is None for s in seqs):
+            return None
+        vals: list[float] = []
+        for s, r in zip(seqs, resp_lens):
+            v = getattr(s, name)
+            vals.extend(v if v is not None else [0.0] * r)
+        out = torch.zeros(T, dtype=torch.float32)
+        out[loss_mask > 0] = torch.tensor(vals, dtype=torch.float32)  # loss positions are the response tokens, in order
+        return out
+
+    old_logprob = response_values("old_logprobs")
+    if old_logprob is None:
+        old_logprob = torch.zeros(T, dtype=torch.float32)
+    engine_logprob = response_values("engine_logprobs")
     return MicroBatch(tokens=tokens[None], position_ids=position_ids[None], cu_seqlens=cu_seqlens, targets=targets,
                       loss_mask=loss_mask, advantage=advantage, is_demo=is_demo, seq_index=seq_index,
                       seq_num_tokens=seq_num_tokens, old_logprob=old_logprob, engine_logprob=engine_logprob,
-                      num_sequences=len(indices), max_seqlen=int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item()))
+                      num_sequences=len(indices), max_seqlen=max(seg_lens))
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -238,37 +264,41 @@ def block_causal_mask(cu_seqlens: torch.Tensor, num_tokens: int, device=None) ->
     return (~allowed)[None, None]
 
 
-def _uses_transformer_engine(model) -> bool:
-    from ..models.builder import unwrap
+def packed_seq_params(mb: MicroBatch, device=None):
+    """THD ``PackedSeqParams`` of a micro-batch: its segment boundaries (the trailing padding segment included)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
 
-    return getattr(unwrap(model).config, "transformer_impl", "local") == "transformer_engine"
+    cu = mb.cu_seqlens.to(device=device, dtype=torch.int32)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
+                           cu_seqlens_kv_padded=cu, max_seqlen_q=mb.max_seqlen, max_seqlen_kv=mb.max_seqlen)
 
 
 def model_forward(model, mb: MicroBatch):
     """Run one micro-batch through this rank's model chunk.
+
+    The row goes in as THD with its cumulative sequence lengths on both layer specs: Transformer Engine's fused
+    attention and our local core (models/local_spec.py: attention per segment, no [T, T] mask) attend within
+    each sequence, and Megatron's THD RoPE restarts positions at every sequence.
 
     On the last pipeline stage returns logits [T, V_local] (this rank's vocab shard); on other stages returns
     the hidden states Megatron sends downstream ([T, 1, H], or [T/TP, 1, H] with sequence parallelism).
     Non-first stages take their input from ``set_input_tensor`` (the schedule does that); ``tokens`` is unused
     there.
     """
+    from ..distributed import cpu_compat
     from ..models.builder import unwrap
 
     inner = unwrap(model)
     device = next(inner.parameters()).device
     tokens = mb.tokens.to(device)
     position_ids = mb.position_ids.to(device)
-    if _uses_transformer_engine(model):
-        from megatron.core.packed_seq_params import PackedSeqParams
-
-        # THD: TE's fused attention takes the packed row with cumulative lengths; RoPE restarts per sequence.
-        cu = mb.cu_seqlens.to(device=device, dtype=torch.int32)
-        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
-                                 cu_seqlens_kv_padded=cu, max_seqlen_q=mb.max_seqlen, max_seqlen_kv=mb.max_seqlen)
-        out = model(input_ids=tokens, position_ids=position_ids, attention_mask=None, packed_seq_params=packed)
-    else:
-        mask = block_causal_mask(mb.cu_seqlens, mb.num_tokens, device=device)
-        out = model(input_ids=tokens, position_ids=position_ids, attention_mask=mask)
+    params = packed_seq_params(mb, device)
+    # Outside the CPU layer's function mode (a no-op on GPU): the mode redirects Megatron's set-up and schedule
+    # code, and costs Python time on every torch call; the forward needs no redirect (its allocations go through
+    # torch.cuda.current_device(), a CPU device on the CPU path) and backward never ran under the mode (autograd
+    # does not carry it). Measured: about 10% of the toy's forward time (docs/benchmarks.md).
+    with cpu_compat.suspended():
+        out = model(input_ids=tokens, position_ids=position_ids, attention_mask=None, packed_seq_params=params)
     if getattr(inner, "post_process", True):
         return out[0]  # GPTModel returns [1, T, V_local] batch-first logits
     return out

@@ -211,3 +211,101 @@ def test_impossible_rollout_placement_is_one_line():
                                  "num_key_value_heads": 3, "hidden_size": 3072})
     expect_error("rollout.tensor_parallel_size", "neither divides nor is a multiple of the model's "
                  "num_key_value_heads (3)", cfg_with(tp=1, rollout_tp=2), odd, 8)
+
+
+# --------------------------------------------------------------------------------------------- device defaults
+
+TOY = {  # megatron_srft/data/toy.py's model
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu", "hidden_size": 128,
+    "intermediate_size": 256, "max_position_embeddings": 256, "num_attention_heads": 4, "num_hidden_layers": 2,
+    "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": True,
+    "vocab_size": 128,
+}
+GIB = 1024 ** 3
+
+
+def toy_cfg(micro_tokens=None) -> SRFTConfig:
+    c = cfg_with(prompt=32, response=64, micro_tokens=micro_tokens, step=32, minibatch=32)
+    c.model.params_dtype = "fp32"
+    return c
+
+
+def test_micro_batch_tokens_resolve_per_device():
+    from megatron_srft.distributed.layout import DEFAULT_MICRO_BATCH_TOKENS, resolve_micro_batch_tokens
+
+    a = arch(TOY)
+    assert SRFTConfig().train.micro_batch_tokens is None  # null by default
+    assert resolve_micro_batch_tokens(toy_cfg(), a, on_gpu=True) == DEFAULT_MICRO_BATCH_TOKENS["gpu"] == 16384
+    assert resolve_micro_batch_tokens(toy_cfg(), a, on_gpu=False) == DEFAULT_MICRO_BATCH_TOKENS["cpu"] == 8192
+    assert resolve_micro_batch_tokens(toy_cfg(), a, on_gpu=False, memory_bytes=12 * GIB) == 8192  # fits easily
+    assert resolve_micro_batch_tokens(toy_cfg(micro_tokens=1000), a, on_gpu=False, memory_bytes=GIB) == 1000
+    # never below one full sequence, also when the default is smaller than it
+    long = cfg_with(prompt=1024, response=16384, micro_tokens=None)
+    assert resolve_micro_batch_tokens(long, arch(QWEN25_7B), on_gpu=True) == 17408
+    validate_layout(toy_cfg(), a, 1)  # null passes the layout checks
+
+
+def test_micro_batch_tokens_shrink_to_fit_cpu_memory():
+    """Qwen2.5-7B on a 2-rank CPU host of 256 GiB: the 152k vocabulary's fp32 logits alone are 4.6 GiB at the
+    8192-token default, so the budget halves until the micro-batch fits its share."""
+    from megatron_srft.distributed.layout import (MICRO_BATCH_MEMORY_SHARE, micro_batch_memory, model_state_bytes,
+                                                 engine_bytes, resolve_micro_batch_tokens)
+
+    a = arch(QWEN25_7B)
+    c = cfg_with(tp=2, prompt=512, response=1024, micro_tokens=None, step=8, minibatch=8)
+    c.model.params_dtype = "fp32"
+    memory = 128 * GIB
+    tokens = resolve_micro_batch_tokens(c, a, on_gpu=False, memory_bytes=memory, world_size=2)
+    room = MICRO_BATCH_MEMORY_SHARE * (memory - model_state_bytes(c, a, 2) - engine_bytes(c, a, False, 2))
+    assert 1536 <= tokens < 8192 and 8192 % tokens == 0
+    assert micro_batch_memory(c, a, tokens).total <= room < micro_batch_memory(c, a, 2 * tokens).total
+
+
+def test_micro_batch_memory_check_errors_warns_or_passes():
+    from megatron_srft.distributed.layout import check_micro_batch_memory
+
+    a = arch(QWEN25_7B)
+    c = cfg_with(tp=2, prompt=512, response=1024, micro_tokens=65536, step=8, minibatch=8)
+    with pytest.raises(ConfigError) as e:
+        check_micro_batch_memory(c, a, 65536, on_gpu=True, memory_bytes=80 * GIB, world_size=8)
+    msg = str(e.value)
+    assert msg.startswith("train.micro_batch_tokens: 65536 tokens need about") and "\n" not in msg
+    assert "logits" in msg and "leave it null" in msg
+    warning = check_micro_batch_memory(c, a, 8192, on_gpu=True, memory_bytes=80 * GIB, world_size=8)
+    assert warning is None
+    big = check_micro_batch_memory(c, a, 24576, on_gpu=True, memory_bytes=80 * GIB, world_size=8)
+    assert big is not None and big.startswith("train.micro_batch_tokens: 24576") and "\n" not in big
+    assert check_micro_batch_memory(toy_cfg(), arch(TOY), 8192, on_gpu=False, memory_bytes=12 * GIB) is None
+
+
+def test_attention_memory_is_per_sequence():
+    """No [T, T] term: only the math kernel (attention dropout) holds one sequence's scores at a time."""
+    from megatron_srft.distributed.layout import micro_batch_memory
+
+    c = toy_cfg()
+    a = arch(TOY)
+    assert micro_batch_memory(c, a, 16384).attention == 0
+    c.model.attention_dropout = 0.1
+    assert micro_batch_memory(c, a, 16384).attention == 4 * 96 * 96 * 4  # heads x L^2 x 4, L = 32 + 64
+    assert micro_batch_memory(c, a, 64).attention == 4 * 64 * 64 * 4
+
+
+def test_engine_kv_cache_sized_to_a_step_on_cpu():
+    from types import SimpleNamespace
+
+    from megatron_srft.distributed.layout import kv_cache_bytes_per_token, resolve_engine_settings
+
+    a = arch(TOY)
+    assert kv_cache_bytes_per_token(a, 4) == 2 * 2 * 2 * 32 * 4  # K,V x layers x kv heads x head_dim x fp32
+    gpu = resolve_engine_settings(toy_cfg(), a, on_gpu=True)
+    assert gpu.kv_cache_bytes is None and gpu.block_size is None and gpu.max_num_seqs is None
+    c = toy_cfg()
+    c.rollout.cpu_kvcache_space_gib = None
+    assert resolve_engine_settings(c, a, on_gpu=False).kv_cache_bytes == 64 * 1024 ** 2  # 224 x 96 x 1 KiB < floor
+    c7 = cfg_with(prompt=1024, response=8192, micro_tokens=None, step=32, minibatch=32)
+    c7.rollout.cpu_kvcache_space_gib = None
+    kv = resolve_engine_settings(c7, arch(QWEN25_7B), on_gpu=False).kv_cache_bytes
+    per_token = kv_cache_bytes_per_token(arch(QWEN25_7B), 4)  # auto dtype on CPU: fp32
+    assert kv >= 1.25 * 224 * 9216 * per_token and kv % 1024 ** 2 == 0
+    c.rollout = SimpleNamespace(**{**vars(c.rollout), "cpu_kvcache_space_gib": 0.5})
+    assert resolve_engine_settings(c, a, on_gpu=False).kv_cache_bytes == GIB // 2

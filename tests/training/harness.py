@@ -51,8 +51,10 @@ def ce_loss(batch, settings, norm):
                                                                           mask.sum().detach())}
 
 
-def setup_rank(hf_dir: str, tp: int, pp: int, *, use_distributed_optimizer: bool = True):
-    """Start Megatron at TP x PP on this rank; returns (groups, handle, optimizer, arch)."""
+def setup_rank(hf_dir: str, tp: int, pp: int, *, use_distributed_optimizer: bool = True,
+               sequence_parallel: bool = False):
+    """Start Megatron at TP x PP (optionally with sequence parallelism) on this rank; returns
+    (groups, handle, optimizer, arch)."""
     from megatron_srft.config import ModelConfig, OptimizerConfig, ParallelConfig
     from megatron_srft.models.arch import load_arch
     from megatron_srft.models.builder import build_model, build_optimizer
@@ -60,7 +62,7 @@ def setup_rank(hf_dir: str, tp: int, pp: int, *, use_distributed_optimizer: bool
     from megatron_srft.distributed.groups import init_distributed
 
     pcfg = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                          use_distributed_optimizer=use_distributed_optimizer)
+                          use_distributed_optimizer=use_distributed_optimizer, sequence_parallel=sequence_parallel)
     mcfg = ModelConfig(params_dtype="fp32", transformer_impl="local", make_vocab_size_divisible_by=64)
     groups = init_distributed(pcfg, seed=1234)
     arch = load_arch(hf_dir)
@@ -82,16 +84,20 @@ def full_params(handle, arch, groups) -> dict[str, torch.Tensor]:
 
 def run_layout(hf_dir: str, tp: int, pp: int, samples, micro_batch_tokens: int, *, packing: bool = True,
                loss: str = "ce", preset: Optional[str] = None, algo_overrides: Optional[dict] = None,
-               want_logits: bool = False) -> dict:
+               want_logits: bool = False, sequence_parallel: bool = False) -> dict:
     """One mini-batch on this rank's layout. Returns loss, grad_norm, metrics, params after the step (rank 0 of
-    each replica returns them; others return None for the tensors to keep pickles small)."""
+    each replica returns them; others return None for the tensors to keep pickles small), and ``norm_grads``:
+    every norm weight's gradient after the step's reductions, on every rank (under sequence parallelism each
+    TP rank's norm sees its slice of the sequence; the step must sum them over TP).
+    With ``sequence_parallel`` the rows are padded to a multiple of TP (the sequence is split over TP)."""
     from megatron_srft.training.batch import pack_micro_batches, split_for_data_parallel
     from megatron_srft.training.step import forward_logprobs, train_minibatch
 
-    groups, handle, opt, arch = setup_rank(hf_dir, tp, pp)
+    groups, handle, opt, arch = setup_rank(hf_dir, tp, pp, sequence_parallel=sequence_parallel)
     shards = split_for_data_parallel(samples, groups.dp_size)
     mine = [samples[i] for i in shards[groups.dp_rank]]
-    mbs = pack_micro_batches(mine, micro_batch_tokens, packing=packing)
+    mbs = pack_micro_batches(mine, micro_batch_tokens, packing=packing,
+                             pad_to_multiple=tp if sequence_parallel else 1)
     out: dict = {"dp_size": groups.dp_size, "num_micro_batches": len(mbs)}
     lp = forward_logprobs(handle.chunks, mbs, groups, arch.vocab_size)
     # per-sample log-probs, keyed by the global sample index, so any layout can be compared
@@ -115,9 +121,22 @@ def run_layout(hf_dir: str, tp: int, pp: int, samples, micro_batch_tokens: int, 
         norm, loss_fn = None, srft_objective  # train_minibatch's default: compute_normalizers
     metrics = train_minibatch(handle.chunks, opt, mbs, settings, groups, arch.vocab_size, loss_fn=loss_fn, norm=norm)
     out["metrics"] = metrics
+    out["norm_grads"] = _norm_grads(handle)
     params = full_params(handle, arch, groups)
     out["params"] = params if groups.rank == 0 else None
     return to_numpy(out)
+
+
+def _norm_grads(handle) -> dict:
+    """{name: main_grad} of the norm weights (replicated over TP), after finalize_model_grads' reductions."""
+    from megatron_srft.models.builder import unwrap
+
+    out = {}
+    for chunk in handle.chunks:
+        for name, p in unwrap(chunk).named_parameters():
+            if "layernorm" in name and getattr(p, "main_grad", None) is not None:
+                out[name] = (p.main_grad.detach().clone(), bool(getattr(p, "sequence_parallel", False)))
+    return out
 
 
 def to_numpy(obj):

@@ -1,6 +1,7 @@
 """The SRFT objective through the Megatron adapter is layout-invariant: loss, grad norm and the updated weights
 of one optimizer step agree between DP=2 and DP=1 with gradient accumulation, PP=2 and PP=1, TP=2 and TP=1,
-and packed and padded micro-batches (fp32, tiny Qwen2, gloo ranks; see tests/training/harness.py).
+TP=2 with and without sequence parallelism, and packed and padded micro-batches (fp32, tiny Qwen2, gloo ranks;
+see tests/training/harness.py).
 """
 
 import numpy as np
@@ -163,3 +164,24 @@ def test_old_logprob_saving_and_nonfinite_guard(hf_dir, samples):
     assert res["engine"]["metrics"]["mismatch_abs_mean"] <= 1e-6  # logged in engine mode too
     bad = res["nonfinite"]
     assert bad["metrics"]["num_skipped"] == 1.0 and bad["unchanged"]
+
+
+def _sp_on_and_off(hf_dir, samples):
+    return [run_layout(hf_dir, 2, 1, samples, BUDGET, loss="srft", preset="srft", sequence_parallel=sp)
+            for sp in (True, False)]
+
+
+def test_sequence_parallel_equals_tp2_without_it(reference, hf_dir, samples):
+    (sp0, plain0), (sp1, _) = run_ranks(_sp_on_and_off, 2, hf_dir, samples)
+    _assert_same(plain0, sp0)
+    _assert_same(reference, sp0)
+    # Under SP each TP rank's norms see half of the sequence; the norm weights carry sequence_parallel=True, so
+    # finalize_model_grads sums their gradients over TP: both ranks hold the whole-sequence gradient.
+    assert sp0["norm_grads"] and set(sp0["norm_grads"]) == set(plain0["norm_grads"])
+    for name, (grad, flagged) in sp0["norm_grads"].items():
+        plain, plain_flagged = plain0["norm_grads"][name]
+        assert flagged and not plain_flagged, name
+        scale = float(np.abs(plain).max())
+        assert scale > 1e-6, name
+        assert float(np.abs(grad - plain).max()) <= 1e-5 * scale, name
+        assert np.array_equal(grad, sp1["norm_grads"][name][0]), name
