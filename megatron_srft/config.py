@@ -190,7 +190,9 @@ class RolloutConfig:
         1, "Ranks per vLLM engine (rollout TP). Every rank belongs to one engine; engines = world / this "
         "(docs/rollout.md). Must divide the world size and fit the model's heads.")
     gpu_memory_utilization: float = _f(0.5, "vLLM memory fraction (GPU).")
-    cpu_kvcache_space_gib: int = _f(1, "vLLM KV cache size on CPU, GiB.")
+    cpu_kvcache_space_gib: Optional[float] = _f(
+        None, "vLLM KV cache on CPU, GiB (allocated whole at engine start); null = sized to one step's rollouts "
+        "(x1.25, at least 64 MiB; distributed/layout.py).")
     max_model_len: Optional[int] = _f(None, "vLLM max model length; null = prompt + response lengths.")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = _f("auto", "vLLM dtype; auto = model.params_dtype (fp32 on CPU).")
     enforce_eager: bool = _f(False, "Disable CUDA graphs in vLLM.")
@@ -210,6 +212,8 @@ class RolloutConfig:
         _need(0 < self.gpu_memory_utilization <= 1, f"{path}.gpu_memory_utilization", "expected in (0, 1]")
         _need(self.sync_bucket_mb >= 1, f"{path}.sync_bucket_mb", "expected >= 1")
         _need(self.tis_cap is None or self.tis_cap >= 1, f"{path}.tis_cap", "expected >= 1 or null")
+        _need(self.cpu_kvcache_space_gib is None or 0 < self.cpu_kvcache_space_gib <= 4096,
+              f"{path}.cpu_kvcache_space_gib", "expected 0 < GiB <= 4096 or null")
 
 
 @dataclass

@@ -57,7 +57,7 @@ def twin_config(path: Path, layout: dict, toy: Path, run_dir: Path) -> SRFTConfi
     d.train_files, d.eval_files, d.template = [str(toy / "train.jsonl")], [], "chat"
     d.max_prompt_length, d.max_response_length = 32, 24
     r.tensor_parallel_size, r.num_rollouts_per_prompt, r.dtype = layout["rollout_tp"], 2, "fp32"
-    r.max_tokens, r.max_model_len, r.cpu_kvcache_space_gib, r.sync_bucket_mb = None, None, 1, min(r.sync_bucket_mb, 1)
+    r.max_tokens, r.max_model_len, r.cpu_kvcache_space_gib, r.sync_bucket_mb = None, None, None, min(r.sync_bucket_mb, 1)
     t.num_steps, t.prompts_per_step, t.prompts_per_minibatch = 2, 4, 2
     t.micro_batch_tokens, t.reward, t.reward_workers, t.eval_every = 128, "exact", 1, 0
     c.save_every, c.keep_last, c.resume, c.export_hf, c.save_on_signal = 1, 3, "auto", True, True

@@ -590,10 +590,11 @@ def _start_engine(cfg):
     from ..models.arch import load_arch
     from ..rollout.base import engine_class, resolve_engine_settings
 
-    s = resolve_engine_settings(cfg.rollout, cfg.model.params_dtype, load_arch(cfg.model.path).max_position_embeddings,
+    s = resolve_engine_settings(cfg.rollout, cfg.model.params_dtype, load_arch(cfg.model.path),
                                 cfg.data.max_prompt_length + cfg.data.max_response_length)
     return engine_class(cfg.rollout.engine)(cfg.rollout, cfg.model.path, dtype=s.dtype, seed=s.seed,
-                                            max_model_len=s.max_model_len, load_format="dummy")
+                                            max_model_len=s.max_model_len, kv_cache_bytes=s.kv_cache_bytes,
+                                            load_format="dummy")
 
 
 def _engine_dtype(cfg) -> str:
@@ -634,10 +635,17 @@ def synthesize_model_dir(shape: str, out_dir: Path) -> Path:
     return out_dir
 
 
+def _micro_batch_tokens(ctx: Context) -> int:
+    """train.micro_batch_tokens as training resolves it on this device (null: distributed/layout.py)."""
+    from ..distributed.layout import resolve_micro_batch_tokens
+
+    return resolve_micro_batch_tokens(ctx.cfg, ctx.arch, ctx.on_gpu)
+
+
 def _step_shape(ctx: Context) -> tuple[int, int, int]:
     """(prompt tokens, response tokens, sequences per micro-batch) of step 3's synthetic mini-batch."""
     cfg, arch = ctx.cfg, ctx.arch
-    budget = cfg.train.micro_batch_tokens
+    budget = _micro_batch_tokens(ctx)
     seq = min(cfg.data.max_prompt_length + cfg.data.max_response_length, budget, arch.max_position_embeddings)
     prompt = max(1, min(cfg.data.max_prompt_length, seq // 4))
     return prompt, seq - prompt, max(1, budget // seq)
@@ -669,7 +677,7 @@ def _pack(ctx: Context, samples: list, budget: Optional[int] = None) -> list:
     multiple = p.tensor_model_parallel_size if p.sequence_parallel else 1
     if ctx.on_gpu:  # FP8 GEMMs (check 6) need token counts divisible by 16
         multiple = multiple * 16 // math.gcd(multiple, 16)
-    return pack_micro_batches(samples, budget or ctx.cfg.train.micro_batch_tokens, pad_to_multiple=multiple)
+    return pack_micro_batches(samples, budget or _micro_batch_tokens(ctx), pad_to_multiple=multiple)
 
 
 def _spec_label(handle) -> str:
@@ -959,7 +967,7 @@ def check_vllm(ctx: Context) -> Iterator[Result]:
             kept = [(p, c) for p, c in zip(prompts, completions) if c.token_ids]
             samples = [Sample(prompt_ids=p, response_ids=list(c.token_ids), advantage=0.0, is_demo=False,
                               group=i, reward=0.0) for i, (p, c) in enumerate(kept)]
-            budget = max(cfg.train.micro_batch_tokens, max(x.num_tokens for x in samples))
+            budget = max(_micro_batch_tokens(ctx), max(x.num_tokens for x in samples))
             mbs = _pack(ctx, samples, budget=budget)
             per_mb = _trainer_logprobs(ctx.handle, mbs, ctx.groups)
             trainer = torch.cat([t.double() for t in per_sequence_values(mbs, [lp for lp, _ in per_mb],

@@ -32,7 +32,7 @@ def _common(toy: Path, run_dir: Path, model: Path) -> list[str]:
         f"data.train_files=[{toy / 'train.jsonl'}]", "data.template=chat",
         "data.max_prompt_length=32", "data.max_response_length=64",
         "train.reward=exact", "train.reward_workers=1", "train.micro_batch_tokens=1024",
-        "rollout.dtype=fp32", "rollout.cpu_kvcache_space_gib=1",
+        "rollout.dtype=fp32",
         "optimizer.clip_grad=1.0", "optimizer.weight_decay=0.0",
         "checkpoint.resume=never", "checkpoint.save_every=0", "checkpoint.keep_last=1",
     ]

@@ -142,7 +142,7 @@ def main(args) -> int:
             raise UserError(f"rollout.tensor_parallel_size: {cfg.rollout.tensor_parallel_size} does not divide "
                             f"the world size ({groups.world_size})")
         with RolloutService(cfg, groups, cfg.model.path, tokenizer, None, need_engine=True,
-                            max_position_embeddings=arch.max_position_embeddings,
+                            arch=arch,
                             require_think=require_think) as service:
             metrics, records = service.evaluate(problems, n_samples=cfg.train.eval_n_samples,
                                           temperature=cfg.train.eval_temperature, top_p=cfg.rollout.top_p,

@@ -99,15 +99,17 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"{hf_dir}: cannot load the tokenizer ({str(e).splitlines()[0] if str(e) else e})") from e
     token_ids = _tokenize(tokenizer, prompts, args.chat)
     rollout_cfg = RolloutConfig(dtype=args.dtype, seed=args.seed, max_model_len=args.max_model_len)
-    settings = resolve_engine_settings(rollout_cfg, "bf16", source.arch.max_position_embeddings,
-                                       max(len(t) for t in token_ids) + args.max_tokens)
+    settings = resolve_engine_settings(rollout_cfg, "bf16", source.arch,
+                                       max(len(t) for t in token_ids) + args.max_tokens,
+                                       num_seqs=len(token_ids) * args.n)
     dtype, max_len = settings.dtype, settings.max_model_len
 
     engine = handle = None
     started_dist = False
     try:
         if source.kind == "hf":
-            engine = VllmEngine(rollout_cfg, str(hf_dir), dtype=dtype, seed=args.seed, max_model_len=max_len)
+            engine = VllmEngine(rollout_cfg, str(hf_dir), dtype=dtype, seed=args.seed, max_model_len=max_len,
+                                kv_cache_bytes=settings.kv_cache_bytes)
         else:
             from ..checkpoint.convert import build_and_load
             from ..config import ParallelConfig
@@ -119,6 +121,7 @@ def main(args: argparse.Namespace) -> int:
             started_dist = True
             handle = build_and_load(source, pcfg, groups, params_dtype=dtype)
             engine = VllmEngine(rollout_cfg, str(hf_dir), dtype=dtype, seed=args.seed, max_model_len=max_len,
+                                kv_cache_bytes=settings.kv_cache_bytes,
                                 load_format="dummy")
             sync_weights(handle.chunks, source.arch, groups, engine, bucket_mb=rollout_cfg.sync_bucket_mb)
             del handle

@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..models.arch import ArchSpec
 
 GIB = 1024 ** 3
-_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 #: Transformer Engine FP8 recipes -> the oldest GPU (CUDA compute capability) that runs them: FP8 tensor cores
 #: arrived with Ada/Hopper (8.9 / 9.0); 1x128 block scaling is a Hopper kernel; MXFP8 needs Blackwell's
@@ -232,7 +232,7 @@ def memory_per_gpu(cfg: SRFTConfig, arch: ArchSpec, world_size: int, gpu_memory_
     dp = world_size // (tp * pp * p.context_parallel_size)
     padded = arch.padded_vocab_size(m.make_vocab_size_divisible_by, tp)
     n = params_per_gpu(arch, tp, pp, padded)
-    pbytes = _DTYPE_BYTES[m.params_dtype]
+    pbytes = DTYPE_BYTES[m.params_dtype]
     opt_per_param = 12 if pbytes != 4 else 8
     opt = n * opt_per_param // (dp if p.use_distributed_optimizer else 1)
     tokens = resolve_micro_batch_tokens(cfg, arch, on_gpu=True)
@@ -246,7 +246,7 @@ def _activation_bytes(cfg: SRFTConfig, arch: ArchSpec, tokens: int) -> int:
     """Activations kept for backward on the most loaded stage (formulas in :func:`memory_per_gpu`)."""
     p, m = cfg.parallel, cfg.model
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    pbytes = _DTYPE_BYTES[m.params_dtype]
+    pbytes = DTYPE_BYTES[m.params_dtype]
     h, layers = arch.hidden_size, arch.num_layers // pp
     act_layer = 34 * tokens * h * pbytes // 2 // tp
     if m.recompute_granularity == "full":
@@ -314,13 +314,13 @@ def model_state_bytes(cfg: SRFTConfig, arch: ArchSpec, world_size: int) -> int:
 def engine_bytes(cfg: SRFTConfig, arch: ArchSpec, on_gpu: bool, world_size: int = 1) -> int:
     """Memory the colocated rollout engine holds next to training on one rank. GPU: 0 (vLLM sleeps during
     training, or takes the ``rollout.gpu_memory_utilization`` share it is given). CPU: its own copy of the
-    weights plus its KV cache (:func:`resolve_engine_settings`)."""
+    weights plus its KV cache (:func:`engine_kv_cache_bytes`)."""
     if on_gpu:
         return 0
     tp = cfg.rollout.tensor_parallel_size
     padded = arch.padded_vocab_size(1, 1)
     weights = params_per_gpu(arch, tp, 1, padded) * _rollout_dtype_bytes(cfg, on_gpu)
-    return weights + resolve_engine_settings(cfg, arch, on_gpu, world_size).kv_cache_bytes
+    return weights + (engine_kv_cache_bytes(cfg, arch, on_gpu, world_size) or 0)
 
 
 def device_memory_bytes(on_gpu: bool, ranks_per_node: int = 1) -> int:
@@ -385,25 +385,18 @@ def check_micro_batch_memory(cfg: SRFTConfig, arch: ArchSpec, tokens: int, on_gp
     return None
 
 
-@dataclass
-class EngineSettings:
-    """Rollout-engine settings resolved for the device (None = vLLM's own default)."""
-
-    kv_cache_bytes: Optional[int]  # CPU KV cache; None on GPU (vLLM sizes it from gpu_memory_utilization)
-    max_num_seqs: Optional[int]
-    block_size: Optional[int]
-
-
 #: vLLM's CPU KV cache is allocated (and zeroed) whole at start-up, so its size is resident memory.
 _MIN_CPU_KV_CACHE_BYTES = 64 * 1024 ** 2
 _KV_CACHE_HEADROOM = 1.25
+#: vLLM's CPU default max_num_seqs: more sequences than this never share the cache at once.
+_CPU_MAX_NUM_SEQS = 256
 
 
 def _rollout_dtype_bytes(cfg: SRFTConfig, on_gpu: bool) -> int:
     dtype = cfg.rollout.dtype
     if dtype == "auto":
         dtype = cfg.model.params_dtype if on_gpu else "fp32"
-    return _DTYPE_BYTES[dtype]
+    return DTYPE_BYTES[dtype]
 
 
 def kv_cache_bytes_per_token(arch: ArchSpec, dtype_bytes: int, rollout_tp: int = 1) -> int:
@@ -413,32 +406,35 @@ def kv_cache_bytes_per_token(arch: ArchSpec, dtype_bytes: int, rollout_tp: int =
     return 2 * arch.num_layers * kv_heads * arch.head_dim * dtype_bytes
 
 
-def resolve_engine_settings(cfg: SRFTConfig, arch: ArchSpec, on_gpu: bool, world_size: int = 1) -> EngineSettings:
-    """The engine's memory settings for the device.
+def rollout_sequences_per_engine(cfg: SRFTConfig, world_size: int) -> int:
+    """Sequences one engine generates at once in a training step (an upper bound): the replica's prompts
+    (prompts_per_step / DP) x num_rollouts_per_prompt, capped at vLLM's CPU max_num_seqs (256)."""
+    dp = data_parallel_size(cfg.parallel, world_size) if world_size else 1
+    seqs = max(1, cfg.train.prompts_per_step // max(1, dp)) * max(1, cfg.rollout.num_rollouts_per_prompt)
+    return min(_CPU_MAX_NUM_SEQS, seqs)
 
-    GPU: vLLM's own (KV cache from ``rollout.gpu_memory_utilization``). CPU: the KV cache holds one step's
-    rollouts on one engine at once, x1.25, at least 64 MiB: sequences = prompts_per_step / DP x
-    num_rollouts_per_prompt (capped at vLLM's CPU max_num_seqs, 256), each up to max_model_len tokens (null:
-    max_prompt_length + max_response_length). An explicit ``rollout.cpu_kvcache_space_gib`` wins. vLLM's CPU
-    default block size (128) and max_num_seqs (256) measured as fast as the alternatives on the toy
-    (docs/benchmarks.md), so they stay vLLM's.
-    """
-    if on_gpu:
-        return EngineSettings(kv_cache_bytes=None, max_num_seqs=None, block_size=None)
-    r = cfg.rollout
-    explicit = getattr(r, "cpu_kvcache_space_gib", None)
-    if explicit is not None:
-        return EngineSettings(kv_cache_bytes=int(explicit * GIB), max_num_seqs=None, block_size=None)
-    p = cfg.parallel
-    dp = max(1, world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size
-                               * p.context_parallel_size))
-    seqs = min(256, max(1, cfg.train.prompts_per_step // dp) * max(1, r.num_rollouts_per_prompt))
-    max_len = r.max_model_len or (cfg.data.max_prompt_length + cfg.data.max_response_length)
-    need = seqs * max_len * kv_cache_bytes_per_token(arch, _rollout_dtype_bytes(cfg, on_gpu), r.tensor_parallel_size)
-    need = int(need * _KV_CACHE_HEADROOM)
+
+def cpu_kv_cache_bytes(num_seqs: int, max_model_len: int, bytes_per_token: int) -> int:
+    """The CPU engine's KV cache when ``rollout.cpu_kvcache_space_gib`` is null: ``num_seqs`` sequences of
+    ``max_model_len`` tokens at once, x1.25, rounded up to MiB, at least 64 MiB. (vLLM's 1 GiB default cost the toy
+    1.2 GB of resident memory and 1.5 s per engine start for a cache it never filled; docs/benchmarks.md.)"""
+    need = int(num_seqs * max_model_len * bytes_per_token * _KV_CACHE_HEADROOM)
     mib = 1024 ** 2
-    return EngineSettings(kv_cache_bytes=max(_MIN_CPU_KV_CACHE_BYTES, -(-need // mib) * mib), max_num_seqs=None,
-                          block_size=None)
+    return max(_MIN_CPU_KV_CACHE_BYTES, -(-need // mib) * mib)
+
+
+def engine_kv_cache_bytes(cfg: SRFTConfig, arch: ArchSpec, on_gpu: bool, world_size: int = 1) -> Optional[int]:
+    """The KV cache one engine rank allocates in a training run: None on GPU (vLLM sizes it from
+    ``rollout.gpu_memory_utilization``); on CPU ``rollout.cpu_kvcache_space_gib`` when set, else
+    :func:`cpu_kv_cache_bytes` for one step's rollouts (:func:`rollout_sequences_per_engine`)."""
+    if on_gpu:
+        return None
+    r = cfg.rollout
+    if r.cpu_kvcache_space_gib is not None:
+        return int(r.cpu_kvcache_space_gib * GIB)
+    max_len = r.max_model_len or (cfg.data.max_prompt_length + cfg.data.max_response_length)
+    per_token = kv_cache_bytes_per_token(arch, _rollout_dtype_bytes(cfg, on_gpu), r.tensor_parallel_size)
+    return cpu_kv_cache_bytes(rollout_sequences_per_engine(cfg, world_size), max_len, per_token)
 
 
 # --------------------------------------------------------------------------------------------- FLOPs and MFU

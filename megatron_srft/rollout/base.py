@@ -73,6 +73,7 @@ class EngineSettings:
     dtype: str  # fp32 | bf16 | fp16
     seed: int
     max_model_len: int
+    kv_cache_bytes: Optional[int] = None  # CPU KV cache per engine rank; None = the engine's default (GPU: vLLM's)
 
 
 def resolve_dtype(rollout_dtype: str, params_dtype: str) -> str:
@@ -83,13 +84,24 @@ def resolve_dtype(rollout_dtype: str, params_dtype: str) -> str:
     return params_dtype if torch.cuda.is_available() else "fp32"
 
 
-def resolve_engine_settings(rollout_cfg, params_dtype: str, max_position_embeddings: int,
-                            needed_len: int) -> EngineSettings:
-    """The one resolver of an engine's settings (training, `srft eval`, `srft generate`).
+def resolve_engine_settings(rollout_cfg, params_dtype: str, arch, needed_len: int,
+                            num_seqs: int = 256) -> EngineSettings:
+    """The one resolver of an engine's settings (training, `srft eval`, `srft generate`, `srft check`).
 
-    ``needed_len``: prompt + response tokens the caller needs; ``rollout.max_model_len`` null takes it, capped by
-    the model's positions.
+    ``arch``: the model's ArchSpec. ``needed_len``: prompt + response tokens the caller needs;
+    ``rollout.max_model_len`` null takes it, capped by the model's positions. ``num_seqs``: sequences generated at
+    once (training: distributed/layout.py ``rollout_sequences_per_engine``); on CPU a null
+    ``rollout.cpu_kvcache_space_gib`` sizes the KV cache for them (``cpu_kv_cache_bytes``).
     """
-    max_len = rollout_cfg.max_model_len or min(int(needed_len), int(max_position_embeddings))
-    return EngineSettings(dtype=resolve_dtype(rollout_cfg.dtype, params_dtype), seed=int(rollout_cfg.seed),
-                          max_model_len=int(max_len))
+    from ..distributed.layout import GIB, DTYPE_BYTES, cpu_kv_cache_bytes, kv_cache_bytes_per_token
+
+    max_len = int(rollout_cfg.max_model_len or min(int(needed_len), int(arch.max_position_embeddings)))
+    dtype = resolve_dtype(rollout_cfg.dtype, params_dtype)
+    kv = None
+    if not torch.cuda.is_available():
+        if rollout_cfg.cpu_kvcache_space_gib is not None:
+            kv = int(rollout_cfg.cpu_kvcache_space_gib * GIB)
+        else:
+            per_token = kv_cache_bytes_per_token(arch, DTYPE_BYTES[dtype], rollout_cfg.tensor_parallel_size)
+            kv = cpu_kv_cache_bytes(max(1, min(256, int(num_seqs))), max_len, per_token)  # vLLM CPU max_num_seqs
+    return EngineSettings(dtype=dtype, seed=int(rollout_cfg.seed), max_model_len=max_len, kv_cache_bytes=kv)

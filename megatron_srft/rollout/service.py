@@ -29,6 +29,7 @@ from typing import Callable, Iterator, Optional, Protocol, Sequence
 import torch
 
 from ..distributed import collectives
+from ..distributed.layout import rollout_sequences_per_engine
 from .base import Completion, engine_class, resolve_engine_settings
 from .placement import Placement
 
@@ -136,14 +137,14 @@ class RolloutService:
         weights: the trainer's :class:`WeightSource`; None = no trainer (`srft eval`): the engines load the weights
             in ``model_dir`` themselves and are never synced.
         need_engine: build engines (False: no rollouts and no evaluation; only the demos are scored).
-        max_position_embeddings: the model's positions (caps the engine's context).
+        arch: the model's ArchSpec (caps the engine's context, sizes its CPU KV cache).
         require_think: the verifier grades only the text after </think>.
         engine_factory: ``factory(**kwargs) -> Engine`` (tests wrap the real engine to record its calls); default:
             the class registered for ``rollout.engine``.
     """
 
     def __init__(self, cfg, groups, model_dir: str, tokenizer, weights: Optional[WeightSource], *, need_engine: bool,
-                 max_position_embeddings: int, require_think: bool,
+                 arch, require_think: bool,
                  engine_factory: Optional[Callable] = None) -> None:
         from ..rewards import RewardPool
 
@@ -159,8 +160,9 @@ class RolloutService:
         self._synced_version: Optional[int] = None
         self.engine = None
         if need_engine:
-            settings = resolve_engine_settings(cfg.rollout, cfg.model.params_dtype, max_position_embeddings,
-                                               cfg.data.max_prompt_length + cfg.data.max_response_length)
+            settings = resolve_engine_settings(cfg.rollout, cfg.model.params_dtype, arch,
+                                               cfg.data.max_prompt_length + cfg.data.max_response_length,
+                                               num_seqs=rollout_sequences_per_engine(cfg, groups.world_size))
             factory = engine_factory or engine_class(cfg.rollout.engine)
             # vLLM builds its groups with torch.distributed.new_group, a world collective: every rank builds its
             # engine shard here, in lockstep. Dummy weights under a trainer: the first sync brings the trainer's, so
@@ -168,6 +170,7 @@ class RolloutService:
             # directory.
             self.engine = factory(cfg=cfg.rollout, model_dir=str(model_dir), dtype=settings.dtype,
                                   seed=settings.seed, max_model_len=settings.max_model_len,
+                                  kv_cache_bytes=settings.kv_cache_bytes,
                                   load_format="auto" if weights is None else "dummy")
         self.pool = None
         if self.is_leader:

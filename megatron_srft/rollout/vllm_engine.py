@@ -119,7 +119,7 @@ class VllmEngine:
     """
 
     def __init__(self, cfg: RolloutConfig, model_dir: str, *, dtype: str, seed: int, max_model_len: int,
-                 load_format: str = "auto"):
+                 load_format: str = "auto", kv_cache_bytes: Optional[int] = None):
         self.cfg = cfg
         self.model_dir = str(model_dir)
         self.max_model_len = int(max_model_len)
@@ -129,8 +129,8 @@ class VllmEngine:
         self._check_settings(dtype, load_format)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process (read at LLM build)
         ensure_launcher_env()  # external_launcher reads RANK / LOCAL_RANK (a single process has neither)
-        if not self.on_gpu:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.cpu_kvcache_space_gib)
+        if not self.on_gpu and kv_cache_bytes is None:  # vLLM's CPU default; resolved settings pass the size
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.cpu_kvcache_space_gib or 1)
         kwargs = dict(
             model=self.model_dir,
             dtype=_VLLM_DTYPES[dtype],
@@ -141,6 +141,7 @@ class VllmEngine:
             logprobs_mode="raw_logprobs",
             max_logprobs=0,  # only the sampled token's log-prob is ever requested
             load_format=load_format,
+            **({"kv_cache_memory_bytes": int(kv_cache_bytes)} if kv_cache_bytes and not self.on_gpu else {}),
             enforce_eager=cfg.enforce_eager or not self.on_gpu,  # CPU: torch.compile only slows start-up
             disable_log_stats=True,
         )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ class Policy:
     tokenizer: object  # a Hugging Face tokenizer
     model_dir: Path  # HF config + tokenizer (and initial weights) that the rollout engines start from
     groups: ParallelGroups
+    micro_batch_tokens: int  # train.micro_batch_tokens with null resolved for this device (distributed/layout.py)
     version: int = 0  # optimizer steps applied; the rollout service re-syncs engines when it changes
 
     @property
@@ -89,7 +91,8 @@ class Problems:
 def build_policy(cfg: SRFTConfig, groups: ParallelGroups) -> Policy:
     from ..checkpoint.loading import load_initial_weights
     from ..data.templates import load_tokenizer
-    from ..distributed.layout import validate_layout
+    from ..distributed.layout import (check_micro_batch_memory, device_memory_bytes, resolve_micro_batch_tokens,
+                                      validate_layout)
     from ..models.arch import load_arch
     from ..models.builder import build_model, build_optimizer
 
@@ -99,12 +102,19 @@ def build_policy(cfg: SRFTConfig, groups: ParallelGroups) -> Policy:
     arch = load_arch(model_dir)
     # Every layout rule against the world and the model's shapes, once, before anything is built.
     validate_layout(cfg, groups.world_size, arch)
+    on_gpu = torch.cuda.is_available()
+    memory = device_memory_bytes(on_gpu, ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    micro_tokens = resolve_micro_batch_tokens(cfg, arch, on_gpu, memory, groups.world_size)
+    warning = check_micro_batch_memory(cfg, arch, micro_tokens, on_gpu, memory, groups.world_size)
+    if warning and groups.rank == 0:
+        print(f"[srft] warning: {warning}", flush=True)
     handle = build_model(arch, cfg.model, cfg.parallel)
     load_initial_weights(handle, model_dir, groups)
     # After the weights: the optimizer copies its fp32 master weights from the model when it is built.
     optimizer = build_optimizer(handle, cfg.optimizer, cfg.model, cfg.parallel)
     tokenizer = load_tokenizer(model_dir)
-    return Policy(handle=handle, optimizer=optimizer, tokenizer=tokenizer, model_dir=model_dir, groups=groups)
+    return Policy(handle=handle, optimizer=optimizer, tokenizer=tokenizer, model_dir=model_dir, groups=groups,
+                  micro_batch_tokens=micro_tokens)
 
 
 def load_problems_for(cfg: SRFTConfig, tokenizer, *, need_demos: bool) -> Problems:
@@ -343,14 +353,15 @@ class _StopFlag:
         return collectives.agree(self.requested)
 
 
-def _startup_summary(cfg: SRFTConfig, groups: ParallelGroups, problems: Problems, service, pad_multiple: int) -> str:
+def _startup_summary(cfg: SRFTConfig, groups: ParallelGroups, problems: Problems, service, pad_multiple: int,
+                     micro_batch_tokens: int) -> str:
     p = cfg.parallel
     lines = [
         f"[srft] {len(problems.train)} training problems ({problems.num_filtered} dropped by the length filters), "
         f"{len(problems.eval)} eval problems ({problems.num_eval_filtered} dropped); preset {cfg.algorithm.preset}",
         f"[srft] world {groups.world_size}: TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size}"
-        f" x DP {groups.dp_size}{' + SP' if p.sequence_parallel else ''}; micro-batch {cfg.train.micro_batch_tokens} "
-        f"tokens (padded to multiples of {pad_multiple})",
+        f" x DP {groups.dp_size}{' + SP' if p.sequence_parallel else ''}; micro-batch {micro_batch_tokens} "
+        f"tokens{' (resolved for the device)' if cfg.train.micro_batch_tokens is None else ''} (padded to multiples of {pad_multiple})",
         f"[srft] rollouts: {service.placement.num_engines} engine(s) of rollout TP {cfg.rollout.tensor_parallel_size}"
         f"{'' if service.engine is not None else ' (no generation: verifier only)'}; sleep level "
         f"{cfg.rollout.sleep_level}",
@@ -424,11 +435,11 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
         return out
 
     with RolloutService(cfg, groups, str(policy.model_dir), policy.tokenizer, policy, need_engine=need_engine,
-                        max_position_embeddings=policy.handle.arch.max_position_embeddings,
+                        arch=policy.handle.arch,
                         require_think=cfg.data.template in THINKING_TEMPLATES,
                         engine_factory=engine_factory) as rollouts:
         if groups.is_logging_rank:
-            print(_startup_summary(cfg, groups, problems, rollouts, pad_multiple), flush=True)
+            print(_startup_summary(cfg, groups, problems, rollouts, pad_multiple, policy.micro_batch_tokens), flush=True)
         if start_step == 0 and problems.eval and cfg.train.eval_every:
             metrics = evaluate()
             logger.log(0, metrics)
@@ -441,7 +452,7 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
                                           num_demos=settings.num_demos, replica_slice=sampler.replica_slice())
             mine = step_problems[sampler.replica_slice()]
             samples, stats = build_groups(mine, batch.prompts, settings, group_offset=groups.dp_rank * len(mine))
-            minibatches = split_minibatches(samples, num_minibatches, cfg.train.micro_batch_tokens,
+            minibatches = split_minibatches(samples, num_minibatches, policy.micro_batch_tokens,
                                             cfg.train.sequence_packing, pad_multiple)
             with timer("old_logprob"):
                 attach_old_logprobs(policy, minibatches, settings, cfg.train.old_logprobs)

@@ -106,7 +106,7 @@ def test_torchrun_error_on_every_rank_is_reported_once(tmp_path, toy):
                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert res.returncode != 0
     lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("srft train: error:")]
-    assert lines == ["srft train: error: train.prompts_per_minibatch: must be divisible by the data-parallel "
-                     "size (2)"], res.stderr[-3000:]
+    assert lines == ["srft train: error: train.prompts_per_step: 3 is not divisible by the data-parallel size "
+                     "(2 = world 2 / (TP 1 x PP 1 x CP 1))"], res.stderr[-3000:]
     logs = sorted(p.name for p in (tmp_path / "run" / "logs").glob("error-*.log"))
     assert len(logs) == 2 and logs[0].endswith("rank0.log") and logs[1].endswith("rank1.log")

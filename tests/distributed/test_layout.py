@@ -242,7 +242,7 @@ def test_micro_batch_tokens_resolve_per_device():
     # never below one full sequence, also when the default is smaller than it
     long = cfg_with(prompt=1024, response=16384, micro_tokens=None)
     assert resolve_micro_batch_tokens(long, arch(QWEN25_7B), on_gpu=True) == 17408
-    validate_layout(toy_cfg(), a, 1)  # null passes the layout checks
+    validate_layout(toy_cfg(), 1, a)  # null passes the layout checks
 
 
 def test_micro_batch_tokens_shrink_to_fit_cpu_memory():
@@ -291,21 +291,23 @@ def test_attention_memory_is_per_sequence():
 
 
 def test_engine_kv_cache_sized_to_a_step_on_cpu():
-    from types import SimpleNamespace
-
-    from megatron_srft.distributed.layout import kv_cache_bytes_per_token, resolve_engine_settings
+    from megatron_srft.distributed.layout import engine_kv_cache_bytes, kv_cache_bytes_per_token
+    from megatron_srft.rollout.base import resolve_engine_settings
 
     a = arch(TOY)
     assert kv_cache_bytes_per_token(a, 4) == 2 * 2 * 2 * 32 * 4  # K,V x layers x kv heads x head_dim x fp32
-    gpu = resolve_engine_settings(toy_cfg(), a, on_gpu=True)
-    assert gpu.kv_cache_bytes is None and gpu.block_size is None and gpu.max_num_seqs is None
+    assert engine_kv_cache_bytes(toy_cfg(), a, on_gpu=True) is None  # vLLM's gpu_memory_utilization
     c = toy_cfg()
-    c.rollout.cpu_kvcache_space_gib = None
-    assert resolve_engine_settings(c, a, on_gpu=False).kv_cache_bytes == 64 * 1024 ** 2  # 224 x 96 x 1 KiB < floor
+    assert engine_kv_cache_bytes(c, a, on_gpu=False) == 64 * 1024 ** 2  # 224 x 96 x 1 KiB < floor
     c7 = cfg_with(prompt=1024, response=8192, micro_tokens=None, step=32, minibatch=32)
-    c7.rollout.cpu_kvcache_space_gib = None
-    kv = resolve_engine_settings(c7, arch(QWEN25_7B), on_gpu=False).kv_cache_bytes
+    kv = engine_kv_cache_bytes(c7, arch(QWEN25_7B), on_gpu=False)
     per_token = kv_cache_bytes_per_token(arch(QWEN25_7B), 4)  # auto dtype on CPU: fp32
     assert kv >= 1.25 * 224 * 9216 * per_token and kv % 1024 ** 2 == 0
-    c.rollout = SimpleNamespace(**{**vars(c.rollout), "cpu_kvcache_space_gib": 0.5})
-    assert resolve_engine_settings(c, a, on_gpu=False).kv_cache_bytes == GIB // 2
+    c.rollout.cpu_kvcache_space_gib = 0.5
+    assert engine_kv_cache_bytes(c, a, on_gpu=False) == GIB // 2
+    # the engine's resolver gives the same size for the same sequences (the one formula)
+    import torch
+
+    if not torch.cuda.is_available():
+        got = resolve_engine_settings(c7.rollout, "bf16", arch(QWEN25_7B), 9216, num_seqs=224)
+        assert got.kv_cache_bytes == kv and got.max_model_len == 9216

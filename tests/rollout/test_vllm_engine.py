@@ -3,6 +3,8 @@ against transformers, weight update from plain HF tensors, and one-line errors. 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -153,12 +155,13 @@ def test_config_resolution(hf_dir):
     assert resolve_dtype("auto", "bf16") == ("bf16" if torch.cuda.is_available() else "fp32")
     assert resolve_dtype("fp16", "bf16") == "fp16"
     cfg = SRFTConfig()
-    assert resolve_engine_settings(cfg.rollout, "bf16", 512, 700).max_model_len == 512  # capped by the model
+    arch = SimpleNamespace(max_position_embeddings=512, num_query_groups=2, num_layers=2, head_dim=32)
+    assert resolve_engine_settings(cfg.rollout, "bf16", arch, 700).max_model_len == 512  # capped by the model
     cfg.rollout.seed = 9
-    got = resolve_engine_settings(cfg.rollout, cfg.model.params_dtype, 512, 450)
+    got = resolve_engine_settings(cfg.rollout, cfg.model.params_dtype, arch, 450)
     assert (got.dtype, got.seed, got.max_model_len) == (resolve_dtype("auto", cfg.model.params_dtype), 9, 450)
     cfg.rollout.max_model_len = 64
-    assert resolve_engine_settings(cfg.rollout, "bf16", 512, 450).max_model_len == 64
+    assert resolve_engine_settings(cfg.rollout, "bf16", arch, 450).max_model_len == 64
 
 
 def test_engine_start_failure_is_one_line(tmp_path, hf_dir):
