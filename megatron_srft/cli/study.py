@@ -21,8 +21,9 @@ Design (every number below is a :class:`StudySpec` field, written into the repor
   are run once per seed.
 
 Jobs run in ``spec.jobs`` worker processes (each a world of one process with its own engines), a stage as soon as
-the stage it starts from is done. A job whose ``result.json`` records the same settings is not run again, so an
-interrupted study resumes where it stopped.
+the stage it starts from is done. A job whose ``result.json`` records the same signature (a hash of its data, its
+settings and the signature of the stage it starts from) is not run again, so an interrupted study resumes where it
+stopped and a changed setting re-runs exactly the stages that depend on it.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ class Job:
     start: str                    # HF directory the stage starts from
     deps: tuple[str, ...]         # jobs that must be done first (the stage that exports ``start``)
     overrides: tuple[str, ...]    # the run's config (load_config overrides)
+    signature: str = ""           # hash of everything the result depends on: data, overrides, the parent's signature
 
 
 # --------------------------------------------------------------------------------------------- data and jobs
@@ -150,13 +152,25 @@ def _common(spec: StudySpec, run_dir: Path, model: Path | str, train_file: Path)
     ]
 
 
+def _signature(*parts) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _data_signature(spec: StudySpec) -> str:
+    """The study's data files are a pure function of these (prepare_data)."""
+    return _signature(dataclasses.asdict(spec.toy), spec.demo_error_rate)
+
+
 def warmup_job(spec: StudySpec, root: Path, files: dict[str, Path]) -> Job:
     p = spec.warmup_prompts_per_step
     over = _common(spec, root / "runs" / "warmup", files["model"], files["warmup"]) + [
         "algorithm.preset=sft", f"train.num_steps={spec.warmup_steps}", f"optimizer.lr={spec.warmup_lr}",
         f"train.prompts_per_step={p}", f"train.prompts_per_minibatch={p}", "data.seed=0",
     ]
-    return Job("warmup", ("sft",), "exact", 0, str(files["model"]), (), tuple(over))
+    return Job("warmup", ("sft",), "exact", 0, str(files["model"]), (), tuple(over),
+               _signature(_data_signature(spec), over, spec.max_response_length))
 
 
 def study_jobs(spec: StudySpec, root: Path, files: dict[str, Path]) -> list[Job]:
@@ -169,7 +183,7 @@ def study_jobs(spec: StudySpec, root: Path, files: dict[str, Path]) -> list[Job]
         return resolve(AlgorithmConfig(preset=preset)).num_demos > 0
 
     warm = root / "runs" / "warmup" / "hf"
-    jobs: dict[str, Job] = {}
+    jobs: dict[str, Job] = {"warmup": warmup_job(spec, root, files)}
     for condition in spec.conditions:
         for seed in spec.seeds:
             for recipe in spec.recipes:
@@ -193,7 +207,9 @@ def study_jobs(spec: StudySpec, root: Path, files: dict[str, Path]) -> list[Job]
                         "train.eval_temperature=0.0", f"data.seed={seed}", f"rollout.seed={seed}",
                         f"train.seed={seed}",
                     ]
-                    jobs[key] = Job(key, chain, cond, seed, str(start), (parent,), tuple(over))
+                    sig = _signature(jobs[parent].signature, over, spec.max_response_length)
+                    jobs[key] = Job(key, chain, cond, seed, str(start), (parent,), tuple(over), sig)
+    del jobs["warmup"]
     return list(jobs.values())
 
 
@@ -274,7 +290,7 @@ def run_job(job: Job, root: str, spec: StudySpec) -> dict:
     result_path = run_dir / "result.json"
     if result_path.is_file():
         old = json.loads(result_path.read_text())
-        if old.get("overrides") == list(job.overrides):
+        if job.signature and old.get("signature") == job.signature:
             return old
     cfg = load_config(None, list(job.overrides))
     t0 = time.perf_counter()
@@ -285,7 +301,7 @@ def run_job(job: Job, root: str, spec: StudySpec) -> dict:
     evals = evaluate_model(run_dir / "hf", files, spec)
     result = {"key": job.key, "stages": list(job.stages), "condition": job.condition, "seed": job.seed,
               "start": job.start, "train_seconds": train_s, "eval_seconds": time.perf_counter() - t1, **evals,
-              "overrides": list(job.overrides)}
+              "signature": job.signature, "overrides": list(job.overrides)}
     tmp = result_path.with_name(".result.json.tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     os.replace(tmp, result_path)
@@ -496,7 +512,8 @@ def write_report(spec: StudySpec, root: Path, results: dict[str, dict], doc: Pat
         L += [f"### Demonstrations: {c}", "",
               "| recipe | ID acc (%) | OOD acc (%) | rollout entropy start -> end | end / start | rollout length "
               "start -> end | wall time (s) | generated tokens |",
-              "|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|",
+              f"| (warm start) | {100 * warm['acc_id']:.1f} | {100 * warm['acc_ood']:.1f} | - | - | - | - | - |"]
         for r in spec.recipes:
             cell = cells[(r, c)]
             ent = (f"{_num(cell['ent_start'])} -> {_num(cell['ent_end'])}"

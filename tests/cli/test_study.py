@@ -5,6 +5,7 @@ The end-to-end run is real: Megatron training, vLLM rollouts and evaluation on t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -87,7 +88,7 @@ def test_sft_then_rl_starts_from_the_sft_stage_export(tiny_study):
 
 def test_job_plan_shares_stages_and_keeps_budgets_equal(tmp_path):
     spec = StudySpec(recipes=("sft", "grpo", "sft_then_rl", "srft"), seeds=(1, 2))
-    files = {k: tmp_path / k for k in ("model", "exact", "noisy", "id", "ood")}
+    files = {k: tmp_path / k for k in ("model", "warmup", "exact", "noisy", "id", "ood")}
     jobs = study_jobs(spec, tmp_path, files)
     keys = sorted(j.key for j in jobs)
     # grpo uses no demonstrations: one run per seed serves both conditions; sft_then_rl's SFT stage is the sft run
@@ -101,6 +102,11 @@ def test_job_plan_shares_stages_and_keeps_budgets_equal(tmp_path):
         assert over["data.seed"] == str(j.seed)  # the same prompts in the same order for every recipe of a seed
         assert over["data.train_files"] == f"[{files['exact' if j.condition == 'any' else j.condition]}]"
     assert all(isinstance(j, Job) for j in jobs)
+    # a stage's signature follows everything it depends on: a changed warm-up re-runs every stage after it
+    later = study_jobs(dataclasses.replace(spec, warmup_steps=spec.warmup_steps + 1), tmp_path, files)
+    assert all(a.overrides == b.overrides and a.signature != b.signature for a, b in zip(jobs, later))
+    same = study_jobs(spec, tmp_path, files)
+    assert [j.signature for j in same] == [j.signature for j in jobs]
 
 
 def test_compare_rule():
