@@ -124,7 +124,7 @@ def plot_compare(runs: Mapping[str, Sequence[str | Path]], out_dir: str | Path, 
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / f"{name}.png"
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=80)  # committed with docs/toy_results.md: keep them small
         plt.close(fig)
         written.append(path)
     return written

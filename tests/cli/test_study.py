@@ -154,7 +154,7 @@ def test_report_states_each_claim_and_where_it_does_not_hold(tmp_path):
     results = _fake_study(tmp_path, spec, acc, ent_end)
     doc = tmp_path / "docs" / "toy_results.md"
     doc.parent.mkdir()
-    write_report(spec, tmp_path, results, doc, warm=results["warmup"], wall_seconds=60.0)
+    write_report(spec, tmp_path, results, doc, warm=results["warmup"])
     text = doc.read_text()
     claim1 = text.split("### Claim 1")[1].split("### Claim 2")[0]
     # SRFT (45%) is clearly ahead of grpo and luffy, clearly behind sft and sft_then_rl: the claim does not hold
