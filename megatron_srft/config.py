@@ -220,8 +220,9 @@ class RolloutConfig:
 class AlgorithmConfig:
     """SRFT and its baselines. A preset only sets defaults: every null field takes the preset's value."""
 
-    preset: Literal["srft", "srft_code", "sft", "grpo", "luffy", "sft_plus_rl"] = _f(
-        "srft", "Algorithm preset (docs/algorithms.md): srft = the paper's equations, srft_code = released code."
+    preset: Literal["srft", "srft_code", "sft", "grpo", "luffy", "sft_plus_rl", "srft_w_sft_1", "srft_w_rl_1"] = _f(
+        "srft", "Algorithm preset (docs/algorithms.md): srft = the paper's equations, srft_code = released code, "
+        "luffy = LUFFY's released run; srft_w_sft_1 / srft_w_rl_1 = the paper's ablations."
     )
     num_demos_per_prompt: Optional[int] = _f(None, "D: demonstrations joining each group.")
     sft_coef: Optional[float] = _f(None, "Coefficient of the SFT weight (paper 0.5).")
@@ -243,8 +244,13 @@ class AlgorithmConfig:
     aggregation: Optional[Literal["seq_mean_token_mean", "token_mean", "token_sum_norm"]] = _f(
         None, "Loss aggregation: GRPO seq-mean-token-mean (paper), verl token-mean, sum / constant (code)."
     )
-    aggregation_constant: Optional[float] = _f(None, "The constant for token_sum_norm (code: 8192).")
-    entropy_bonus: Optional[float] = _f(None, "Entropy bonus coefficient (code 0.001, paper 0).")
+    aggregation_constant: Optional[float] = _f(
+        None, "C of token_sum_norm (token sum / C, mean over sequences): 8192 = the released code per sequence; "
+        "luffy's 128 = LUFFY's run (docs/algorithms.md)."
+    )
+    entropy_bonus: Optional[float] = _f(
+        None, "Entropy bonus: minus this times the mini-batch token-mean of H (code and LUFFY 0.001, paper 0)."
+    )
 
     def validate(self, path: str) -> None:
         _finite(self, path)

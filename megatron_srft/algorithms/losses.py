@@ -3,21 +3,27 @@
 One micro-batch is a :class:`TokenBatch` of [T] tensors (packed sequences, any order). The loss of the whole
 mini-batch is
 
-    L = sum_t c_t * (l1_t + l2_t + l3_t + l4_t + l5_t)
+    L = sum_t c_t * (l1_t + l2_t + l3_t + l4_t)  +  sum_t l5_t / num_tokens
 
 over every loss token t of the mini-batch, where l1..l4 are the four SRFT terms and l5 the entropy bonus
-(see :class:`~megatron_srft.algorithms.presets.AlgoSettings` for their formulas), and c_t is the aggregation
-coefficient, computed from mini-batch totals (:class:`Normalizers`) and the token's own sequence only:
+(see :class:`~megatron_srft.algorithms.presets.AlgoSettings` for their formulas). The bonus is the mini-batch
+token-mean of l5 = -beta * H_t whatever the aggregation: that is how LUFFY's actor, and the SRFT code derived
+from it, apply ``entropy_coeff`` (``entropy_loss = masked_mean(entropy, response_mask)``), so a bonus of 0.001
+means the same thing under every aggregation (folded into token_sum_norm it would be scaled by the mean
+response length / C: about 0.5 for 4k-token responses at C = 8192, 1/200 for 40-token ones). c_t is the
+aggregation coefficient of terms 1-4, computed from mini-batch totals (:class:`Normalizers`) and the token's
+own sequence only:
 
     seq_mean_token_mean:  c_t = 1 / (num_sequences * |seq(t)|)   (mean over tokens of each sequence, then over
                                                                   sequences: GRPO, the paper)
     token_mean:           c_t = 1 / num_tokens                   (mean over all loss tokens: verl token-mean)
     token_sum_norm:       c_t = 1 / (num_sequences * C)           (token sum / C per sequence, mean over sequences:
-                                                                  Dr.GRPO, the released code with C = 8192)
+                                                                  Dr.GRPO; the released code per sequence with
+                                                                  C = 8192; LUFFY's run with C = 128)
 
-Because c_t does not depend on how tokens are split, :func:`srft_objective` returns this micro-batch's share
-sum_{t in micro-batch} c_t * l_t, and summing the shares over micro-batches and DP ranks gives L exactly:
-invariant to micro-batching, packing and DP size.
+Because c_t (and 1 / num_tokens) does not depend on how tokens are split, :func:`srft_objective` returns this
+micro-batch's share of L, and summing the shares over micro-batches and DP ranks gives L exactly: invariant to
+micro-batching, packing and DP size.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from .metrics import MetricSums
 from .presets import AlgoSettings
 
 __all__ = [
-    "TokenBatch", "Normalizers", "srft_objective", "aggregation_coefficients", "weight_entropy", "sft_weight",
+    "TokenBatch", "Normalizers", "srft_objective", "aggregation_coefficients", "token_mean_coefficients",
+    "weight_entropy", "sft_weight",
     "rl_pos_weight", "sft_term", "demo_rl_term", "policy_gradient_term", "entropy_bonus_term",
 ]
 
@@ -94,15 +101,23 @@ class Normalizers:
 # --------------------------------------------------------------------------------------------- pieces
 
 
+def token_mean_coefficients(batch: TokenBatch, norm: Normalizers) -> torch.Tensor:
+    """1 / num_tokens [T] fp32 on loss tokens, 0 elsewhere: the mini-batch token-mean (verl token-mean; the
+    entropy bonus under every aggregation)."""
+    mask = batch.loss_mask.bool()
+    coef = torch.full_like(batch.logprob, 1.0 / max(norm.num_tokens, 1.0), dtype=torch.float32)
+    return torch.where(mask, coef, torch.zeros_like(coef))
+
+
 def aggregation_coefficients(batch: TokenBatch, settings: AlgoSettings, norm: Normalizers) -> torch.Tensor:
-    """c_t [T] fp32 (0 on masked tokens); see the module docstring for the three formulas."""
+    """c_t [T] fp32 (0 on masked tokens) of terms 1-4; see the module docstring for the three formulas."""
     mask = batch.loss_mask.bool()
     ones = torch.ones_like(batch.logprob, dtype=torch.float32)
     if settings.aggregation == "seq_mean_token_mean":
         per_seq = batch.seq_num_tokens.float().clamp(min=1.0)
         coef = ones / (per_seq * max(norm.num_sequences, 1.0))
     elif settings.aggregation == "token_mean":
-        coef = ones / max(norm.num_tokens, 1.0)
+        return token_mean_coefficients(batch, norm)
     elif settings.aggregation == "token_sum_norm":
         const = settings.aggregation_constant if norm.aggregation_constant is None else norm.aggregation_constant
         coef = ones / (max(norm.num_sequences, 1.0) * const)
@@ -185,7 +200,8 @@ def policy_gradient_term(logprob: torch.Tensor, old_logprob: torch.Tensor, advan
 
 
 def entropy_bonus_term(entropy: torch.Tensor, settings: AlgoSettings) -> torch.Tensor:
-    """Bonus per token: -beta * H_t (maximises entropy; differentiable through H)."""
+    """Bonus per token: -beta * H_t (maximises entropy; differentiable through H). Aggregated as a token-mean
+    (:func:`token_mean_coefficients`), not with the other terms' c_t."""
     return -settings.entropy_bonus * entropy
 
 
@@ -247,8 +263,9 @@ def srft_objective(batch: TokenBatch, settings: AlgoSettings, norm: Normalizers
     l_neg = _masked(pg, neg)
     l_bonus = _masked(entropy_bonus_term(ent, settings), mask) if settings.entropy_bonus else torch.zeros_like(lp)
 
-    terms = {"sft": l_sft, "demo_rl": l_demo, "rl_pos": l_pos, "rl_neg": l_neg, "entropy_bonus": l_bonus}
+    terms = {"sft": l_sft, "demo_rl": l_demo, "rl_pos": l_pos, "rl_neg": l_neg}
     shares = {name: (coef * t).sum() for name, t in terms.items()}
+    shares["entropy_bonus"] = (token_mean_coefficients(batch, norm) * l_bonus).sum()
     loss = sum(shares.values())
 
     frac = mask.sum().float() / max(norm.num_tokens, 1.0)

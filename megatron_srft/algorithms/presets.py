@@ -3,6 +3,12 @@
 ``PRESETS`` is the ONE table of presets (name -> function returning its :class:`AlgoSettings`);
 :func:`resolve` starts from the preset and lets every non-null field of ``AlgorithmConfig`` override it.
 Code elsewhere branches on settings (``settings.clip``, ``settings.demo_ratio``, ...), never on preset names.
+Each preset's docstring names the source it follows (the paper's equation, or the released file and setting);
+tests/algorithms/test_presets.py holds those sources' settings in a table and checks every preset against it.
+
+``RECIPES`` is the table of training recipes: one or more presets run one after the other, each stage starting
+from the previous stage's exported model (``sft_then_rl``: the paper's two-stage SFT->RL baseline). Every
+preset is also a one-stage recipe of the same name.
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ class AlgoSettings:
       term 3 (rollouts, A > 0):   w_RL,t * PG_t,  w_RL,t = rl_pos_coef * (sg(exp(H_t)) | 1)   (``rl_pos_weight``)
       term 4 (rollouts, A <= 0):  PG_t = -min(r_t A, clip(r_t, 1 - clip_eps, 1 + clip_eps) A)  (-r_t A if not clip)
       bonus (all loss tokens):    -entropy_bonus * H_t
-    then aggregated over the mini-batch by ``aggregation`` (see losses.py).
+    terms 1-4 are aggregated over the mini-batch by ``aggregation``; the bonus is always the mini-batch token-mean
+    of -entropy_bonus * H, whatever ``aggregation`` is (as LUFFY's actor and the SRFT code derived from it apply
+    ``entropy_coeff``: ``masked_mean(entropy, response_mask)``; see losses.py).
     """
 
     use_rollouts: bool              # on-policy rollouts are generated and trained on (terms 3, 4)
@@ -59,7 +67,9 @@ class AlgoSettings:
 
 
 def _srft() -> AlgoSettings:
-    """The paper's equations (Eq. 7-12): w_SFT = 0.5 exp(-H), f(p) = p, w_RL = 0.1 exp(H), clip 0.2, GRPO mean."""
+    """The paper's equations (arXiv 2506.19767, Eq. 7-12): w_SFT = 0.5 exp(-H) (Eq. 8), f(p) = p (Eq. 9-10),
+    w_RL = 0.1 exp(H) on positive rollouts (Eq. 12), std-normalised group advantage over rollouts and demo (Eq. 7),
+    clip 0.2, GRPO aggregation (mean over each sequence's tokens, then over sequences), no entropy bonus."""
     return AlgoSettings(
         use_rollouts=True, num_demos=1, demos_in_group=True,
         sft_weight="exp_neg_entropy", sft_coef=0.5, sft_weight_max=None,
@@ -70,15 +80,37 @@ def _srft() -> AlgoSettings:
 
 
 def _srft_code() -> AlgoSettings:
-    """The released code: exp(+H) SFT weight, f = p/(p+0.1), no std, no clip, sum/8192, entropy bonus 0.001."""
+    """The SRFT authors' released code (a fork of LUFFY; as read in the project's method notes, "the four loss
+    terms" and "Aggregation"): w_SFT = 0.5 exp(+H) (sign flipped), f = p / (p + 0.1) (LUFFY's policy shaping),
+    advantage without std, on-policy clip off, token sum / 8192 per sequence (``loss_remove_token_mean``), and
+    ``entropy_coeff`` 0.001 on the token-mean of H (LUFFY's mix_actor.py: ``entropy_loss = masked_mean(entropy,
+    response_mask)``, ``policy_loss = pg_loss - entropy_loss * entropy_coeff``), not on the sum / 8192 weighting.
+
+    The aggregation constant stays 8192 (sum / 8192, mean over sequences): the released code's effective scale
+    also multiplies by its sequences per GPU, which depends on a launch layout no released script of this code
+    fixes; docs/algorithms.md shows how to reproduce it for a given layout (as ``luffy`` does for LUFFY's).
+    """
     return dataclasses.replace(
         _srft(), sft_weight="exp_pos_entropy", std_normalize=False, demo_ratio="p_over_p_plus_gamma", clip=False,
         aggregation="token_sum_norm", entropy_bonus=0.001,
     )
 
 
+def _srft_w_sft_1() -> AlgoSettings:
+    """The paper's ablation "w_SFT fixed to 1" (its ablation table: 55.1 average against SRFT's 59.1): ``srft``
+    with w_SFT = 1 on demo tokens."""
+    return dataclasses.replace(_srft(), sft_weight="one", sft_coef=1.0)
+
+
+def _srft_w_rl_1() -> AlgoSettings:
+    """The paper's ablation "w_RL fixed to 1" (its ablation table: 56.2 average against SRFT's 59.1): ``srft``
+    with w_RL = 1 on positive rollouts."""
+    return dataclasses.replace(_srft(), rl_pos_weight="one", rl_pos_coef=1.0)
+
+
 def _sft() -> AlgoSettings:
-    """Plain NLL on demonstrations (term 1 with w = 1); no rollouts."""
+    """Plain NLL on demonstrations (term 1 with w = 1, mean over each demo's tokens, then over demos); no
+    rollouts. The paper's SFT baseline."""
     return dataclasses.replace(
         _srft(), use_rollouts=False, demos_in_group=False, sft_weight="one", sft_coef=1.0, demo_ratio="off",
         rl_pos_weight="one", rl_pos_coef=1.0,
@@ -86,7 +118,8 @@ def _sft() -> AlgoSettings:
 
 
 def _grpo() -> AlgoSettings:
-    """Terms 3 + 4 with w_RL = 1; no demonstrations."""
+    """GRPO as the paper writes it (its RL baseline; Eq. 7 advantage, clipped surrogate, no KL): terms 3 + 4 with
+    w_RL = 1, std-normalised advantage, clip 0.2, mean over tokens then sequences; no demonstrations."""
     return dataclasses.replace(
         _srft(), num_demos=0, demos_in_group=False, sft_weight="zero", demo_ratio="off",
         rl_pos_weight="one", rl_pos_coef=1.0,
@@ -94,13 +127,24 @@ def _grpo() -> AlgoSettings:
 
 
 def _luffy() -> AlgoSettings:
-    """Demos in the group, term 2 with f = p/(p+0.1), terms 3 + 4 with weight 1, no SFT term.
+    """LUFFY as its released run trains (ElliottYan/LUFFY, exp_scripts/train.sh, with the defaults of
+    luffy/verl/verl/mix_src/config/mix_ppo_trainer.yaml for the keys it does not set):
 
-    Advantage and aggregation follow the LUFFY-derived released code (no std, sum / 8192), like ``srft_code``.
+    - ``rollout.n=8``, ``n_prefix=1``, prefix ratio 1.0: 7 rollouts + 1 full demonstration per group;
+      ``adv_estimator=grpo`` puts the demo in the group, ``grpo_use_std=False``: A = r - mean(r);
+    - ``use_off_policy_loss=True``, ``off_policy_reshape=p_div_p_0.1``: demo tokens -A * p / (p + 0.1), no SFT term;
+    - ``loss_remove_clip=True``: on-policy ratio not clipped;
+    - ``entropy_coeff=0.001`` on the token-mean entropy of all response tokens;
+    - ``loss_remove_token_mean=True``: per micro-batch the token sum / 8192 (``max_response_length``), micro-batch
+      losses summed (``ppo_micro_batch_size`` = ``ppo_mini_batch_size``: no accumulation division), then averaged
+      over the 8 GPUs by FSDP. That is (sequences per GPU) x (token sum / 8192, mean over sequences). In the
+      script's layout a mini-batch is 64 prompts x 8 = 512 sequences on 8 GPUs, 64 per GPU, so the loss equals
+      our ``token_sum_norm`` with C = 8192 / 64 = 128 (token sum / 128, mean over sequences). That constant is
+      the script's effective scale, and ours stays at it on any GPU count (docs/algorithms.md).
     """
     return dataclasses.replace(
         _grpo(), num_demos=1, demos_in_group=True, demo_ratio="p_over_p_plus_gamma", std_normalize=False,
-        aggregation="token_sum_norm",
+        clip=False, aggregation="token_sum_norm", aggregation_constant=128.0, entropy_bonus=0.001,
     )
 
 
@@ -117,7 +161,20 @@ PRESETS: dict[str, Callable[[], AlgoSettings]] = {
     "grpo": _grpo,
     "luffy": _luffy,
     "sft_plus_rl": _sft_plus_rl,
+    "srft_w_sft_1": _srft_w_sft_1,
+    "srft_w_rl_1": _srft_w_rl_1,
 }
+
+#: Multi-stage recipes: name -> presets run in order, each stage starting from the previous stage's exported
+#: model (fresh optimizer, the same step budget per stage). ``sft_then_rl`` is the paper's two-stage SFT->RL
+#: baseline (Table 2): SFT on the demonstrations, then GRPO from the SFT model.
+MULTI_STAGE: dict[str, tuple[str, ...]] = {
+    "sft_then_rl": ("sft", "grpo"),
+}
+
+#: Every recipe by name: each preset as one stage, plus the multi-stage ones.
+RECIPES: dict[str, tuple[str, ...]] = {**{name: (name,) for name in PRESETS}, **MULTI_STAGE}
+
 
 #: AlgorithmConfig field -> AlgoSettings field, for the fields whose names differ.
 _RENAMED = {"num_demos_per_prompt": "num_demos"}

@@ -7,14 +7,14 @@
    evaluates the held-out split greedily before, during and after;
 4. prints accuracy before and after and where the metrics and plots are.
 
-``--reproduce`` (``make reproduce-toy``) trains sft, grpo, luffy, sft_plus_rl and srft from the same warm start with
-equal budgets and writes docs/toy_results.md.
+``--reproduce`` (``make reproduce-toy``) runs the multi-seed study of the paper's three claims (cli/study.py): sft,
+grpo, luffy, two-stage sft_then_rl and srft from one warm start with equal steps, exact and imperfect
+demonstrations, in- and out-of-distribution tests, and writes docs/toy_results.md with its plots.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -110,59 +110,37 @@ def run_demo(root: Path) -> int:
     return 0 if after > before else 1
 
 
-def run_reproduce(root: Path, doc: Path) -> int:
-    """Equal budgets from the same warm start for each preset; writes a markdown table with curves."""
-    from ..distributed import groups as parallel
-    from ..config import ParallelConfig
-    from .plot import plot_run
-    from ..training.loop import train
-    from ..training.metrics import read_metrics
+def run_reproduce(root: Path, doc: Path, spec=None) -> int:
+    """The multi-seed study of the paper's claims (cli/study.py); writes ``doc`` and its plots."""
+    from .study import StudySpec, run_study
 
-    groups = parallel.init_distributed(ParallelConfig(), seed=1234)
-    toy, start = prepare(root, groups)
-    rows = []
-    for preset in ["sft", "grpo", "luffy", "sft_plus_rl", "srft"]:
-        run = root / f"compare_{preset}"
-        t = time.time()
-        train(rl_config(toy, start, run, preset), groups=groups)
-        curve = _eval_curve(run)
-        last = read_metrics(run)[-1]
-        plot_run(run)
-        rows.append((preset, curve[0][1], curve[-1][1], max(a for _, a in curve), last.get("entropy/rollout"),
-                     time.time() - t, curve))
-    lines = ["# Toy results: SFT, GRPO, LUFFY, SFT+RL and SRFT from one warm start", "",
-             f"Measured by `make reproduce-toy` on {time.strftime('%Y-%m-%d')} on a 2-core CPU machine "
-             f"(tiny Qwen2, character tokenizer, arithmetic chains; {RL['steps']} steps of {RL['prompts_per_step']} "
-             f"prompts each, {RL['rollouts']} rollouts + 1 demo per prompt, lr {RL['lr']}, greedy held-out accuracy "
-             f"on {RL['num_eval']} problems). One seed: differences of a few points are noise.", "",
-             "| preset | start acc | final acc | best acc | final rollout entropy | wall time (s) |",
-             "|---|---|---|---|---|---|"]
-    for p, a0, a1, best, ent, secs, _ in rows:
-        ent_s = f"{ent:.3f}" if isinstance(ent, (int, float)) else "-"
-        lines.append(f"| {p} | {a0:.1%} | {a1:.1%} | {best:.1%} | {ent_s} | {secs:.0f} |")
-    lines += ["", "Reading it: every run has the same number of steps, prompts and learning rate; `sft` trains on the "
-              "demonstrations only (no rollouts, so it is also the cheapest per step) and the RL presets add "
-              "rollouts to the same demonstrations (luffy, srft, sft_plus_rl) or use rollouts alone (grpo). On this "
-              "toy task the demonstrations are exact and cheap to imitate, so this is not the paper's setting "
-              "(a strong base model and long, noisy reasoning traces); the table shows that every preset runs "
-              "through the same machinery and how they compare here, nothing more.",
-              "", "Held-out accuracy by step:", ""]
-    for p, *_, curve in rows:
-        lines.append(f"- {p}: " + ", ".join(f"{s}: {a:.0%}" for s, a in curve))
-    doc.write_text("\n".join(lines) + "\n")
-    print(f"[reproduce] wrote {doc}")
-    print(json.dumps([{"preset": r[0], "start": r[1], "final": r[2]} for r in rows]))
+    run_study(root / "study", doc, spec or StudySpec())
     return 0
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m megatron_srft.cli.demo", description=__doc__.splitlines()[0])
     p.add_argument("--root", default="runs/demo", help="where the toy, the runs and the plots go")
-    p.add_argument("--reproduce", action="store_true", help="compare sft, grpo, luffy, sft_plus_rl and srft")
+    p.add_argument("--reproduce", action="store_true",
+                   help="the multi-seed study of the paper's three claims (docs/toy_results.md)")
     p.add_argument("--doc", default="docs/toy_results.md", help="results file for --reproduce")
+    p.add_argument("--recipes", nargs="+", default=None, help="--reproduce: recipes to compare (algorithms.RECIPES)")
+    p.add_argument("--conditions", nargs="+", default=None, help="--reproduce: demonstration conditions (exact, noisy)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="--reproduce: seeds per cell")
+    p.add_argument("--steps", type=int, default=None, help="--reproduce: optimizer steps per training stage")
+    p.add_argument("--jobs", type=int, default=None, help="--reproduce: worker processes")
     args = p.parse_args(argv)
     root = Path(args.root)
-    return run_reproduce(root, Path(args.doc)) if args.reproduce else run_demo(root)
+    if not args.reproduce:
+        return run_demo(root)
+    import dataclasses
+
+    from .study import StudySpec
+
+    given = {"recipes": args.recipes and tuple(args.recipes), "conditions": args.conditions and tuple(args.conditions),
+             "seeds": args.seeds and tuple(args.seeds), "steps": args.steps, "jobs": args.jobs}
+    spec = dataclasses.replace(StudySpec(), **{k: v for k, v in given.items() if v is not None})
+    return run_reproduce(root, Path(args.doc), spec)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-value", type=int, default=d.max_value,
                         help="Every intermediate result v satisfies 0 <= v < max_value.")
     parser.add_argument("--num-layers", type=int, default=d.num_layers, help="Transformer layers of the toy model.")
+    parser.add_argument("--num-ood-test", type=int, default=d.num_ood_test,
+                        help="Also write test_ood.jsonl with this many out-of-distribution problems (0 = none).")
+    parser.add_argument("--ood-min-ops", type=int, default=None,
+                        help="Operations of the OOD problems, at least (default max_ops + 1).")
+    parser.add_argument("--ood-max-ops", type=int, default=None,
+                        help="Operations of the OOD problems, at most (default ood_min_ops + 1).")
+    parser.add_argument("--demo-error-rate", type=float, default=d.demo_error_rate,
+                        help="Fraction of training demonstrations with one arithmetic slip (wrong final answer).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing non-empty --out.")
 
 
@@ -35,10 +43,14 @@ def main(args) -> int:
     if args.num_train < 1 or args.num_test < 1:
         raise UserError("--num-train/--num-test: expected >= 1")
     settings = ToySettings(seed=args.seed, num_train=args.num_train, num_test=args.num_test, max_ops=args.max_ops,
-                           max_value=args.max_value, max_operand=args.max_operand, num_layers=args.num_layers)
+                           max_value=args.max_value, max_operand=args.max_operand, num_layers=args.num_layers,
+                           num_ood_test=args.num_ood_test, ood_min_ops=args.ood_min_ops,
+                           ood_max_ops=args.ood_max_ops, demo_error_rate=args.demo_error_rate)
     try:
+        settings.check()
         out = make_toy(args.out, settings, overwrite=args.overwrite)
     except ValueError as e:
         raise UserError(str(e)) from None
-    print(f"wrote {out}: model/, train.jsonl ({settings.num_train}), test.jsonl ({settings.num_test})")
+    ood = f", test_ood.jsonl ({settings.num_ood_test})" if settings.num_ood_test else ""
+    print(f"wrote {out}: model/, train.jsonl ({settings.num_train}), test.jsonl ({settings.num_test}){ood}")
     return 0

@@ -12,10 +12,19 @@ near 90-98% by 600 steps.
 
 ``srft make-toy --out DIR`` writes::
 
-    DIR/model/        tiny Qwen2 (hidden 128, 4 heads of 32, 2 KV heads, 2 layers), random init, char tokenizer
-    DIR/train.jsonl   prompts with demonstrations (our JSONL layout)
-    DIR/test.jsonl    held-out prompts (no prompt string occurs in both files)
-    DIR/toy.json      the settings used
+    DIR/model/         tiny Qwen2 (hidden 128, 4 heads of 32, 2 KV heads, 2 layers), random init, char tokenizer
+    DIR/train.jsonl    prompts with demonstrations (our JSONL layout)
+    DIR/test.jsonl     held-out prompts (no prompt string occurs in both files)
+    DIR/test_ood.jsonl only with ``num_ood_test`` > 0: out-of-distribution prompts, chains of ``ood_min_ops`` ..
+                       ``ood_max_ops`` operations (default max_ops + 1 .. max_ops + 2: longer than any training
+                       problem), same operand and value ranges
+    DIR/toy.json       the settings used
+
+Imperfect demonstrations (``demo_error_rate`` > 0, default 0): that fraction of the training demonstrations,
+chosen at random, carries one arithmetic slip the way a distilled trace does: one step's result is off by 1..3,
+the chain continues correctly from the wrong value, and the boxed answer is wrong (the reference ``answer`` stays
+right, so the verifier scores such a demonstration 0). Every row then has ``demo_correct``. The defaults write
+exactly the files they wrote before these options existed (the same problems for the same seed).
 
 Use it with ``data.template=chat`` (the char tokenizer's template renders ``Q:<prompt>\\nA:``) and the
 ``exact`` (or ``math``) reward, without think tags.
@@ -30,6 +39,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 DATA_SOURCE = "toy_arith"
 
@@ -42,6 +52,10 @@ class ToySettings:
     max_ops: int = 4
     max_operand: int = 19
     max_value: int = 100
+    num_ood_test: int = 0              # out-of-distribution test problems (test_ood.jsonl); 0 = none
+    ood_min_ops: Optional[int] = None  # None = max_ops + 1
+    ood_max_ops: Optional[int] = None  # None = max_ops + 2
+    demo_error_rate: float = 0.0       # fraction of training demonstrations with one arithmetic slip
     # model (head_dim = hidden / heads = 32: vLLM's CPU attention rejects 16)
     vocab_size: int = 128
     hidden_size: int = 128
@@ -51,11 +65,29 @@ class ToySettings:
     intermediate_size: int = 256
     max_position_embeddings: int = 256
 
+    @property
+    def ood_ops(self) -> tuple[int, int]:
+        """(min, max) operations of the out-of-distribution problems."""
+        lo = self.max_ops + 1 if self.ood_min_ops is None else self.ood_min_ops
+        hi = lo + 1 if self.ood_max_ops is None else self.ood_max_ops
+        return lo, hi
 
-def make_problem(rng: random.Random, max_ops: int, max_value: int, max_operand: int = 9) -> dict:
-    """One chain of 2..max_ops operations (+/- an operand 1..max_operand); every intermediate value v has
+    def check(self) -> None:
+        """ValueError naming the field for settings that cannot make the promised task."""
+        if not 0.0 <= self.demo_error_rate <= 1.0:
+            raise ValueError(f"demo_error_rate: expected 0 <= rate <= 1, got {self.demo_error_rate}")
+        if self.num_ood_test < 0:
+            raise ValueError(f"num_ood_test: expected >= 0, got {self.num_ood_test}")
+        lo, hi = self.ood_ops
+        if self.num_ood_test and not self.max_ops < lo <= hi:
+            raise ValueError(f"ood_min_ops/ood_max_ops: expected max_ops ({self.max_ops}) < min <= max, got "
+                             f"{lo}..{hi} (out-of-distribution problems are longer than every training problem)")
+
+
+def make_problem(rng: random.Random, max_ops: int, max_value: int, max_operand: int = 9, min_ops: int = 2) -> dict:
+    """One chain of min_ops..max_ops operations (+/- an operand 1..max_operand); every intermediate value v has
     0 <= v < max_value."""
-    num_ops = rng.randint(2, max_ops)
+    num_ops = rng.randint(min_ops, max_ops)
     value = rng.randint(1, min(max_operand, max_value - 1))
     prompt = str(value)
     steps = []
@@ -90,6 +122,70 @@ def make_problems(settings: ToySettings) -> tuple[list[dict], list[dict]]:
     return rows[: settings.num_train], rows[settings.num_train:]
 
 
+def make_ood_problems(settings: ToySettings) -> list[dict]:
+    """``settings.num_ood_test`` distinct problems of ``settings.ood_ops`` operations; deterministic in the seed
+    and independent of the train/test draw (its own random stream), so adding them changes no other file."""
+    lo, hi = settings.ood_ops
+    rng = random.Random(f"ood-{settings.seed}")
+    seen: set[str] = set()
+    rows: list[dict] = []
+    for _ in range(settings.num_ood_test * 50):
+        row = make_problem(rng, hi, settings.max_value, settings.max_operand, min_ops=lo)
+        if row["prompt"] not in seen:
+            seen.add(row["prompt"])
+            rows.append({**row, "data_source": f"{DATA_SOURCE}_ood"})
+            if len(rows) == settings.num_ood_test:
+                return rows
+    raise ValueError(f"only {len(rows)} distinct problems of {lo}..{hi} operations; ask for fewer")
+
+
+def _chain(prompt: str) -> tuple[int, list[tuple[str, int]]]:
+    """``3+5-2`` -> (3, [("+", 5), ("-", 2)]) (the toy's own prompts: digits and + / - only)."""
+    ops, num, start = [], "", None
+    for ch in prompt + "+":
+        if ch.isdigit():
+            num += ch
+            continue
+        if start is None:
+            start = int(num)
+        else:
+            ops.append((pending, int(num)))
+        pending, num = ch, ""
+    return start, ops
+
+
+def slipped_demonstration(prompt: str, rng: random.Random, max_slip: int = 3) -> tuple[str, str]:
+    """A worked chain for ``prompt`` with one arithmetic slip: the result of one step (chosen at random) is off by
+    1..max_slip (never below 0), later steps are computed correctly from the wrong value. Returns (demonstration,
+    its wrong final answer); the error carries through every later +/- step, so the final answer is always wrong."""
+    value, ops = _chain(prompt)
+    slip_at = rng.randrange(len(ops))
+    steps = []
+    for i, (op, d) in enumerate(ops):
+        new = value + d if op == "+" else value - d
+        if i == slip_at:
+            deltas = [x for x in range(-max_slip, max_slip + 1) if x and new + x >= 0]
+            new += rng.choice(deltas)
+        steps.append(f"{value}{op}{d}={new}")
+        value = new
+    return ",".join(steps) + f". \\boxed{{{value}}}", str(value)
+
+
+def corrupt_demonstrations(rows: list[dict], rate: float, seed: int) -> list[dict]:
+    """Copies of ``rows`` where exactly round(rate * len(rows)) demonstrations, chosen at random, carry one slip
+    (:func:`slipped_demonstration`); every returned row has ``demo_correct``. ``answer`` stays the true one."""
+    rng = random.Random(f"slips-{seed}")
+    wrong = set(rng.sample(range(len(rows)), round(rate * len(rows))))
+    out = []
+    for i, row in enumerate(rows):
+        row = dict(row)
+        if i in wrong:
+            row["demonstration"], _ = slipped_demonstration(row["prompt"], rng)
+        row["demo_correct"] = i not in wrong
+        out.append(row)
+    return out
+
+
 def write_toy_model(out_dir: str | Path, settings: ToySettings):
     """A randomly initialised tiny Qwen2 HF directory with the char tokenizer; returns (model, tokenizer)."""
     import torch
@@ -118,6 +214,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def make_toy(out_dir: str | Path, settings: ToySettings = ToySettings(), overwrite: bool = False) -> Path:
     """Write the toy task to ``out_dir`` (built in a temporary sibling, renamed when complete)."""
+    settings.check()
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
@@ -125,9 +222,13 @@ def make_toy(out_dir: str | Path, settings: ToySettings = ToySettings(), overwri
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         train, test = make_problems(settings)
+        if settings.demo_error_rate > 0:
+            train = corrupt_demonstrations(train, settings.demo_error_rate, settings.seed)
         write_toy_model(tmp / "model", settings)
         _write_jsonl(tmp / "train.jsonl", train)
         _write_jsonl(tmp / "test.jsonl", test)
+        if settings.num_ood_test:
+            _write_jsonl(tmp / "test_ood.jsonl", make_ood_problems(settings))
         (tmp / "toy.json").write_text(json.dumps(asdict(settings), indent=2) + "\n")
         tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
         if out.exists():

@@ -83,7 +83,7 @@ def reference_loss(batch: TokenBatch, s, mean_entropy=None):
         if bool(batch.loss_mask[t]):
             seqs.setdefault(int(batch.seq_index[t]), []).append(t)
     num_tokens = sum(len(v) for v in seqs.values())
-    total = 0.0
+    total, bonus = 0.0, 0.0
     for toks in seqs.values():
         seq_loss = 0.0
         for t in toks:
@@ -116,7 +116,7 @@ def reference_loss(batch: TokenBatch, s, mean_entropy=None):
                     w_rl = s.rl_pos_coef * (math.exp(h) if s.rl_pos_weight == "exp_pos_entropy" else 1.0)
                     pg = w_rl * pg
                 loss_t = loss_t + pg
-            loss_t = loss_t - s.entropy_bonus * H
+            bonus = bonus - s.entropy_bonus * H  # the bonus is a token-mean over the mini-batch, any aggregation
             seq_loss = seq_loss + loss_t
         if s.aggregation == "seq_mean_token_mean":
             total = total + seq_loss / len(toks)
@@ -125,8 +125,8 @@ def reference_loss(batch: TokenBatch, s, mean_entropy=None):
         else:
             total = total + seq_loss / s.aggregation_constant
     if s.aggregation == "token_mean":
-        return total / num_tokens
-    return total / len(seqs)
+        return total / num_tokens + bonus / num_tokens
+    return total / len(seqs) + bonus / num_tokens
 
 
 def grads(loss, batch):
@@ -241,13 +241,46 @@ def test_hand_computed_demo_token_weights_and_signs():
     assert float(b.logprob.grad) == pytest.approx(-0.75, abs=1e-6)
     assert b.entropy.grad is None or float(b.entropy.grad) == 0.0
     assert finalize(accumulate({}, m))["w_sft_mean"] == pytest.approx(0.25)
-    # code: w_SFT = 0.5 * exp(+ln 2) = 1; f = p/(p+0.1) = 0.5/0.6; entropy bonus -0.001 * ln 2; sum / 8192
+    # code: w_SFT = 0.5 * exp(+ln 2) = 1; f = p/(p+0.1) = 0.5/0.6; sum / 8192; entropy bonus -0.001 * ln 2 as a
+    # token-mean (one token), not divided by 8192
     s = PRESETS["srft_code"]()
     b = _one_token(math.log(0.5), math.log(2.0), 1.0, True)
     loss, m = srft_objective(b, s, Normalizers(1, 1, 8192.0))
-    expect = (1.0 * math.log(2) - 0.5 / 0.6 - 0.001 * math.log(2)) / 8192
+    expect = (1.0 * math.log(2) - 0.5 / 0.6) / 8192 - 0.001 * math.log(2)
     assert float(loss) == pytest.approx(expect, rel=1e-5)
     assert finalize(accumulate({}, m))["w_sft_max"] == pytest.approx(1.0)
+    assert finalize(accumulate({}, m))["loss_entropy_bonus"] == pytest.approx(-0.001 * math.log(2), rel=1e-5)
+
+
+def test_hand_computed_luffy_group():
+    # LUFFY's run: one demo token (p = 0.5, A = 0.5) and one rollout token (ratio 2, A = -0.5: no clip), H = 1 on
+    # both, two sequences. Terms: demo -A p/(p+0.1) = -0.5 * 0.5/0.6; rollout -ratio A = 1.0. Token sum / 128,
+    # mean over the 2 sequences; bonus -0.001 * mean H = -0.001.
+    s = PRESETS["luffy"]()
+    b = TokenBatch(
+        logprob=torch.tensor([math.log(0.5), math.log(0.5)], requires_grad=True),
+        entropy=torch.tensor([1.0, 1.0], requires_grad=True),
+        old_logprob=torch.tensor([0.0, math.log(0.25)]), advantage=torch.tensor([0.5, -0.5]),
+        is_demo=torch.tensor([True, False]), loss_mask=torch.tensor([True, True]), seq_index=torch.tensor([0, 1]),
+        seq_num_tokens=torch.tensor([1, 1]))
+    loss, m = srft_objective(b, s, Normalizers.for_settings(s, num_tokens=2, num_sequences=2))
+    expect = (-0.5 * 0.5 / 0.6 + 1.0) / (2 * 128) - 0.001
+    assert float(loss) == pytest.approx(expect, rel=1e-6)
+    assert finalize(accumulate({}, m))["clip_frac"] == 0.0
+
+
+@pytest.mark.parametrize("aggregation", SEQ_AGGS)
+def test_entropy_bonus_is_a_token_mean_under_every_aggregation(aggregation):
+    base = dataclasses.replace(PRESETS["srft_code"](), aggregation=aggregation, entropy_bonus=0.0)
+    batch = make_batch(21)
+    norm = normalizers(batch, base)
+    without, _ = srft_objective(batch, base, norm)
+    with_bonus, m = srft_objective(batch, dataclasses.replace(base, entropy_bonus=0.01), norm)
+    mean_h = batch.entropy.detach()[batch.loss_mask].mean()
+    torch.testing.assert_close(with_bonus - without, -0.01 * mean_h, atol=1e-7, rtol=1e-5)
+    _, g_ent = grads(with_bonus, batch)
+    expect = torch.where(batch.loss_mask, torch.tensor(-0.01 / int(batch.loss_mask.sum())), torch.tensor(0.0))
+    torch.testing.assert_close(g_ent, expect, atol=1e-9, rtol=1e-5)
 
 
 def test_hand_computed_rollout_tokens():

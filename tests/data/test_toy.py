@@ -1,5 +1,6 @@
 import json
 import random
+import re
 
 import pytest
 
@@ -48,3 +49,58 @@ def test_make_toy_cli(tmp_path, capsys):
     assert cli_main(["make-toy", "--out", str(out)]) == 2  # exists: refused
     assert "exists and is not empty" in capsys.readouterr().err
     assert cli_main(["make-toy", "--out", str(out), "--max-ops", "1"]) == 2
+
+
+def _num_ops(prompt: str) -> int:
+    return sum(ch in "+-" for ch in prompt)
+
+
+def test_ood_problems_are_longer_chains_and_leave_train_test_unchanged():
+    from megatron_srft.data.toy import make_ood_problems
+
+    base = ToySettings(num_train=300, num_test=50)
+    s = ToySettings(num_train=300, num_test=50, num_ood_test=40)
+    assert make_problems(s) == make_problems(base)  # the OOD draw has its own random stream
+    ood = make_ood_problems(s)
+    assert len(ood) == 40 and len({r["prompt"] for r in ood}) == 40
+    assert {_num_ops(r["prompt"]) for r in ood} <= {5, 6} and s.ood_ops == (5, 6)
+    for r in ood:
+        assert eval(r["prompt"]) == int(r["answer"])  # our own generated arithmetic
+        assert exact_score(r["demonstration"], r["answer"]) == 1.0
+    assert max(_num_ops(r["prompt"]) for r in make_problems(s)[0]) <= s.max_ops
+    with pytest.raises(ValueError, match="ood_min_ops"):
+        ToySettings(num_ood_test=5, ood_min_ops=3).check()
+
+
+def test_slipped_demonstrations_are_wrong_by_one_step():
+    from megatron_srft.data.toy import corrupt_demonstrations
+
+    train, _ = make_problems(ToySettings(num_train=200, num_test=10))
+    noisy = corrupt_demonstrations(train, 0.3, seed=0)
+    assert corrupt_demonstrations(train, 0.3, seed=0) == noisy  # deterministic
+    wrong = [r for r in noisy if not r["demo_correct"]]
+    assert len(wrong) == 60
+    for clean, r in zip(train, noisy):
+        assert (r["prompt"], r["answer"]) == (clean["prompt"], clean["answer"])
+        if r["demo_correct"]:
+            assert r["demonstration"] == clean["demonstration"]
+            continue
+        assert exact_score(r["demonstration"], r["answer"]) == 0.0  # the verifier sees the slip
+        steps = [re.fullmatch(r"(-?\d+)([+-])(\d+)=(-?\d+)", x).groups()
+                 for x in r["demonstration"].split(". ")[0].split(",")]
+        # the prompt's operations, each step starting from the previous step's (possibly wrong) value
+        assert "".join(op + d for _, op, d, _ in steps) == r["prompt"][len(steps[0][0]):]
+        assert all(steps[i][0] == steps[i - 1][3] for i in range(1, len(steps)))
+        slips = [a for a, op, d, v in steps if int(a) + (int(d) if op == "+" else -int(d)) != int(v)]
+        assert len(slips) == 1  # exactly one step is computed wrong
+
+
+def test_make_toy_cli_ood_and_noisy(tmp_path):
+    out = tmp_path / "toy"
+    assert cli_main(["make-toy", "--out", str(out), "--num-train", "50", "--num-test", "10", "--num-ood-test", "7",
+                     "--demo-error-rate", "0.2"]) == 0
+    rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert sum(not r["demo_correct"] for r in rows) == 10
+    assert len(load_problems(out / "test_ood.jsonl")) == 7
+    assert json.loads((out / "toy.json").read_text())["demo_error_rate"] == 0.2
+    assert cli_main(["make-toy", "--out", str(tmp_path / "x"), "--demo-error-rate", "1.5"]) == 2

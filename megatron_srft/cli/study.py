@@ -1,0 +1,687 @@
+"""The toy study behind ``make reproduce-toy``: can the paper's three claims be seen on the CPU toy task?
+
+Claims (arXiv 2506.19767): (1) SRFT beats SFT, GRPO, LUFFY and two-stage SFT->RL in-domain; (2) SRFT
+generalises best out of distribution; (3) SRFT's rollout entropy stays flat while GRPO's collapses.
+
+Design (every number below is a :class:`StudySpec` field, written into the report):
+
+- Task: the toy arithmetic chains (data/toy.py). One toy, split once: the first half of its training problems
+  warms a random tiny model up with plain SFT (the "base model" every run starts from); the second half is the
+  study's training set, with its demonstrations exact (condition ``exact``) or with a stated fraction carrying one
+  arithmetic slip and a wrong final answer (condition ``noisy``: imperfect the way distilled traces are).
+- Test splits: in-distribution = held-out chains of the training length (2..max_ops operations);
+  out-of-distribution = chains of max_ops + 1 .. max_ops + 2 operations, longer than any training problem, same
+  operand and value ranges. Greedy accuracy (exact reward) on both, after training, on the exported model.
+- Budget: equal steps. Every stage trains the same number of optimizer steps on the same prompts in the same order
+  (one mini-batch per step, the same learning rate); recipes differ only in their objective. ``sft_then_rl``'s
+  SFT stage is the ``sft`` run itself, and its GRPO stage gets the same steps again, as in the paper's two-stage
+  baseline. Wall time and generated tokens are reported, so the cost of each recipe is visible.
+- Seeds: each (recipe, condition) cell runs with several seeds (prompt order and rollout sampling); results are
+  mean +/- sample std over seeds. Recipes that use no demonstrations (``grpo``) do not depend on the condition and
+  are run once per seed.
+
+Jobs run in ``spec.jobs`` worker processes (each a world of one process with its own engines), a stage as soon as
+the stage it starts from is done. A job whose ``result.json`` records the same signature (a hash of its data, its
+settings and the signature of the stage it starts from) is not run again, so an interrupted study resumes where it
+stopped and a changed setting re-runs exactly the stages that depend on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..data.toy import ToySettings
+
+#: the paper's claims, as the report states them
+CLAIMS = {
+    1: "SRFT beats SFT, GRPO, LUFFY and two-stage SFT->RL in-domain.",
+    2: "SRFT generalises best out of distribution.",
+    3: "SRFT's rollout entropy stays flat while GRPO's collapses.",
+}
+CONDITIONS = ("exact", "noisy")
+#: a difference counts when |mean_a - mean_b| > RULE_SE x sqrt(std_a^2 / n_a + std_b^2 / n_b)
+RULE_SE = 2.0
+#: entropy ratio end / start: "flat" inside [FLAT_LO, FLAT_HI], "collapsed" below COLLAPSED
+FLAT_LO, FLAT_HI, COLLAPSED = 0.8, 1.25, 0.5
+#: out-of-distribution accuracy below this for every recipe: the split is at its floor and says nothing
+FLOOR = 0.10
+#: "start" and "end" of a curve: the mean over its first / last EDGE_STEPS logged steps
+EDGE_STEPS = 5
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    recipes: tuple[str, ...] = ("sft", "grpo", "luffy", "sft_then_rl", "srft")
+    conditions: tuple[str, ...] = CONDITIONS
+    seeds: tuple[int, ...] = (1, 2, 3)
+    demo_error_rate: float = 0.3        # noisy condition: fraction of demonstrations with one slip
+    steps: int = 40                     # optimizer steps per stage (one mini-batch per step)
+    prompts_per_step: int = 16
+    rollouts: int = 7                   # on-policy samples per prompt (+ 1 demonstration where a preset uses it)
+    lr: float = 1e-4
+    eval_every: int = 10
+    warmup_steps: int = 600
+    warmup_lr: float = 1e-3
+    warmup_prompts_per_step: int = 32
+    max_prompt_length: int = 32
+    max_response_length: int = 96      # rollouts and evaluation (OOD chains need ~65 tokens)
+    jobs: int = 2                       # worker processes
+    toy: ToySettings = field(default_factory=lambda: ToySettings(num_train=4000, num_test=200, num_ood_test=200))
+
+    def check(self) -> None:
+        from ..algorithms.presets import RECIPES
+        from ..errors import UserError
+
+        bad = [r for r in self.recipes if r not in RECIPES]
+        if bad:
+            raise UserError(f"--recipes: unknown {', '.join(bad)}; expected some of {', '.join(RECIPES)}")
+        bad = [c for c in self.conditions if c not in CONDITIONS]
+        if bad:
+            raise UserError(f"--conditions: unknown {', '.join(bad)}; expected some of {', '.join(CONDITIONS)}")
+        if not self.seeds or self.steps < 1 or self.jobs < 1:
+            raise UserError("study: expected at least one seed, steps >= 1 and jobs >= 1")
+        if self.toy.num_ood_test < 1:
+            raise UserError("study: the toy needs an out-of-distribution split (num_ood_test >= 1)")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training stage: train ``stages[-1]`` from ``start`` and evaluate the result."""
+
+    key: str                      # run directory under ROOT/runs
+    stages: tuple[str, ...]       # the preset chain up to and including this stage
+    condition: str                # exact | noisy | any (the chain uses no demonstrations)
+    seed: int
+    start: str                    # HF directory the stage starts from
+    deps: tuple[str, ...]         # jobs that must be done first (the stage that exports ``start``)
+    overrides: tuple[str, ...]    # the run's config (load_config overrides)
+    signature: str = ""           # hash of everything the result depends on: data, overrides, the parent's signature
+
+
+# --------------------------------------------------------------------------------------------- data and jobs
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def prepare_data(root: Path, spec: StudySpec) -> dict[str, Path]:
+    """The toy (reused when its settings match) and the study's files: warm-up / train (exact, noisy) / test
+    splits. Returns name -> path."""
+    from ..data.toy import corrupt_demonstrations, make_toy
+
+    toy = root / "toy"
+    want = dataclasses.asdict(spec.toy)
+    if not (toy / "toy.json").is_file() or json.loads((toy / "toy.json").read_text()) != want:
+        make_toy(toy, spec.toy, overwrite=True)
+    train = _read_jsonl(toy / "train.jsonl")
+    half = len(train) // 2
+    data = root / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    files = {"model": toy / "model", "warmup": data / "warmup.jsonl", "exact": data / "train_exact.jsonl",
+             "noisy": data / "train_noisy.jsonl", "id": toy / "test.jsonl", "ood": toy / "test_ood.jsonl"}
+    _write_jsonl(files["warmup"], train[:half])
+    _write_jsonl(files["exact"], train[half:])
+    _write_jsonl(files["noisy"], corrupt_demonstrations(train[half:], spec.demo_error_rate, spec.toy.seed))
+    return files
+
+
+def _common(spec: StudySpec, run_dir: Path, model: Path | str, train_file: Path) -> list[str]:
+    return [
+        f"run_dir={run_dir}", f"model.path={model}", "model.params_dtype=fp32",
+        f"data.train_files=[{train_file}]", "data.template=chat",
+        f"data.max_prompt_length={spec.max_prompt_length}", f"data.max_response_length={spec.max_response_length}",
+        "train.reward=exact", "train.reward_workers=1", "train.micro_batch_tokens=1024",
+        "rollout.dtype=fp32", "rollout.cpu_kvcache_space_gib=1",
+        "optimizer.clip_grad=1.0", "optimizer.weight_decay=0.0",
+        "checkpoint.resume=never", "checkpoint.save_every=0", "checkpoint.keep_last=1", "checkpoint.export_hf=true",
+        "logging.progress_bar=false", "logging.log_every=1000000",
+    ]
+
+
+def _signature(*parts) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _data_signature(spec: StudySpec) -> str:
+    """The study's data files are a pure function of these (prepare_data)."""
+    return _signature(dataclasses.asdict(spec.toy), spec.demo_error_rate)
+
+
+def warmup_job(spec: StudySpec, root: Path, files: dict[str, Path]) -> Job:
+    p = spec.warmup_prompts_per_step
+    over = _common(spec, root / "runs" / "warmup", files["model"], files["warmup"]) + [
+        "algorithm.preset=sft", f"train.num_steps={spec.warmup_steps}", f"optimizer.lr={spec.warmup_lr}",
+        f"train.prompts_per_step={p}", f"train.prompts_per_minibatch={p}", "data.seed=0",
+    ]
+    return Job("warmup", ("sft",), "exact", 0, str(files["model"]), (), tuple(over),
+               _signature(_data_signature(spec), over, spec.max_response_length))
+
+
+def study_jobs(spec: StudySpec, root: Path, files: dict[str, Path]) -> list[Job]:
+    """Every stage the spec's recipes need, deduplicated: a stage chain shared by two recipes (``sft`` and
+    ``sft_then_rl``'s first stage) runs once; a chain that uses no demonstrations runs once per seed."""
+    from ..algorithms.presets import RECIPES, resolve
+    from ..config import AlgorithmConfig
+
+    def uses_demos(preset: str) -> bool:
+        return resolve(AlgorithmConfig(preset=preset)).num_demos > 0
+
+    warm = root / "runs" / "warmup" / "hf"
+    jobs: dict[str, Job] = {"warmup": warmup_job(spec, root, files)}
+    for condition in spec.conditions:
+        for seed in spec.seeds:
+            for recipe in spec.recipes:
+                stages = RECIPES[recipe]
+                for i in range(len(stages)):
+                    chain = stages[: i + 1]
+                    cond = condition if any(uses_demos(p) for p in chain) else "any"
+                    key = job_key(cond, chain, seed)
+                    if key in jobs:
+                        continue
+                    parent = job_key(condition if any(uses_demos(p) for p in chain[:-1]) else "any", chain[:-1],
+                                     seed) if i else "warmup"
+                    start = warm if i == 0 else root / "runs" / parent / "hf"
+                    run_dir = root / "runs" / key
+                    p = spec.prompts_per_step
+                    over = _common(spec, run_dir, start, files["exact" if cond == "any" else cond]) + [
+                        f"algorithm.preset={chain[-1]}", f"train.num_steps={spec.steps}", f"optimizer.lr={spec.lr}",
+                        f"train.prompts_per_step={p}", f"train.prompts_per_minibatch={p}",
+                        f"rollout.num_rollouts_per_prompt={spec.rollouts}", "rollout.temperature=1.0",
+                        f"data.eval_files=[{files['id']}]", f"train.eval_every={spec.eval_every}",
+                        "train.eval_temperature=0.0", f"data.seed={seed}", f"rollout.seed={seed}",
+                        f"train.seed={seed}",
+                    ]
+                    sig = _signature(jobs[parent].signature, over, spec.max_response_length)
+                    jobs[key] = Job(key, chain, cond, seed, str(start), (parent,), tuple(over), sig)
+    del jobs["warmup"]
+    return list(jobs.values())
+
+
+def job_key(condition: str, chain: Sequence[str], seed: int) -> str:
+    return f"{condition}/{'-'.join(chain)}/seed{seed}"
+
+
+def recipe_run(spec: StudySpec, recipe: str, condition: str, seed: int) -> list[str]:
+    """The job keys of a recipe's stages in a condition, first to last."""
+    from ..algorithms.presets import RECIPES, resolve
+    from ..config import AlgorithmConfig
+
+    stages = RECIPES[recipe]
+    keys = []
+    for i in range(len(stages)):
+        chain = stages[: i + 1]
+        demos = any(resolve(AlgorithmConfig(preset=p)).num_demos > 0 for p in chain)
+        keys.append(job_key(condition if demos else "any", chain, seed))
+    return keys
+
+
+# --------------------------------------------------------------------------------------------- running a job
+
+_GROUPS = None  # this process's ParallelGroups (a world of one), made once
+
+
+def _groups():
+    global _GROUPS
+    if _GROUPS is None:
+        from ..config import ParallelConfig
+        from ..distributed import groups as parallel
+
+        _GROUPS = parallel.init_distributed(ParallelConfig(), seed=1234)
+    return _GROUPS
+
+
+def _worker_init() -> None:
+    """A worker process: one thread (two workers share two cores), its own free port for its world of one."""
+    os.environ.pop("MASTER_PORT", None)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    import torch
+
+    torch.set_num_threads(1)
+    _groups()
+
+
+def evaluate_model(model_dir: Path, files: dict[str, Path], spec: StudySpec) -> dict[str, float]:
+    """Greedy accuracy and mean response length of an HF model on each file (name -> path)."""
+    from ..config import RolloutConfig
+    from ..data.dataset import load_problems, tokenize_problems
+    from ..data.templates import load_tokenizer
+    from ..rewards.pool import RewardPool
+    from ..rollout.evaluation import evaluate
+    from ..rollout.vllm_engine import RolloutEngine
+
+    tok = load_tokenizer(model_dir)
+    problems = {name: tokenize_problems(load_problems(f), tok, "chat", spec.max_prompt_length, sys.maxsize)
+                for name, f in files.items()}
+    out: dict[str, float] = {}
+    with RewardPool("exact", timeout_s=10.0, num_workers=1, require_think=False) as pool, \
+            RolloutEngine(RolloutConfig(cpu_kvcache_space_gib=1), str(model_dir), dtype="fp32", seed=0,
+                          max_model_len=spec.max_prompt_length + spec.max_response_length) as engine:
+        for name, probs in problems.items():
+            _, summary = evaluate(engine, probs, tok, pool, n_samples=1, temperature=0.0,
+                                  max_tokens=spec.max_response_length, seed=0)
+            out[f"acc_{name}"] = summary["all"]["avg@1"]
+            out[f"length_{name}"] = summary["all"]["mean_response_tokens"]
+            out[f"num_{name}"] = len(probs)
+    return out
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (reward workers), user + system."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def run_job(job: Job, root: str, spec: StudySpec) -> dict:
+    """Train one stage and evaluate its export; ``RUN/result.json`` (reused when it records the same settings)."""
+    from ..config import load_config
+    from ..training.loop import train
+
+    run_dir = Path(root) / "runs" / job.key
+    result_path = run_dir / "result.json"
+    if result_path.is_file():
+        old = json.loads(result_path.read_text())
+        if job.signature and old.get("signature") == job.signature:
+            return old
+    cfg = load_config(None, list(job.overrides))
+    cpu0 = _cpu_seconds()
+    t0 = time.perf_counter()
+    train(cfg, groups=_groups())
+    train_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    files = {"id": Path(root) / "toy" / "test.jsonl", "ood": Path(root) / "toy" / "test_ood.jsonl"}
+    evals = evaluate_model(run_dir / "hf", files, spec)
+    result = {"key": job.key, "stages": list(job.stages), "condition": job.condition, "seed": job.seed,
+              "start": job.start, "train_seconds": train_s, "eval_seconds": time.perf_counter() - t1, **evals,
+              "cpu_seconds": _cpu_seconds() - cpu0, "finished_at": time.time(), "load_average": os.getloadavg()[0],
+              "signature": job.signature, "overrides": list(job.overrides)}
+    tmp = result_path.with_name(".result.json.tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, result_path)
+    return result
+
+
+def run_jobs(jobs: list[Job], root: Path, spec: StudySpec, log=print) -> dict[str, dict]:
+    """Run ``jobs`` respecting their dependencies, in ``spec.jobs`` worker processes (in this process when 1)."""
+    done: dict[str, dict] = {}
+    pending = {j.key: j for j in jobs}
+    total = len(jobs)
+    t0 = time.perf_counter()
+
+    def report(r: dict) -> None:
+        log(f"[study] {len(done)}/{total} {r['key']}: {r['train_seconds']:.0f}s train, ID {r['acc_id']:.1%}, "
+            f"OOD {r['acc_ood']:.1%} ({time.perf_counter() - t0:.0f}s elapsed)")
+
+    def ready() -> list[Job]:
+        out = [j for j in pending.values() if all(d in done for d in j.deps)]
+        # stages others wait for first, then the longer RL stages before SFT stages
+        needed = {d for j in pending.values() for d in j.deps}
+        return sorted(out, key=lambda j: (j.key not in needed, j.stages[-1] == "sft", j.key))
+
+    if spec.jobs <= 1:
+        while pending:
+            batch = ready()
+            if not batch:
+                raise RuntimeError(f"study: unresolvable dependencies among {sorted(pending)}")
+            job = batch[0]
+            del pending[job.key]
+            done[job.key] = run_job(job, str(root), spec)
+            report(done[job.key])
+        return done
+
+    import concurrent.futures as cf
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=spec.jobs, mp_context=ctx, initializer=_worker_init) as pool:
+        running: dict[cf.Future, str] = {}
+        while pending or running:
+            for job in ready():
+                if len(running) >= spec.jobs:
+                    break
+                del pending[job.key]
+                running[pool.submit(run_job, job, str(root), spec)] = job.key
+            if not running:
+                raise RuntimeError(f"study: unresolvable dependencies among {sorted(pending)}")
+            finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for fut in finished:
+                key = running.pop(fut)
+                done[key] = fut.result()  # a failed job raises here, with its traceback
+                report(done[key])
+    return done
+
+
+# --------------------------------------------------------------------------------------------- summaries
+
+
+def mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample std (0 for one value); NaN for none."""
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    if not xs:
+        return float("nan"), float("nan")
+    m = sum(xs) / len(xs)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
+
+
+def compare(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, str]:
+    """(mean a - mean b, its standard error, verdict): "higher" / "lower" when the difference exceeds
+    RULE_SE standard errors, else "no clear difference" (also with one seed, where the std is unknown)."""
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    diff = ma - mb
+    se = math.sqrt(sa ** 2 / max(len(a), 1) + sb ** 2 / max(len(b), 1))
+    if len(a) < 2 or len(b) < 2 or not math.isfinite(diff):
+        return diff, se, "no clear difference"
+    if diff > RULE_SE * se and diff > 0:
+        return diff, se, "higher"
+    if diff < -RULE_SE * se and diff < 0:
+        return diff, se, "lower"
+    return diff, se, "no clear difference"
+
+
+def _edge_mean(rows: list[dict], key: str, first: bool, k: int = EDGE_STEPS) -> float:
+    vals = [float(r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    vals = vals[:k] if first else vals[-k:]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def summarise_cell(spec: StudySpec, root: Path, results: dict[str, dict], recipe: str, condition: str) -> dict:
+    """Per-seed numbers of one (recipe, condition) cell, plus the run dirs its curves come from."""
+    from ..training.metrics import read_metrics
+
+    cell = {"acc_id": [], "acc_ood": [], "ent_start": [], "ent_end": [], "len_start": [], "len_end": [],
+            "seconds": [], "gen_tokens": [], "curve_runs": [], "stage_keys": []}
+    for seed in spec.seeds:
+        keys = recipe_run(spec, recipe, condition, seed)
+        last = results[keys[-1]]
+        cell["acc_id"].append(last["acc_id"])
+        cell["acc_ood"].append(last["acc_ood"])
+        cell["seconds"].append(sum(results[k]["train_seconds"] + results[k]["eval_seconds"] for k in keys))
+        run = root / "runs" / keys[-1]
+        rows = read_metrics(run)
+        cell["ent_start"].append(_edge_mean(rows, "entropy/rollout", True))
+        cell["ent_end"].append(_edge_mean(rows, "entropy/rollout", False))
+        cell["len_start"].append(_edge_mean(rows, "response/length_mean", True))
+        cell["len_end"].append(_edge_mean(rows, "response/length_mean", False))
+        gen = 0.0
+        for k in keys:
+            for r in read_metrics(root / "runs" / k):
+                if isinstance(r.get("response/length_mean"), (int, float)):
+                    gen += r["response/length_mean"] * spec.prompts_per_step * spec.rollouts
+        cell["gen_tokens"].append(gen)
+        cell["curve_runs"].append(run)
+        cell["stage_keys"].append(keys)
+    return cell
+
+
+# --------------------------------------------------------------------------------------------- the report
+
+
+def _pct(xs) -> str:
+    m, s = mean_std(xs)
+    return "-" if not math.isfinite(m) else f"{100 * m:.1f} +/- {100 * s:.1f}"
+
+
+def _num(xs, fmt="{:.3f}") -> str:
+    m, s = mean_std(xs)
+    return "-" if not math.isfinite(m) else (fmt + " +/- " + fmt).format(m, s)
+
+
+def _ratio(cell) -> list[float]:
+    return [e / s for s, e in zip(cell["ent_start"], cell["ent_end"]) if math.isfinite(s) and s > 0 and
+            math.isfinite(e)]
+
+
+def _timing(root: Path, results: dict[str, dict]) -> str:
+    """How long the study's training took, from its results (a resumed study counts its original runs)."""
+    spans = []
+    for key, r in results.items():
+        path = root / "runs" / key / "result.json"
+        end = r.get("finished_at") or (path.stat().st_mtime if path.is_file() else None)
+        if end is None or "train_seconds" not in r:
+            continue
+        spans.append((end - r["train_seconds"] - r.get("eval_seconds", 0.0), end))
+    if not spans:
+        return "on this project's 2-core CPU machine"
+    text = (f"in {(max(e for _, e in spans) - min(s for s, _ in spans)) / 60:.0f} minutes of wall time on this "
+            f"project's 2-core CPU machine")
+    if all("cpu_seconds" in r for r in results.values()):
+        cpu = sum(r["cpu_seconds"] for r in results.values())
+        loads = [r["load_average"] for r in results.values() if "load_average" in r]
+        text += (f" ({cpu / 60:.0f} CPU-minutes in all; the 1-minute load average at the end of each stage was "
+                 f"{min(loads):.1f} to {max(loads):.1f}, 2 of it the study's own)")
+    return text
+
+
+def write_report(spec: StudySpec, root: Path, results: dict[str, dict], doc: Path, *, warm: dict) -> Path:
+    """docs/toy_results.md (and its PNGs beside it, in DOC_STEM/) from the study's results."""
+    from .plot import plot_compare
+
+    cells = {(r, c): summarise_cell(spec, root, results, r, c) for c in spec.conditions for r in spec.recipes}
+    img_dir = doc.parent / doc.stem
+    tmp_img = doc.parent / f".{doc.stem}.tmp"
+    shutil.rmtree(tmp_img, ignore_errors=True)
+    images: dict[str, list[Path]] = {}
+    for c in spec.conditions:
+        runs = {(f"{r} (RL stage)" if len(recipe_run(spec, r, c, spec.seeds[0])) > 1 else r):
+                cells[(r, c)]["curve_runs"] for r in spec.recipes}
+        paths = plot_compare(runs, root / "plots" / c, title=f"{c} demonstrations")
+        for p in paths:
+            (tmp_img).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, tmp_img / f"{c}_{p.name}")
+        images[c] = [img_dir / f"{c}_{p.name}" for p in paths]
+    n = len(spec.seeds)
+    lo, hi = spec.toy.ood_ops
+    L = [
+        "# Toy results: the paper's three claims, tested on the CPU toy task",
+        "",
+        f"Generated by `make reproduce-toy` (`python -m megatron_srft.cli.demo --reproduce`) on "
+        f"{time.strftime('%Y-%m-%d')}, {_timing(root, results)}, {spec.jobs} worker processes. Everything "
+        f"below, verdicts included, is written by the study from its measurements; nothing is tuned per recipe.",
+        "",
+        "## What was run",
+        "",
+        f"- **Model and task**: the toy (data/toy.py): a tiny Qwen2 (2 layers, hidden 128, character tokenizer) "
+        f"on chains of additions and subtractions; operands 1..{spec.toy.max_operand}, every value in "
+        f"[0, {spec.toy.max_value}).",
+        f"- **Base model**: a random model warmed up with plain SFT for {spec.warmup_steps} steps "
+        f"({spec.warmup_prompts_per_step} prompts, lr {spec.warmup_lr:g}) on the first half of the training "
+        f"problems; every run starts from it. Its greedy accuracy: in-distribution {warm['acc_id']:.1%}, "
+        f"out-of-distribution {warm['acc_ood']:.1%}.",
+        f"- **Training set**: the other {spec.toy.num_train - spec.toy.num_train // 2} problems, none seen in the "
+        f"warm-up, each with one demonstration. Condition `exact`: every demonstration correct. Condition `noisy`: "
+        f"{spec.demo_error_rate:.0%} of them carry one arithmetic slip (one step's result off by 1-3, later "
+        f"steps correct from the wrong value, so the final answer is wrong and the verifier scores the "
+        f"demonstration 0), the way distilled traces are imperfect.",
+        f"- **In-distribution test (ID)**: {warm['num_id']} held-out chains of 2..{spec.toy.max_ops} operations "
+        f"(the training length). **Out-of-distribution test (OOD)**: {warm['num_ood']} chains of {lo}..{hi} "
+        f"operations, longer than any training or warm-up problem, same operand and value ranges. Greedy "
+        f"decoding, up to {spec.max_response_length} tokens, exact-match reward on the boxed answer.",
+        f"- **Budget: equal steps.** Every training stage runs {spec.steps} optimizer steps of "
+        f"{spec.prompts_per_step} prompts (one mini-batch per step), lr {spec.lr:g} constant, grad clip 1.0, the "
+        f"same prompts in the same order for every recipe of a seed; RL presets sample {spec.rollouts} rollouts "
+        f"per prompt at temperature 1 (+ the demonstration where the preset uses it). Equal steps, not equal "
+        f"tokens, because the question is what each objective makes of the same prompts, demonstrations and "
+        f"updates, as in the paper's comparison; the cost differs (SFT generates nothing, SFT->RL runs two "
+        f"stages) and is shown as wall time and generated tokens. `sft_then_rl` is the paper's two-stage "
+        f"baseline: its SFT stage is the `sft` run of the same seed (SFT on this training set until the budget "
+        f"ends), then `grpo` for {spec.steps} more steps from the SFT stage's exported model.",
+        f"- **Seeds**: {n} per cell ({', '.join(map(str, spec.seeds))}: prompt order and rollout sampling; the "
+        f"warm start is shared). Numbers are mean +/- sample std over seeds. `grpo` uses no demonstrations, so "
+        f"its runs serve both conditions.",
+        f"- **Presets**: as in docs/algorithms.md (`srft` = the paper's equations, `luffy` = LUFFY's released "
+        f"run, `grpo` = the paper's GRPO, `sft` = NLL on demonstrations).",
+        "",
+        f"A difference counts when it exceeds {RULE_SE:g} standard errors of the difference of means "
+        f"(sqrt(s_a^2/n + s_b^2/n)); otherwise the report says \"no clear difference\". With {n} seeds this rule is "
+        f"coarse: read the means and stds too. Wall times depend on whatever else the machine runs; generated "
+        f"tokens do not. Entropy is the mean entropy of rollout tokens over the first and "
+        f"last {EDGE_STEPS} steps (length likewise); \"flat\" means end/start within [{FLAT_LO:g}, {FLAT_HI:g}], "
+        f"\"collapsed\" below {COLLAPSED:g}.",
+        "",
+        "## Results",
+        "",
+    ]
+    for c in spec.conditions:
+        L += [f"### Demonstrations: {c}", "",
+              "| recipe | ID acc (%) | OOD acc (%) | rollout entropy start -> end | end / start | rollout length "
+              "start -> end | wall time (s) | generated tokens |",
+              "|---|---|---|---|---|---|---|---|",
+              f"| (warm start) | {100 * warm['acc_id']:.1f} | {100 * warm['acc_ood']:.1f} | - | - | - | - | - |"]
+        for r in spec.recipes:
+            cell = cells[(r, c)]
+            ent = (f"{_num(cell['ent_start'])} -> {_num(cell['ent_end'])}"
+                   if math.isfinite(mean_std(cell["ent_start"])[0]) else "- (no rollouts)")
+            ratio = _num(_ratio(cell), "{:.2f}") if _ratio(cell) else "-"
+            length = (f"{_num(cell['len_start'], '{:.1f}')} -> {_num(cell['len_end'], '{:.1f}')}"
+                      if math.isfinite(mean_std(cell["len_start"])[0]) else "-")
+            note = " (RL stage)" if len(recipe_run(spec, r, c, spec.seeds[0])) > 1 else ""
+            L.append(f"| {r} | {_pct(cell['acc_id'])} | {_pct(cell['acc_ood'])} | {ent}{note} | {ratio} | "
+                     f"{length} | {_num(cell['seconds'], '{:.0f}')} | {_num(cell['gen_tokens'], '{:.0f}')} |")
+        L.append("")
+    L += ["## The claims", ""]
+    L += _claims_text(spec, cells, warm["acc_ood"])
+    L += ["## Curves", "",
+          "Mean over seeds with a +/- std band; held-out accuracy is the ID split, evaluated every "
+          f"{spec.eval_every} steps during training. `sft_then_rl` is drawn from its RL stage (its step 0 is the "
+          "SFT stage's end); `sft` has no rollouts, hence no entropy or length curve.", ""]
+    for c in spec.conditions:
+        for p in images[c]:
+            L.append(f"![{c}: {p.stem}]({doc.stem}/{p.name})")
+        L.append("")
+    L += ["## How to read this", "",
+          "This is a 2-layer model on synthetic arithmetic, trained for minutes from a short SFT warm start; the "
+          "paper's setting is a 7B math model, long reasoning traces and 500 steps. The study tests whether the "
+          "claimed effects appear on a task this machine can train, under an even budget and several seeds; it is not "
+          "evidence about the 7B setting either way. Differences of a few points between recipes are within "
+          "the seed-to-seed spread unless the verdict says otherwise.",
+          "",
+          "Reproduce: `make reproduce-toy` (its time is in the first paragraph), or "
+          "`python -m megatron_srft.cli.demo --reproduce --root DIR --seeds 1 2 3 --recipes sft grpo luffy "
+          "sft_then_rl srft` (add `srft_w_sft_1 srft_w_rl_1` for the paper's two ablations, `--jobs 1` for one "
+          "process); per-run metrics, exported models and `result.json` files are under "
+          "`DIR/study/runs/<condition>/<stages>/seed<k>/`, and an interrupted study resumes where it stopped.", ""]
+    tmp_doc = doc.with_name(f".{doc.name}.tmp")
+    tmp_doc.write_text("\n".join(L))
+    if tmp_img.exists():
+        shutil.rmtree(img_dir, ignore_errors=True)
+        os.replace(tmp_img, img_dir)
+    os.replace(tmp_doc, doc)
+    (root / "summary.json").write_text(json.dumps(
+        {f"{c}/{r}": {k: v for k, v in cells[(r, c)].items() if k not in ("curve_runs",)}
+         for (r, c) in cells}, indent=1, default=str) + "\n")
+    return doc
+
+
+def _claims_text(spec: StudySpec, cells: dict, warm_ood: float) -> list[str]:
+    L: list[str] = []
+    have = set(spec.recipes)
+
+    def line(c, metric, base) -> tuple[str, str]:
+        diff, se, verdict = compare(cells[("srft", c)][metric], cells[(base, c)][metric])
+        return verdict, f"{base}: {100 * diff:+.1f} points (se {100 * se:.1f}) -> {verdict}"
+
+    if "srft" not in have:
+        for k in CLAIMS:
+            L += [f"### Claim {k}: {CLAIMS[k]}", "", "Not testable: `srft` was not part of this study.", ""]
+        return L
+    # claim 1
+    bases = [b for b in ("sft", "grpo", "luffy", "sft_then_rl") if b in have]
+    L += [f"### Claim 1: {CLAIMS[1]}", ""]
+    for c in spec.conditions:
+        verdicts = [line(c, "acc_id", b) for b in bases]
+        L.append(f"- `{c}` demonstrations, SRFT's ID accuracy minus each baseline's: "
+                 + "; ".join(t for _, t in verdicts) + ".")
+        beaten = [b for b, (v, _) in zip(bases, verdicts) if v == "higher"]
+        notb = [b for b, (v, _) in zip(bases, verdicts) if v != "higher"]
+        L.append(f"  **{'Holds' if not notb else 'Does not hold'}** here"
+                 + (f": SRFT is clearly ahead of {', '.join(beaten)}" if beaten else "")
+                 + (f"{'; ' if beaten else ': '}not of {', '.join(notb)}" if notb else "") + ".")
+    L.append("")
+    # claim 2
+    others = [r for r in spec.recipes if r != "srft"]
+    L += [f"### Claim 2: {CLAIMS[2]}", ""]
+    for c in spec.conditions:
+        verdicts = [line(c, "acc_ood", b) for b in others]
+        best = max(spec.recipes, key=lambda r: mean_std(cells[(r, c)]["acc_ood"])[0])
+        L.append(f"- `{c}` demonstrations, SRFT's OOD accuracy minus each other recipe's: "
+                 + "; ".join(t for _, t in verdicts) + f". Highest OOD mean: `{best}`.")
+        notb = [b for b, (v, _) in zip(others, verdicts) if v != "higher"]
+        top = mean_std(cells[(best, c)]["acc_ood"])[0]
+        if top < FLOOR:
+            L.append(f"  **Not tested**: every recipe stays below {FLOOR:.0%} out of distribution (the warm start: "
+                     f"{warm_ood:.1%}). No recipe learns to carry a chain past the lengths it was trained on, so "
+                     f"this split cannot separate them.")
+        else:
+            L.append(f"  **{'Holds' if not notb else 'Does not hold'}** here"
+                     + (f": SRFT is not clearly ahead of {', '.join(notb)}" if notb else "") + ".")
+    L.append("")
+    # claim 3
+    L += [f"### Claim 3: {CLAIMS[3]}", ""]
+    for c in spec.conditions:
+        parts, flat, collapsed = [], None, None
+        for r in spec.recipes:
+            rat = _ratio(cells[(r, c)])
+            if not rat:
+                continue
+            m, s = mean_std(rat)
+            parts.append(f"{r} {m:.2f} +/- {s:.2f}")
+            if r == "srft":
+                flat = FLAT_LO <= m <= FLAT_HI
+            if r == "grpo":
+                collapsed = m < COLLAPSED
+        L.append(f"- `{c}` demonstrations, rollout entropy end / start: " + ", ".join(parts) + ".")
+        if flat is None or collapsed is None:
+            L.append("  Not testable here (srft or grpo missing).")
+            continue
+        start = mean_std(cells[("srft", c)]["ent_start"])[0]
+        L.append(f"  Rollout entropy starts at {start:.3f} nats per token for srft (a uniform choice over the "
+                 f"{spec.toy.vocab_size}-token vocabulary would be {math.log(spec.toy.vocab_size):.2f}).")
+        srft_m = mean_std(_ratio(cells[("srft", c)]))[0]
+        grpo_m = mean_std(_ratio(cells[("grpo", c)]))[0] if "grpo" in have else float("nan")
+        diff, se, verdict = compare(_ratio(cells[("srft", c)]), _ratio(cells[("grpo", c)]))
+        L.append(f"  SRFT's entropy {'stays flat' if flat else ('falls' if srft_m < FLAT_LO else 'rises')} "
+                 f"({srft_m:.2f}); GRPO's {'collapses' if collapsed else 'does not collapse'} ({grpo_m:.2f}); "
+                 f"SRFT's ratio minus GRPO's: {diff:+.2f} (se {se:.2f}) -> {verdict}. "
+                 f"**{'Holds' if flat and collapsed else 'Does not hold'}** here.")
+    L.append("")
+    return L
+
+
+# --------------------------------------------------------------------------------------------- entry point
+
+
+def run_study(root: str | Path, doc: str | Path, spec: StudySpec = StudySpec(), log=print) -> dict:
+    """Data, warm-up, every stage, the report. Returns {"results": key -> result, "doc": path, "jobs": [Job],
+    "files": name -> path}."""
+    spec.check()
+    root = Path(root)
+    doc = Path(doc)
+    t0 = time.perf_counter()
+    files = prepare_data(root, spec)
+    warm = warmup_job(spec, root, files)
+    jobs = [warm] + study_jobs(spec, root, files)
+    log(f"[study] {len(jobs)} training stages: {len(spec.recipes)} recipes x {len(spec.conditions)} conditions x "
+        f"{len(spec.seeds)} seeds, {spec.steps} steps each, {spec.jobs} worker(s)")
+    results = run_jobs(jobs, root, spec, log=log)
+    path = write_report(spec, root, results, doc, warm=results["warmup"])
+    log(f"[study] wrote {path} in {(time.perf_counter() - t0) / 60:.1f} minutes")
+    return {"results": results, "doc": path, "jobs": jobs, "files": files}
