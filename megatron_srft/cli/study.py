@@ -265,15 +265,20 @@ def evaluate_model(model_dir: Path, files: dict[str, Path], spec: StudySpec) -> 
     from ..data.templates import load_tokenizer
     from ..rewards.pool import RewardPool
     from ..rollout.evaluation import evaluate
-    from ..rollout.vllm_engine import RolloutEngine
+    from ..models.arch import load_arch
+    from ..rollout.base import resolve_engine_settings
+    from ..rollout.vllm_engine import VllmEngine
 
     tok = load_tokenizer(model_dir)
     problems = {name: tokenize_problems(load_problems(f), tok, "chat", spec.max_prompt_length, sys.maxsize)
                 for name, f in files.items()}
+    rollout = RolloutConfig(dtype="fp32")
+    settings = resolve_engine_settings(rollout, "fp32", load_arch(model_dir),
+                                       spec.max_prompt_length + spec.max_response_length)
     out: dict[str, float] = {}
     with RewardPool("exact", timeout_s=10.0, num_workers=1, require_think=False) as pool, \
-            RolloutEngine(RolloutConfig(cpu_kvcache_space_gib=1), str(model_dir), dtype="fp32", seed=0,
-                          max_model_len=spec.max_prompt_length + spec.max_response_length) as engine:
+            VllmEngine(rollout, str(model_dir), dtype=settings.dtype, seed=0, max_model_len=settings.max_model_len,
+                       kv_cache_bytes=settings.kv_cache_bytes) as engine:
         for name, probs in problems.items():
             _, summary = evaluate(engine, probs, tok, pool, n_samples=1, temperature=0.0,
                                   max_tokens=spec.max_response_length, seed=0)
