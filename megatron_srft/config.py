@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 
@@ -31,6 +32,36 @@ def _f(default: Any, help: str, **kw):
         val = default
         return field(default_factory=lambda: type(val)(val), metadata={"help": help}, **kw)
     return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass(frozen=True)
+class Table:
+    """Marks a config field whose values are the keys of a table elsewhere, ``"module:NAME"`` (PRESETS, REWARDS,
+    TEMPLATES, ENGINES, the loss variants). The table is the one source of the names: adding an entry there is the
+    whole change. It is read when a value is checked or the docs are written, so config.py imports nothing above
+    it at import time."""
+
+    ref: str
+
+    def names(self) -> tuple[str, ...]:
+        module, attr = self.ref.split(":")
+        return tuple(getattr(importlib.import_module(module), attr))
+
+
+def _table(ref: str):
+    """``Annotated[str, Table(ref)]``: a string that must name an entry of the table ``ref``."""
+    return Annotated[str, Table(ref)]
+
+
+Preset = _table("megatron_srft.algorithms.presets:PRESETS")
+Reward = _table("megatron_srft.rewards:REWARDS")
+Template = _table("megatron_srft.data.templates:TEMPLATES")
+Engine = _table("megatron_srft.rollout.base:ENGINES")
+SftWeight = _table("megatron_srft.algorithms.losses:SFT_WEIGHTS")
+RlPosWeight = _table("megatron_srft.algorithms.losses:RL_POS_WEIGHTS")
+EntropyGranularity = _table("megatron_srft.algorithms.losses:WEIGHT_ENTROPIES")
+DemoRatio = _table("megatron_srft.algorithms.losses:DEMO_RATIOS")
+Aggregation = _table("megatron_srft.algorithms.losses:AGGREGATIONS")
 
 
 def _sub(cls, help: str):
@@ -161,7 +192,7 @@ class OptimizerConfig:
 class DataConfig:
     train_files: list[str] = _f([], "Training data: .jsonl or .parquet (our layout or verl/LUFFY's).")
     eval_files: list[str] = _f([], "Held-out evaluation files (same layouts).")
-    template: Literal["chat", "paper", "boxed", "plain"] = _f(
+    template: Template = _f(
         "paper", "Prompt template: tokenizer chat template as is, the paper's <think> system prompt, "
         "'reason step by step, answer in \\boxed{}', or the raw prompt string."
     )
@@ -178,7 +209,7 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: Literal["vllm"] = _f("vllm", "Rollout engine.")
+    engine: Engine = _f("vllm", "Rollout engine.")
     num_rollouts_per_prompt: int = _f(7, "G: on-policy samples per prompt (code: 7 + 1 demo = 8 per group).")
     temperature: float = _f(1.0, "Sampling temperature (paper: 1.0).")
     top_p: float = _f(1.0, "Nucleus sampling.")
@@ -220,28 +251,28 @@ class RolloutConfig:
 class AlgorithmConfig:
     """SRFT and its baselines. A preset only sets defaults: every null field takes the preset's value."""
 
-    preset: Literal["srft", "srft_code", "sft", "grpo", "luffy", "sft_plus_rl", "srft_w_sft_1", "srft_w_rl_1"] = _f(
+    preset: Preset = _f(
         "srft", "Algorithm preset (docs/algorithms.md): srft = the paper's equations, srft_code = released code, "
         "luffy = LUFFY's released run; srft_w_sft_1 / srft_w_rl_1 = the paper's ablations."
     )
     num_demos_per_prompt: Optional[int] = _f(None, "D: demonstrations joining each group.")
     sft_coef: Optional[float] = _f(None, "Coefficient of the SFT weight (paper 0.5).")
-    sft_weight: Optional[Literal["exp_neg_entropy", "exp_pos_entropy", "one", "zero"]] = _f(
+    sft_weight: Optional[SftWeight] = _f(
         None, "w_SFT form: 0.5*sg(exp(-H)) (paper), exp(+H) (code), 1 (plain SFT), 0 (off)."
     )
     sft_weight_max: Optional[float] = _f(None, "Clamp of w_SFT (the exp(+H) form is unbounded).")
     rl_pos_coef: Optional[float] = _f(None, "Coefficient of w_RL on positive rollouts (paper 0.1).")
-    rl_pos_weight: Optional[Literal["exp_pos_entropy", "one"]] = _f(None, "w_RL form on positive rollouts.")
-    entropy_granularity: Optional[Literal["token", "batch_mean"]] = _f(None, "H per token or batch-mean H.")
+    rl_pos_weight: Optional[RlPosWeight] = _f(None, "w_RL form on positive rollouts.")
+    entropy_granularity: Optional[EntropyGranularity] = _f(None, "H per token or batch-mean H.")
     std_normalize: Optional[bool] = _f(None, "Divide group advantages by the group std (paper yes, code no).")
     adv_eps: float = _f(1e-6, "eps in A = (r - mean) / (std + eps).")
-    demo_ratio: Optional[Literal["p", "p_over_p_plus_gamma", "off"]] = _f(
+    demo_ratio: Optional[DemoRatio] = _f(
         None, "Off-policy demo term f(pi): p (paper), p/(p+gamma) (code, LUFFY), off."
     )
     demo_gamma: float = _f(0.1, "gamma in p/(p+gamma).")
     clip: Optional[bool] = _f(None, "PPO clip on the on-policy ratio.")
     clip_eps: float = _f(0.2, "PPO clip epsilon.")
-    aggregation: Optional[Literal["seq_mean_token_mean", "token_mean", "token_sum_norm"]] = _f(
+    aggregation: Optional[Aggregation] = _f(
         None, "Loss aggregation: GRPO seq-mean-token-mean (paper), verl token-mean, sum / constant (code)."
     )
     aggregation_constant: Optional[float] = _f(
@@ -282,7 +313,7 @@ class TrainConfig:
         "(free for the first mini-batch: its own forward; one forward-only pass for the others); `engine` = the "
         "rollout engine's log-probs (no pass at all; the ratio pi_theta / pi_engine corrects for the engine/trainer "
         "mismatch and the PPO clip truncates it, verl's bypass mode).")
-    reward: Literal["math", "exact"] = _f("math", "Reward function (megatron_srft/rewards).")
+    reward: Reward = _f("math", "Reward function (megatron_srft/rewards).")
     reward_timeout_s: float = _f(10.0, "Per-sample verifier timeout; a timeout scores 0.")
     reward_workers: int = _f(2, "Verifier worker processes on each rollout engine's leader rank.")
     max_consecutive_skips: int = _f(
@@ -376,6 +407,7 @@ class SRFTConfig:
         for f in dataclasses.fields(self):
             sub = getattr(self, f.name)
             if dataclasses.is_dataclass(sub):
+                _check_tables(sub, f.name)
                 sub.validate(f.name)
         return self
 
@@ -394,8 +426,26 @@ def _field_paths(obj, prefix: str = "") -> set[str]:
 # --------------------------------------------------------------------------------------------- loading
 
 
+def _table_of(tp) -> Optional[Table]:
+    if typing.get_origin(tp) is Annotated:
+        return next((m for m in tp.__metadata__ if isinstance(m, Table)), None)
+    return None
+
+
+def _check_tables(section, path: str) -> None:
+    """Every table-named field of a section names an entry of its table (set in code as well as from YAML)."""
+    for name, tp in _hints(type(section)).items():
+        value = getattr(section, name)
+        for t in (tp, *typing.get_args(tp)):
+            table = _table_of(t)
+            if table is not None and value is not None and value not in table.names():
+                raise ConfigError(f"{path}.{name}: expected {_type_name(t)}, got {value!r}")
+
+
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
+    if _table_of(tp) is not None:
+        return " | ".join(repr(n) for n in _table_of(tp).names())
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
@@ -422,6 +472,11 @@ def _coerce(value: Any, tp, path: str, where: str) -> Any:
                 return _coerce(value, a, path, where)
             except ConfigError:
                 continue
+        raise bad
+    table = _table_of(tp)
+    if table is not None:
+        if isinstance(value, str) and value in table.names():
+            return value
         raise bad
     if origin is Literal:
         if value in typing.get_args(tp):
@@ -466,7 +521,7 @@ def _coerce(value: Any, tp, path: str, where: str) -> Any:
 
 
 def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
+    return typing.get_type_hints(cls, include_extras=True)
 
 
 def _merge(obj, data: dict, prefix: str, where: str) -> None:

@@ -134,3 +134,21 @@ def test_validate_catches_non_finite_values_set_in_code():
     with pytest.raises(ConfigError, match="algorithm.clip_eps: expected a finite number"):
         cfg.validate()
     assert load_config(None, ["checkpoint.allow_changes=[data.seed, optimizer, '*']", "checkpoint.resume=fresh"])
+
+
+def test_names_come_from_their_tables(monkeypatch):
+    """A row added to a table (PRESETS, REWARDS, TEMPLATES, ENGINES, the loss variants) is a valid config value,
+    in the error message and in docs/config.md, with no other change."""
+    from megatron_srft.algorithms import losses, presets
+    from megatron_srft.config import markdown_reference
+
+    monkeypatch.setitem(presets.PRESETS, "my_ablation", presets.PRESETS["srft"])
+    monkeypatch.setitem(losses.SFT_WEIGHTS, "my_weight", losses.SFT_WEIGHTS["one"])
+    cfg = load_config(None, ["algorithm.preset=my_ablation", "algorithm.sft_weight=my_weight"])
+    assert (cfg.algorithm.preset, cfg.algorithm.sft_weight) == ("my_ablation", "my_weight")
+    assert "'my_ablation'" in markdown_reference() and "'my_weight'" in markdown_reference()
+    with pytest.raises(ConfigError, match=r"algorithm.preset: expected 'srft' \| .*'my_ablation', got 'nope'"):
+        load_config(None, ["algorithm.preset=nope"])
+    cfg.train.reward = "nope"  # set in code: validate() checks it against REWARDS
+    with pytest.raises(ConfigError, match=r"train.reward: expected 'math' \| 'exact', got 'nope'"):
+        cfg.validate()

@@ -29,11 +29,12 @@ micro-batching, packing and DP size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from .metrics import MetricSums
+from .mismatch import truncated_is_weights
 from .presets import AlgoSettings
 
 __all__ = [
@@ -109,58 +110,88 @@ def token_mean_coefficients(batch: TokenBatch, norm: Normalizers) -> torch.Tenso
     return torch.where(mask, coef, torch.zeros_like(coef))
 
 
+def _seq_mean_token_mean(batch: TokenBatch, settings: AlgoSettings, norm: Normalizers) -> torch.Tensor:
+    # c_t = 1 / (num_sequences * |seq(t)|)
+    return 1.0 / (batch.seq_num_tokens.float().clamp(min=1.0) * max(norm.num_sequences, 1.0))
+
+
+def _token_mean(batch: TokenBatch, settings: AlgoSettings, norm: Normalizers) -> torch.Tensor:
+    # c_t = 1 / num_tokens
+    return token_mean_coefficients(batch, norm)
+
+
+def _token_sum_norm(batch: TokenBatch, settings: AlgoSettings, norm: Normalizers) -> torch.Tensor:
+    # c_t = 1 / (num_sequences * C)
+    const = settings.aggregation_constant if norm.aggregation_constant is None else norm.aggregation_constant
+    return torch.full_like(batch.logprob, 1.0 / (max(norm.num_sequences, 1.0) * const), dtype=torch.float32)
+
+
+#: algorithm.aggregation: name -> c_t [T] (masked below); the module docstring has the three formulas.
+AGGREGATIONS: dict[str, Callable[[TokenBatch, AlgoSettings, Normalizers], torch.Tensor]] = {
+    "seq_mean_token_mean": _seq_mean_token_mean,  # GRPO, the paper
+    "token_mean": _token_mean,  # verl's token-mean
+    "token_sum_norm": _token_sum_norm,  # the released code (C = 8192), LUFFY's run (C = 128)
+}
+
+
 def aggregation_coefficients(batch: TokenBatch, settings: AlgoSettings, norm: Normalizers) -> torch.Tensor:
-    """c_t [T] fp32 (0 on masked tokens) of terms 1-4; see the module docstring for the three formulas."""
-    mask = batch.loss_mask.bool()
-    ones = torch.ones_like(batch.logprob, dtype=torch.float32)
-    if settings.aggregation == "seq_mean_token_mean":
-        per_seq = batch.seq_num_tokens.float().clamp(min=1.0)
-        coef = ones / (per_seq * max(norm.num_sequences, 1.0))
-    elif settings.aggregation == "token_mean":
-        return token_mean_coefficients(batch, norm)
-    elif settings.aggregation == "token_sum_norm":
-        const = settings.aggregation_constant if norm.aggregation_constant is None else norm.aggregation_constant
-        coef = ones / (max(norm.num_sequences, 1.0) * const)
-    else:
-        raise ValueError(f"algorithm.aggregation: unknown {settings.aggregation!r}")
-    return torch.where(mask, coef, torch.zeros_like(coef))
+    """c_t [T] fp32 (0 on masked tokens) of terms 1-4: :data:`AGGREGATIONS` [``settings.aggregation``]."""
+    coef = AGGREGATIONS[settings.aggregation](batch, settings, norm).float().expand_as(batch.logprob)
+    return torch.where(batch.loss_mask.bool(), coef, torch.zeros_like(coef))
 
 
-def weight_entropy(batch: TokenBatch, settings: AlgoSettings, norm: Normalizers) -> torch.Tensor:
-    """sg(H) [T] used inside the weights: per token, or the mini-batch mean broadcast."""
-    if settings.entropy_granularity == "token":
-        return batch.entropy.detach().float()
+def _batch_mean_entropy(batch: TokenBatch, norm: Normalizers) -> torch.Tensor:
     if norm.mean_entropy is None:
         raise ValueError("Normalizers.mean_entropy: required when algorithm.entropy_granularity is 'batch_mean'")
     return torch.full_like(batch.entropy, norm.mean_entropy, dtype=torch.float32)
 
 
+#: algorithm.entropy_granularity: name -> sg(H) [T] used inside the weights.
+WEIGHT_ENTROPIES: dict[str, Callable[[TokenBatch, Normalizers], torch.Tensor]] = {
+    "token": lambda batch, norm: batch.entropy.detach().float(),  # H_t per token (paper, code)
+    "batch_mean": _batch_mean_entropy,  # the mini-batch mean of H, broadcast
+}
+
+
+def weight_entropy(batch: TokenBatch, settings: AlgoSettings, norm: Normalizers) -> torch.Tensor:
+    """sg(H) [T] used inside the weights: :data:`WEIGHT_ENTROPIES` [``settings.entropy_granularity``]."""
+    return WEIGHT_ENTROPIES[settings.entropy_granularity](batch, norm)
+
+
+#: algorithm.sft_weight: name -> g(h) [T], w_SFT = min(sft_coef * g(sg(H)), sft_weight_max).
+SFT_WEIGHTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "exp_neg_entropy": lambda h: torch.exp(-h),  # the paper (Eq. 8)
+    "exp_pos_entropy": torch.exp,  # the released code
+    "one": torch.ones_like,  # plain SFT
+    "zero": torch.zeros_like,  # no SFT term
+}
+
+#: algorithm.rl_pos_weight: name -> g(h) [T], w_RL = rl_pos_coef * g(sg(H)) on positive rollouts.
+RL_POS_WEIGHTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "exp_pos_entropy": torch.exp,  # the paper (Eq. 12) and the code
+    "one": torch.ones_like,  # the w_RL = 1 ablation, GRPO
+}
+
+#: algorithm.demo_ratio: name -> f(p, gamma) [T] of the off-policy demo term -A * f(pi(y_t)).
+DEMO_RATIOS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "p": lambda p, gamma: p,  # the paper (Eq. 9-10): behaviour policy 1, no clip
+    "p_over_p_plus_gamma": lambda p, gamma: p / (p + gamma),  # the released code and LUFFY
+    "off": lambda p, gamma: torch.zeros_like(p),  # no demo RL term
+}
+
+
 def sft_weight(h: torch.Tensor, settings: AlgoSettings) -> torch.Tensor:
-    """w_SFT [T] = min(sft_coef * g(h), sft_weight_max), g = exp(-h) | exp(h) | 1 | 0 (h already detached)."""
-    form = settings.sft_weight
-    if form == "exp_neg_entropy":
-        w = torch.exp(-h)
-    elif form == "exp_pos_entropy":
-        w = torch.exp(h)
-    elif form == "one":
-        w = torch.ones_like(h)
-    elif form == "zero":
-        w = torch.zeros_like(h)
-    else:
-        raise ValueError(f"algorithm.sft_weight: unknown {form!r}")
-    w = settings.sft_coef * w
+    """w_SFT [T] = min(sft_coef * g(h), sft_weight_max), g = :data:`SFT_WEIGHTS` [``settings.sft_weight``]
+    (h already detached)."""
+    w = settings.sft_coef * SFT_WEIGHTS[settings.sft_weight](h)
     if settings.sft_weight_max is not None:
         w = w.clamp(max=settings.sft_weight_max)
     return w
 
 
 def rl_pos_weight(h: torch.Tensor, settings: AlgoSettings) -> torch.Tensor:
-    """w_RL [T] = rl_pos_coef * (exp(h) | 1) (h already detached)."""
-    if settings.rl_pos_weight == "exp_pos_entropy":
-        return settings.rl_pos_coef * torch.exp(h)
-    if settings.rl_pos_weight == "one":
-        return torch.full_like(h, settings.rl_pos_coef)
-    raise ValueError(f"algorithm.rl_pos_weight: unknown {settings.rl_pos_weight!r}")
+    """w_RL [T] = rl_pos_coef * g(h), g = :data:`RL_POS_WEIGHTS` [``settings.rl_pos_weight``] (h detached)."""
+    return settings.rl_pos_coef * RL_POS_WEIGHTS[settings.rl_pos_weight](h)
 
 
 def sft_term(logprob: torch.Tensor, w_sft: torch.Tensor) -> torch.Tensor:
@@ -170,16 +201,7 @@ def sft_term(logprob: torch.Tensor, w_sft: torch.Tensor) -> torch.Tensor:
 
 def demo_rl_term(logprob: torch.Tensor, advantage: torch.Tensor, settings: AlgoSettings) -> torch.Tensor:
     """Term 2 per token: -A * f(pi(y_t)), behaviour policy taken as 1, no clip; f = p | p/(p+gamma) | 0."""
-    if settings.demo_ratio == "off":
-        return torch.zeros_like(logprob)
-    p = torch.exp(logprob)
-    if settings.demo_ratio == "p":
-        f = p
-    elif settings.demo_ratio == "p_over_p_plus_gamma":
-        f = p / (p + settings.demo_gamma)
-    else:
-        raise ValueError(f"algorithm.demo_ratio: unknown {settings.demo_ratio!r}")
-    return -advantage * f
+    return -advantage * DEMO_RATIOS[settings.demo_ratio](torch.exp(logprob), settings.demo_gamma)
 
 
 def policy_gradient_term(logprob: torch.Tensor, old_logprob: torch.Tensor, advantage: torch.Tensor,
@@ -208,8 +230,9 @@ def entropy_bonus_term(entropy: torch.Tensor, settings: AlgoSettings) -> torch.T
 def _tis_weight(batch: TokenBatch, old: torch.Tensor, mask: torch.Tensor, settings: AlgoSettings):
     if settings.tis_cap is None or batch.engine_logprob is None:
         return None
-    eng = torch.where(mask, batch.engine_logprob.float(), torch.zeros_like(old))
-    return torch.exp(old - eng).clamp(max=settings.tis_cap).detach()
+    # masked positions: engine = old there, so their (unused) weight is exp(0) = 1
+    eng = torch.where(mask, batch.engine_logprob.float(), old.detach().float())
+    return truncated_is_weights(old, eng, settings.tis_cap)
 
 
 # --------------------------------------------------------------------------------------------- objective

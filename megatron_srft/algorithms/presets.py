@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from typing import Callable, Optional
 
 from ..config import AlgorithmConfig, ConfigError
 
-SftWeight = Literal["exp_neg_entropy", "exp_pos_entropy", "one", "zero"]
-RlPosWeight = Literal["exp_pos_entropy", "one"]
-DemoRatio = Literal["p", "p_over_p_plus_gamma", "off"]
-Aggregation = Literal["seq_mean_token_mean", "token_mean", "token_sum_norm"]
 
 
 @dataclass(frozen=True)
@@ -44,19 +40,19 @@ class AlgoSettings:
     use_rollouts: bool              # on-policy rollouts are generated and trained on (terms 3, 4)
     num_demos: int                  # D: demonstrations per prompt
     demos_in_group: bool            # demos join the reward group for the advantage (SRFT/LUFFY yes; SFT+RL no)
-    sft_weight: SftWeight
+    sft_weight: str                 # a key of losses.SFT_WEIGHTS
     sft_coef: float
     sft_weight_max: Optional[float]  # clamp of w_SFT; None = unclamped
-    rl_pos_weight: RlPosWeight
+    rl_pos_weight: str              # a key of losses.RL_POS_WEIGHTS
     rl_pos_coef: float
-    entropy_granularity: Literal["token", "batch_mean"]
+    entropy_granularity: str        # a key of losses.WEIGHT_ENTROPIES
     std_normalize: bool
     adv_eps: float
-    demo_ratio: DemoRatio
+    demo_ratio: str                 # a key of losses.DEMO_RATIOS
     demo_gamma: float
     clip: bool
     clip_eps: float
-    aggregation: Aggregation
+    aggregation: str                # a key of losses.AGGREGATIONS
     aggregation_constant: float     # used by token_sum_norm only
     entropy_bonus: float
     tis_cap: Optional[float] = None  # truncated importance-sampling cap for engine/trainer mismatch; None = off

@@ -1,9 +1,15 @@
-"""Outputs appear whole or not at all: write into a temporary sibling directory, then :func:`replace_dir`."""
+"""Outputs appear whole or not at all: the one home of atomic writes. A directory is built in a temporary sibling
+and renamed into place (:func:`atomic_dir`, :func:`replace_dir`); a file is written beside its name and renamed
+over it (:func:`write_text_atomic`)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -15,9 +21,49 @@ def replace_dir(tmp: Path, final: Path) -> None:
     tmp, final = Path(tmp), Path(final)
     if final.exists():
         old = final.parent / f".{final.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
         final.rename(old)
         tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     else:
         tmp.rename(final)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """``with atomic_dir(out) as tmp:`` write the whole output into ``tmp`` (a fresh sibling of ``out``); on a clean
+    exit it replaces ``out`` (:func:`replace_dir`), on an exception it is deleted and ``out`` is left as it was."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all: a temporary sibling, flushed to disk, then renamed over it
+    (a reader sees the old file or the new one, never a torn one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -33,7 +33,6 @@ written, beyond ``keep_last``.
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import shutil
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import CheckpointError, ConfigError
+from .atomic import write_text_atomic
 
 RUN_FILE = "srft_run.json"
 ARCHIVE_DIR = "previous_runs"
@@ -168,9 +168,8 @@ def start_new_run(run_dir: str | Path) -> str:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     run_id = new_run_id()
-    tmp = run_dir / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps({"run_id": run_id, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
-    os.replace(tmp, run_dir / RUN_FILE)
+    write_text_atomic(run_dir / RUN_FILE,
+                      json.dumps({"run_id": run_id, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
     return run_id
 
 
@@ -379,9 +378,7 @@ def plan_run(run_dir: str | Path, mode: str, config: dict, allow_changes=(), *, 
             if run_id is None:  # a run directory from before run ids: adopt it
                 run_id = start_new_run(run_dir)
             elif not (run_dir / RUN_FILE).is_file():
-                tmp = run_dir / f".{RUN_FILE}.tmp"
-                tmp.write_text(json.dumps({"run_id": run_id, "started": None}, indent=1))
-                os.replace(tmp, run_dir / RUN_FILE)
+                write_text_atomic(run_dir / RUN_FILE, json.dumps({"run_id": run_id, "started": None}, indent=1))
             out.update(run_id=run_id, resume_from=str(chosen), changes=changes.__dict__)
             _log(f"resuming run {run_id} from {chosen}")
             return out

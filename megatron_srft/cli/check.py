@@ -1190,10 +1190,9 @@ def append_results(path: Path, entry: dict) -> None:
     else:
         data.append(entry)
         text = json.dumps(data, indent=1) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from ..checkpoint.atomic import write_text_atomic
+
+    write_text_atomic(path, text)
 
 
 def main(args) -> int:

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from ..data.templates import TEMPLATES
+from ..rewards import REWARDS
 from ..rollout.evaluation import markdown_table, summarise
 
 
@@ -29,9 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=None, help="Nucleus sampling.")
     parser.add_argument("--max-tokens", type=int, default=None, help="Max response tokens (default 1024).")
     parser.add_argument("--out", required=True, help="Output directory (results.json, results.md, samples.jsonl).")
-    parser.add_argument("--template", default=None, choices=["chat", "paper", "boxed", "plain"],
+    parser.add_argument("--template", default=None, choices=list(TEMPLATES),
                         help="Prompt template (see data.template; default paper).")
-    parser.add_argument("--reward", default=None, choices=["math", "exact"], help="Verifier (default math).")
+    parser.add_argument("--reward", default=None, choices=list(REWARDS), help="Verifier (default math).")
     parser.add_argument("--require-think", choices=["auto", "yes", "no"], default="auto",
                         help="Grade only the text after </think> (0 without it); auto = yes for --template paper.")
     parser.add_argument("--max-prompt-length", type=int, default=None,
@@ -169,19 +168,10 @@ def main(args) -> int:
 
 
 def _write_outputs(out: Path, results: dict, table: str, records: list[dict]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    from ..checkpoint.atomic import atomic_dir
+
+    with atomic_dir(out) as tmp:
         (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         (tmp / "results.md").write_text(table)
-        with open(tmp / "samples.jsonl", "w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 

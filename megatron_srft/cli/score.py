@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from ..checkpoint.atomic import write_text_atomic
 from ..distributed import collectives
 
 
@@ -129,13 +129,6 @@ def score_sequences(chunks: list, sequences: list[list[int]], groups, vocab_size
     return list(results) if groups.is_last_pp_stage else None
 
 
-def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp"
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -168,7 +161,7 @@ def main(args: argparse.Namespace) -> int:
             for i, row in enumerate(rows):
                 lp, ent = by_index[i]
                 out_rows.append({**({"id": row["id"]} if "id" in row else {}), "logprobs": lp, "entropy": ent})
-            _write_jsonl_atomic(Path(args.out), out_rows)
+            write_text_atomic(Path(args.out), "".join(json.dumps(row) + "\n" for row in out_rows))
             print(f"srft score: wrote {len(out_rows)} rows to {args.out}")
         collectives.barrier()
     finally:

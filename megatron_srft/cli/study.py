@@ -37,8 +37,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
+from ..checkpoint.atomic import write_text_atomic
 from ..data.toy import ToySettings
 
 #: the paper's claims, as the report states them
@@ -111,9 +112,7 @@ class Job:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -319,9 +318,7 @@ def run_job(job: Job, root: str, spec: StudySpec) -> dict:
               "start": job.start, "train_seconds": train_s, "eval_seconds": time.perf_counter() - t1, **evals,
               "cpu_seconds": _cpu_seconds() - cpu0, "finished_at": time.time(), "load_average": os.getloadavg()[0],
               "signature": job.signature, "overrides": list(job.overrides)}
-    tmp = result_path.with_name(".result.json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, result_path)
+    write_text_atomic(result_path, json.dumps(result, indent=1) + "\n")
     return result
 
 

@@ -33,10 +33,7 @@ Use it with ``data.template=chat`` (the char tokenizer's template renders ``Q:<p
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -218,9 +215,9 @@ def make_toy(out_dir: str | Path, settings: ToySettings = ToySettings(), overwri
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    from ..checkpoint.atomic import atomic_dir
+
+    with atomic_dir(out) as tmp:
         train, test = make_problems(settings)
         if settings.demo_error_rate > 0:
             train = corrupt_demonstrations(train, settings.demo_error_rate, settings.seed)
@@ -230,11 +227,4 @@ def make_toy(out_dir: str | Path, settings: ToySettings = ToySettings(), overwri
         if settings.num_ood_test:
             _write_jsonl(tmp / "test_ood.jsonl", make_ood_problems(settings))
         (tmp / "toy.json").write_text(json.dumps(asdict(settings), indent=2) + "\n")
-        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

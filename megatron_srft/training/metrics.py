@@ -12,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Optional
+
+from ..checkpoint.atomic import write_text_atomic
 
 
 class PhaseTimer:
@@ -123,12 +124,7 @@ class MetricsLogger:
             return
         rows = parse_metrics_lines(self.path)
         kept = [json.dumps(r) for r in rows if r["step"] <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w") as f:
-            f.write("".join(ln + "\n" for ln in kept))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(ln + "\n" for ln in kept))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

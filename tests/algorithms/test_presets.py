@@ -10,16 +10,20 @@ from megatron_srft.algorithms.presets import PRESETS, AlgoSettings, resolve
 from megatron_srft.config import AlgorithmConfig, ConfigError, load_config
 
 
-def test_table_covers_the_config_choices():
-    import typing
+def test_every_preset_is_complete_and_names_table_entries():
+    from megatron_srft.algorithms import losses
 
-    choices = typing.get_args(typing.get_type_hints(AlgorithmConfig)["preset"])
-    assert set(choices) == set(PRESETS)
+    tables = {"sft_weight": losses.SFT_WEIGHTS, "rl_pos_weight": losses.RL_POS_WEIGHTS,
+              "demo_ratio": losses.DEMO_RATIOS, "aggregation": losses.AGGREGATIONS,
+              "entropy_granularity": losses.WEIGHT_ENTROPIES}
     for name, fn in PRESETS.items():
         s = fn()
         assert isinstance(s, AlgoSettings)
         assert all(getattr(s, f.name) is not None or f.name in ("sft_weight_max", "tis_cap")
                    for f in dataclasses.fields(s)), name
+        for field_name, table in tables.items():
+            assert getattr(s, field_name) in table, (name, field_name)
+        assert resolve(AlgorithmConfig(preset=name)) == s
 
 
 # --------------------------------------------------------------------------------------------- released runs
