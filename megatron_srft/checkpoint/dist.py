@@ -235,19 +235,12 @@ def _without_absent_extra_state(sharded_sd: dict, path: Path) -> dict:
 def check_readable(path: str | Path, *, verified: bool = False) -> None:
     """Collective: everything a load of the torch_dist directory ``path`` will read is intact (its manifest, unless
     the caller ``verified`` it already) and holds nothing executable (safe_load). Raises CheckpointError."""
-    from ..errors import CheckpointError
     from . import manifest
     from .safe_load import check_dcp_dir
 
     path = Path(path)
     if not verified:
-        if manifest.has_manifest(path):
-            problems = manifest.verify_collective(path)
-            if problems:
-                raise CheckpointError(manifest.summarize(problems))
-        elif _rank() == 0:
-            print(f"[srft] warning: {path} has no {manifest.MANIFEST} (written by an older version): its files "
-                  f"are not verified", flush=True)
+        manifest.verify_or_warn_collective(path)
     check_dcp_dir(path)
 
 

@@ -211,6 +211,21 @@ def write_manifest_collective(root: str | Path) -> None:
     collectives.barrier()
 
 
+def verify_or_warn_collective(root: str | Path) -> None:
+    """Collective: raise one CheckpointError line (the same on every rank) when ``root``'s manifest names a problem;
+    a checkpoint without a manifest (written before manifests existed) loads with a warning from rank 0."""
+    from ..distributed import collectives
+
+    root = Path(root)
+    if has_manifest(root):
+        problems = verify_collective(root)
+        if problems:
+            raise CheckpointError(summarize(problems))
+    elif collectives.rank() == 0:
+        print(f"[srft] warning: {root} has no {MANIFEST} (written by an older version): its files are not verified",
+              flush=True)
+
+
 def verify_collective(root: str | Path) -> list[str]:
     """Collective: the problems of ``root`` (split over the ranks), the same list on every rank."""
     from ..distributed import collectives

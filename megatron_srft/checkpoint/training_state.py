@@ -208,13 +208,7 @@ def load_training_checkpoint(path: str | Path, chunks, optimizer, *, rank: int, 
     path = Path(path)
     state = read_state(path)
     if not verified:
-        if manifest.has_manifest(path):
-            problems = manifest.verify_collective(path)
-            if problems:
-                raise CheckpointError(manifest.summarize(problems))
-        elif rank == 0:
-            print(f"[srft] warning: {path} has no {manifest.MANIFEST} (written by an older version): its files "
-                  f"are not verified", flush=True)
+        manifest.verify_or_warn_collective(path)
     check_readable(path / "optimizer", verified=True)
     rng_file = path / "rng" / f"rank_{rank}.pt"
     if rng_file.is_file():
