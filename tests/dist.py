@@ -1,7 +1,12 @@
 """Run a function on N gloo ranks (real torch.distributed, real Megatron parallel state).
 
-``run_ranks(fn, world_size, *args)`` spawns processes with torchrun's environment variables set and returns
+``run_ranks(fn, world_size, *args)`` starts processes with torchrun's environment variables set and returns
 each rank's return value (picklable), re-raising the first rank failure with its traceback.
+
+The ranks are forked from a multiprocessing forkserver that imported torch, Megatron-core, transformers and vLLM
+once per test session (:data:`PRELOAD`): a spawned rank spends 10-15 s of CPU importing them, which was most of
+the suite's time. Each rank still starts from a clean interpreter state (nothing has run in the server but imports)
+and takes the parent's current environment and working directory, as a spawned one would.
 """
 
 from __future__ import annotations
@@ -19,7 +24,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world_size, port, fn, args, queue, collected):
+#: Imported once in the forkserver (not run: importing only). Heavy third-party modules and our package's.
+PRELOAD = ["torch", "megatron.core", "megatron.core.optimizer", "megatron.core.pipeline_parallel",
+           "megatron.core.models.gpt", "megatron.core.dist_checkpointing", "transformers", "safetensors.torch",
+           "vllm", "vllm.entrypoints.llm", "megatron_srft.training.loop", "megatron_srft.rollout.vllm_engine",
+           "megatron_srft.checkpoint.dist", "megatron_srft.models.builder"]
+
+
+def _context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)  # takes effect when the server starts (the first run_ranks of a session)
+    return ctx
+
+
+def _entry(rank, world_size, port, fn, args, queue, collected, env, cwd):
+    os.environ.clear()
+    os.environ.update(env)  # the parent's environment now, not the server's at its start
+    os.chdir(cwd)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     import torch
@@ -42,7 +63,7 @@ def _entry(rank, world_size, port, fn, args, queue, collected):
 
 
 def run_ranks(fn, world_size: int, *args, timeout: float = 600.0):
-    """Run ``fn(*args)`` on ``world_size`` spawned gloo ranks; their return values, in rank order.
+    """Run ``fn(*args)`` on ``world_size`` gloo ranks; their return values, in rank order.
 
     The rendezvous port is picked free and released before the ranks bind it; another process on the machine can
     take it in between (EADDRINUSE while the ranks start their world). Only that failure is retried, once."""
@@ -55,11 +76,12 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 600.0):
 
 
 def _run_ranks(fn, world_size: int, *args, timeout: float = 600.0):
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     queue = ctx.Queue()
     collected = ctx.Event()
     port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue, collected))
+    env, cwd = dict(os.environ), os.getcwd()
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue, collected, env, cwd))
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -61,7 +61,7 @@ def test_srft_debug_prints_the_traceback(tmp_path, capsys, monkeypatch):
     assert cli.main(["plot", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err
-    assert err.strip().splitlines()[-1].startswith("srft plot: error: ") and "metrics.jsonl: not found" in err
+    assert err.strip().splitlines()[-1].startswith("srft plot: error: ") and "no metrics.jsonl" in err
 
 
 def test_describe_names_the_cause():
