@@ -73,8 +73,10 @@ OVERHEADS = [
     ("CPU layer: function-mode overhead (own time)", ("megatron_srft/distributed/cpu_compat.py", "__torch_function__")),
 ]
 
-_CHILD = r"""
+#: The start of every benchmark child script that trains the toy with our loop (bench_step, bench_trl's "ours").
+CHILD_COMMON = r"""
 import json, os, sys, time
+from pathlib import Path
 args = json.loads(sys.argv[1])
 import torch
 torch.set_num_threads(args["threads"])
@@ -85,30 +87,45 @@ def hwm():
             return int(line.split()[1]) * 1024
     return 0
 
-def main():
-    from pathlib import Path
-    from megatron_srft.cli.demo import prepare, rl_config
-    from megatron_srft.config import ParallelConfig, parse_override, _merge
+def toy_world(root):
+    # (groups, toy dir, warm-start model) of the demo's toy, prepared once under root
+    from megatron_srft.cli.demo import prepare
+    from megatron_srft.config import ParallelConfig
     from megatron_srft.distributed import groups as parallel
-    from megatron_srft.training import metrics as M
     groups = parallel.init_distributed(ParallelConfig(), seed=1234)
-    toy, start = prepare(Path(args["root"]), groups)
+    toy, start = prepare(Path(root), groups)
+    return groups, toy, start
+
+def apply_overrides(cfg, overrides):
+    from megatron_srft.config import _merge, parse_override
+    for ov in overrides:
+        keys, value = parse_override(ov)
+        for k in reversed(keys):
+            value = {k: value}
+        _merge(cfg, value, "", "--set: ")
+
+def cpu_marks():
+    # process CPU seconds at every logged step (next to the loop's wall-clock phases), filled as the run logs
+    from megatron_srft.training import metrics as M
+    marks, original_log = [], M.MetricsLogger.log
+    def log(self, step, metrics):
+        marks.append(time.process_time())
+        return original_log(self, step, metrics)
+    M.MetricsLogger.log = log
+    return marks
+"""
+
+_CHILD = CHILD_COMMON + r"""
+def main():
+    from megatron_srft.cli.demo import rl_config
+    groups, toy, start = toy_world(args["root"])
     if args["mode"] == "prepare":
         Path(args["result"]).write_text("{}")
         return
     cfg = rl_config(toy, start, Path(args["out"]), args["preset"], steps=args["steps"])
     cfg.data.eval_files, cfg.train.eval_every, cfg.logging.progress_bar = [], 0, False
-    for ov in args["overrides"]:
-        keys, value = parse_override(ov)
-        for k in reversed(keys):
-            value = {k: value}
-        _merge(cfg, value, "", "--set: ")
-    cpu = []
-    original_log = M.MetricsLogger.log
-    def log(self, step, metrics):  # process CPU seconds per step, next to the loop's wall-clock phases
-        cpu.append(time.process_time())
-        return original_log(self, step, metrics)
-    M.MetricsLogger.log = log
+    apply_overrides(cfg, args["overrides"])
+    cpu = cpu_marks()
     from megatron_srft.training.loop import train
     if args["mode"] == "profile":
         import cProfile

@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by benchmarks/run.py
+from bench_step import CHILD_COMMON  # noqa: E402 - the shared start of our child scripts
 SETTINGS = dict(group=7, max_tokens=64, temperature=1.0, lr=1e-4, clip=0.2, prompts_per_step=32, steps=60)
 DEFAULT_TRL_PYTHON = os.environ.get("SRFT_TRL_PYTHON", str(ROOT / ".venv-trl" / "bin" / "python"))
 
@@ -128,27 +130,13 @@ open(args["result"], "w").write(json.dumps({"step_s": steps, "cpu_s": cpu, "gene
                                             "peak_rss_bytes": train_peak, "accuracy": acc}))
 """
 
-_OURS_CHILD = r"""
-import json, os, sys, time
-args = json.loads(sys.argv[1])
-import torch
-torch.set_num_threads(args["threads"])
-
-def hwm():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
-            return int(line.split()[1]) * 1024
-    return 0
-
+_OURS_CHILD = CHILD_COMMON + r"""
 def main():
-    from pathlib import Path
-    from megatron_srft.cli.demo import prepare, rl_config
-    from megatron_srft.config import ParallelConfig, parse_override, _merge
-    from megatron_srft.distributed import groups as parallel
-    from megatron_srft.training import metrics as M
-    groups = parallel.init_distributed(ParallelConfig(), seed=1234)
+    from megatron_srft.cli.demo import rl_config
+    from megatron_srft.training.loop import train
+    from megatron_srft.training.metrics import read_metrics
     root = Path(args["root"])
-    toy, start = prepare(root, groups)
+    groups, toy, start = toy_world(root)
     if args["mode"] == "prepare":
         Path(args["result"]).write_text(json.dumps({"model": str(start), "train_file": str(toy / "train.jsonl"),
                                                     "eval_file": str(root / "eval.jsonl")}))
@@ -162,19 +150,8 @@ def main():
     assert cfg.rollout.num_rollouts_per_prompt == S["group"] and cfg.train.prompts_per_step == S["prompts_per_step"]
     assert cfg.data.max_response_length == S["max_tokens"] and cfg.optimizer.lr == S["lr"]
     assert cfg.algorithm.clip_eps == S["clip"] and cfg.rollout.temperature == S["temperature"]
-    for ov in args["overrides"]:
-        keys, value = parse_override(ov)
-        for k in reversed(keys):
-            value = {k: value}
-        _merge(cfg, value, "", "--set: ")
-    cpu = []
-    original_log = M.MetricsLogger.log
-    def log(self, step, metrics):
-        cpu.append(time.process_time())
-        return original_log(self, step, metrics)
-    M.MetricsLogger.log = log
-    from megatron_srft.training.loop import train
-    from megatron_srft.training.metrics import read_metrics
+    apply_overrides(cfg, args["overrides"])
+    cpu = cpu_marks()
     train(cfg, groups=groups)
     rows = read_metrics(Path(args["out"]))
     Path(args["result"]).write_text(json.dumps({"rows": rows, "cpu_marks": cpu, "peak_rss_bytes": hwm(),

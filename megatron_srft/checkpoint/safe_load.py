@@ -229,6 +229,17 @@ def _byte_items(md) -> list:
             if _is_dcp(items.get(getattr(idx, "fqn", None)), "BytesStorageMetadata")]
 
 
+def read_json(path: Path, what: str):
+    """A checkpoint's JSON file (data only: JSON runs nothing); missing or damaged is a one-line CheckpointError
+    naming the file; ``what`` says what a missing one means."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing ({what})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({_first_line(e)}; damaged)") from None
+
+
 def check_dcp_dir(path: str | Path) -> None:
     """Every pickle a Megatron/torch load of the torch_dist directory ``path`` would unpickle, checked first.
 
@@ -238,12 +249,7 @@ def check_dcp_dir(path: str | Path) -> None:
     """
     root = Path(path)
     meta_json = root / "metadata.json"
-    try:
-        meta = json.loads(meta_json.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{meta_json}: missing (not a Megatron dist checkpoint, or an incomplete one)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{meta_json}: not valid JSON ({_first_line(e)})") from None
+    meta = read_json(meta_json, "not a Megatron dist checkpoint, or an incomplete one")
     backend = meta.get("sharded_backend") if isinstance(meta, dict) else None
     if backend != "torch_dist":
         raise CheckpointError(f"{meta_json}: sharded_backend {backend!r} is not supported (expected 'torch_dist')")

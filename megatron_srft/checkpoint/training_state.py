@@ -94,14 +94,10 @@ def _set_rng_state(state: dict) -> None:
 def read_state(path: str | Path) -> dict:
     """``state.json`` of a training checkpoint; a missing or damaged one is a one-line CheckpointError."""
     from ..errors import CheckpointError
+    from .safe_load import read_json
 
     state_file = Path(path) / "state.json"
-    try:
-        state = json.loads(state_file.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{state_file}: not found (incomplete or not a training checkpoint)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{state_file}: not valid JSON ({str(e).splitlines()[0]}; damaged)") from None
+    state = read_json(state_file, "incomplete or not a training checkpoint")
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) \
             or not isinstance(state.get("data_cursor"), int):
         raise CheckpointError(f"{state_file}: expected an object with integer 'step' and 'data_cursor'")

@@ -9,13 +9,16 @@ hard-coded defaults.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, ModelConfig, OptimizerConfig, ParallelConfig
 from .arch import ArchSpec, rope_inv_freq
+
+if TYPE_CHECKING:
+    from megatron.core.transformer import TransformerConfig
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -114,7 +117,7 @@ class ModelHandle:
 
     chunks: list  # list[GPTModel] (or DDP-wrapped), one per virtual pipeline stage
     arch: ArchSpec
-    tf_config: object
+    tf_config: "TransformerConfig"
     padded_vocab_size: int
 
 

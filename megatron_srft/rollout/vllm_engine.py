@@ -36,7 +36,7 @@ from typing import Iterable, Optional
 import torch
 
 from ..config import RolloutConfig
-from ..distributed import collectives
+from ..distributed import collectives, cpu_compat
 from ..distributed.groups import ensure_launcher_env
 from ..errors import ConfigError, UserError
 from .base import Completion
@@ -250,7 +250,10 @@ class VllmEngine:
             ))
         prompts = [TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompt_token_ids]
         try:
-            outputs = llm.generate(prompts, params, use_tqdm=False)
+            # vLLM's CPU kernels never name a CUDA device: outside the CPU layer's function mode, whose per-op
+            # dispatch cost 10-15% of the toy's generation time (docs/benchmarks.md).
+            with cpu_compat.suspended():
+                outputs = llm.generate(prompts, params, use_tqdm=False)
         except (ValueError, TypeError, VLLMValidationError) as e:
             raise UserError(f"rollout generate: {_first_line(e)}") from e
         result = []

@@ -36,6 +36,9 @@ from ..distributed.groups import ParallelGroups
 from ..errors import ConfigError, SrftError
 
 if TYPE_CHECKING:
+    from megatron.core.optimizer import MegatronOptimizer
+    from transformers import PreTrainedTokenizerBase
+
     from ..models.builder import ModelHandle
 
 
@@ -51,8 +54,8 @@ class Policy:
     """The trained model and everything that moves with it. Also the rollout service's weight source."""
 
     handle: "ModelHandle"
-    optimizer: object  # megatron.core.optimizer.MegatronOptimizer (or ChainedOptimizer)
-    tokenizer: object  # a Hugging Face tokenizer
+    optimizer: "MegatronOptimizer"  # or its ChainedOptimizer (several model chunks)
+    tokenizer: "PreTrainedTokenizerBase"
     model_dir: Path  # HF config + tokenizer (and initial weights) that the rollout engines start from
     groups: ParallelGroups
     micro_batch_tokens: int  # train.micro_batch_tokens with null resolved for this device (distributed/layout.py)
