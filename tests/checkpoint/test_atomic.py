@@ -1,0 +1,41 @@
+"""The one home of atomic writes: an output appears whole or not at all, and a failure leaves the old one."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_srft.checkpoint.atomic import atomic_dir, write_text_atomic
+
+
+def test_atomic_dir_replaces_on_success_and_keeps_the_old_output_on_failure(tmp_path):
+    out = tmp_path / "out"
+    with atomic_dir(out) as tmp:
+        (tmp / "a.txt").write_text("one")
+    assert (out / "a.txt").read_text() == "one"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp / "a.txt").write_text("two, half written")
+            raise RuntimeError("disk full")
+    assert (out / "a.txt").read_text() == "one"
+    with atomic_dir(out) as tmp:
+        (tmp / "b.txt").write_text("two")
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or .old leftovers
+
+
+def test_atomic_dir_replaces_a_file_of_the_same_name(tmp_path):
+    out = tmp_path / "results"
+    out.write_text("an older run wrote a file here")
+    with atomic_dir(out) as tmp:
+        (tmp / "results.json").write_text("{}")
+    assert out.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+
+
+def test_write_text_atomic_is_whole_or_nothing(tmp_path):
+    path = tmp_path / "sub" / "state.json"
+    write_text_atomic(path, '{"step": 1}')
+    assert path.read_text() == '{"step": 1}'
+    with pytest.raises(TypeError):
+        write_text_atomic(path, None)  # fails inside the write: the old file stays, no temporary is left
+    assert path.read_text() == '{"step": 1}'
+    assert sorted(p.name for p in path.parent.iterdir()) == ["state.json"]
