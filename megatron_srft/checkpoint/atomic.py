@@ -57,7 +57,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     (a reader sees the old file or the new one, never a torn one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # *.tmp: never listed in a manifest
     try:
         with open(tmp, "w") as f:
             f.write(text)

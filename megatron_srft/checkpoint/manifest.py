@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from ..errors import CheckpointError
+from .atomic import write_text_atomic
 
 MANIFEST = "srft_manifest.json"
 FORMAT = 1
@@ -99,9 +100,7 @@ def write_manifest(root: str | Path, entries: Optional[dict] = None) -> Path:
     if entries is None:
         entries = hash_entries(root, _walk(root))
     body = {"format": FORMAT, "checksum": "crc32", "files": dict(sorted(entries.items()))}
-    tmp = root / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(body, indent=1))
-    os.replace(tmp, root / MANIFEST)
+    write_text_atomic(root / MANIFEST, json.dumps(body, indent=1))
     return root / MANIFEST
 
 

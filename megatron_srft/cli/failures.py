@@ -25,6 +25,8 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
+from ..checkpoint.atomic import write_text_atomic
+
 _START = time.time()
 #: Ranks other than 0 wait this long before claiming the message, so that an error every rank raises is
 #: reported once, by rank 0 (a rank that fails alone is reported this much later).
@@ -97,9 +99,7 @@ def claim(marker: Path, rank: int) -> bool:
             stale = True
         if not stale:
             return False
-        tmp = marker.with_name(f"{marker.name}.{os.getpid()}")  # a previous job's marker: take it over
-        tmp.write_text(key)
-        os.replace(tmp, marker)
+        write_text_atomic(marker, key)  # a previous job's marker: take it over
         return True
     except OSError:
         return True  # cannot coordinate: better one message per rank than none

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ..checkpoint.atomic import write_text_atomic
+from ..checkpoint.atomic import replace_dir, write_text_atomic
 from ..data.toy import ToySettings
 
 #: the paper's claims, as the report states them
@@ -581,12 +581,9 @@ def write_report(spec: StudySpec, root: Path, results: dict[str, dict], doc: Pat
           "sft_then_rl srft` (add `srft_w_sft_1 srft_w_rl_1` for the paper's two ablations, `--jobs 1` for one "
           "process); per-run metrics, exported models and `result.json` files are under "
           "`DIR/study/runs/<condition>/<stages>/seed<k>/`, and an interrupted study resumes where it stopped.", ""]
-    tmp_doc = doc.with_name(f".{doc.name}.tmp")
-    tmp_doc.write_text("\n".join(L))
     if tmp_img.exists():
-        shutil.rmtree(img_dir, ignore_errors=True)
-        os.replace(tmp_img, img_dir)
-    os.replace(tmp_doc, doc)
+        replace_dir(tmp_img, img_dir)
+    write_text_atomic(doc, "\n".join(L))
     (root / "summary.json").write_text(json.dumps(
         {f"{c}/{r}": {k: v for k, v in cells[(r, c)].items() if k not in ("curve_runs",)}
          for (r, c) in cells}, indent=1, default=str) + "\n")

@@ -138,7 +138,7 @@ def make_ood_problems(settings: ToySettings) -> list[dict]:
 
 def _chain(prompt: str) -> tuple[int, list[tuple[str, int]]]:
     """``3+5-2`` -> (3, [("+", 5), ("-", 2)]) (the toy's own prompts: digits and + / - only)."""
-    ops, num, start = [], "", None
+    ops, num, start, pending = [], "", None, "+"
     for ch in prompt + "+":
         if ch.isdigit():
             num += ch
