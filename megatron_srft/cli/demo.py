@@ -15,6 +15,7 @@ demonstrations, in- and out-of-distribution tests, and writes docs/toy_results.m
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -119,6 +120,8 @@ def run_reproduce(root: Path, doc: Path, spec=None) -> int:
 
 
 def main(argv=None) -> int:
+    # vLLM's per-sync INFO lines (weights reloaded, prefix cache reset) would bury the progress bar; warnings stay.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     p = argparse.ArgumentParser(prog="python -m megatron_srft.cli.demo", description=__doc__.splitlines()[0])
     p.add_argument("--root", default="runs/demo", help="where the toy, the runs and the plots go")
     p.add_argument("--reproduce", action="store_true",
