@@ -444,8 +444,9 @@ def _check_tables(section, path: str) -> None:
 
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
-    if _table_of(tp) is not None:
-        return " | ".join(repr(n) for n in _table_of(tp).names())
+    table = _table_of(tp)
+    if table is not None:
+        return " | ".join(repr(n) for n in table.names())
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):

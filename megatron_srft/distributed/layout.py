@@ -423,6 +423,16 @@ def cpu_kv_cache_bytes(num_seqs: int, max_model_len: int, bytes_per_token: int) 
     return max(_MIN_CPU_KV_CACHE_BYTES, -(-need // mib) * mib)
 
 
+def resolve_cpu_kv_cache_bytes(rollout_cfg, arch: ArchSpec, dtype_bytes: int, max_model_len: int,
+                               num_seqs: int) -> int:
+    """One CPU engine rank's KV cache: ``rollout.cpu_kvcache_space_gib`` when set, else :func:`cpu_kv_cache_bytes`
+    for ``num_seqs`` sequences at once (capped at vLLM's CPU max_num_seqs)."""
+    if rollout_cfg.cpu_kvcache_space_gib is not None:
+        return int(rollout_cfg.cpu_kvcache_space_gib * GIB)
+    per_token = kv_cache_bytes_per_token(arch, dtype_bytes, rollout_cfg.tensor_parallel_size)
+    return cpu_kv_cache_bytes(min(_CPU_MAX_NUM_SEQS, max(1, int(num_seqs))), max_model_len, per_token)
+
+
 def engine_kv_cache_bytes(cfg: SRFTConfig, arch: ArchSpec, on_gpu: bool, world_size: int = 1) -> Optional[int]:
     """The KV cache one engine rank allocates in a training run: None on GPU (vLLM sizes it from
     ``rollout.gpu_memory_utilization``); on CPU ``rollout.cpu_kvcache_space_gib`` when set, else
@@ -430,11 +440,9 @@ def engine_kv_cache_bytes(cfg: SRFTConfig, arch: ArchSpec, on_gpu: bool, world_s
     if on_gpu:
         return None
     r = cfg.rollout
-    if r.cpu_kvcache_space_gib is not None:
-        return int(r.cpu_kvcache_space_gib * GIB)
     max_len = r.max_model_len or (cfg.data.max_prompt_length + cfg.data.max_response_length)
-    per_token = kv_cache_bytes_per_token(arch, _rollout_dtype_bytes(cfg, on_gpu), r.tensor_parallel_size)
-    return cpu_kv_cache_bytes(rollout_sequences_per_engine(cfg, world_size), max_len, per_token)
+    return resolve_cpu_kv_cache_bytes(r, arch, _rollout_dtype_bytes(cfg, on_gpu), max_len,
+                                      rollout_sequences_per_engine(cfg, world_size))
 
 
 # --------------------------------------------------------------------------------------------- FLOPs and MFU
