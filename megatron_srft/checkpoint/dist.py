@@ -207,24 +207,31 @@ def _without_absent_extra_state(sharded_sd: dict, path: Path) -> dict:
     """
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
+    def extra_state_key(node) -> Optional[str]:
+        """The key the checkpoint's metadata lists ``node`` under, for an ``_extra_state`` request (else None).
+
+        Megatron keys ShardedObjects by ``unique_key`` (``...linear_qkv._extra_state/shard_0_1``), not ``key``."""
+        key = getattr(node, "key", None)
+        if not (isinstance(key, str) and "_extra_state" in key):
+            return None
+        return getattr(node, "unique_key", key)
+
     def keys(node) -> list:
         if isinstance(node, dict):
             return [k for v in node.values() for k in keys(v)]
         if isinstance(node, list):
             return [k for v in node for k in keys(v)]
-        key = getattr(node, "key", None)
-        return [key] if isinstance(key, str) and "_extra_state" in key else []
+        key = extra_state_key(node)
+        return [] if key is None else [key]
 
     wanted = keys(sharded_sd)
     if not wanted:
         return sharded_sd
-    available = set(load_sharded_metadata(str(path)))
+    keep = set(load_sharded_metadata(str(path))) | {None}  # None: not an _extra_state request
 
     def prune(node):
         if isinstance(node, dict):
-            return {k: prune(v) for k, v in node.items()
-                    if not (isinstance(getattr(v, "key", None), str) and "_extra_state" in v.key
-                            and v.key not in available)}
+            return {k: prune(v) for k, v in node.items() if extra_state_key(v) in keep}
         if isinstance(node, list):
             return [prune(v) for v in node]
         return node

@@ -59,25 +59,24 @@ def test_save_tp2_load_pp2_same_logprobs(tmp_path):
     assert torch.allclose(lp_a, lp_b, atol=1e-5) and torch.allclose(ent_a, ent_b, atol=1e-5)
 
 
-def _load_into_extra_state_model(ckpt_dir, hf_dir):
-    """Build the model with linears that carry extra state (as Transformer Engine's do), load a local-spec
-    checkpoint into it, and compare every weight with the HF source."""
+def _extra_state_model(hf_dir, extra_on: tuple[str, ...], value: float):
+    """The model with the ``extra_on`` linears (of linear_qkv, linear_proj, linear_fc1, linear_fc2) carrying extra
+    state as Transformer Engine's do: ``get_extra_state`` returns ``[value, layer]``; ``set_extra_state`` records what
+    a load gave it. Returns (model, groups, arch)."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-    from megatron_srft.checkpoint.dist import load_model
     from megatron_srft.config import ModelConfig, ParallelConfig
     from megatron_srft.distributed.groups import init_distributed
     from megatron_srft.models.arch import load_arch
     from megatron_srft.models.builder import build_gpt, transformer_config
     from megatron_srft.models.local_spec import RMSNorm, local_layer_spec
-    from megatron_srft.models.mapping import export_hf_weights
 
     class _ExtraState:
         """TE's modules return a buffer of FP8 scaling state from get_extra_state and take it back in set."""
 
         def get_extra_state(self):
-            return torch.tensor([1.0, 2.0])
+            return torch.tensor([value, float(getattr(self, "test_layer_index", 0))])
 
         def set_extra_state(self, state):
             self.loaded_extra_state = state
@@ -93,11 +92,29 @@ def _load_into_extra_state_model(ckpt_dir, hf_dir):
     arch = load_arch(hf_dir)
     layer = local_layer_spec(arch.qk_norm)
     attn, mlp = layer.submodules.self_attention.submodules, layer.submodules.mlp.submodules
-    attn.linear_qkv, attn.linear_proj, mlp.linear_fc1, mlp.linear_fc2 = Column, Row, Column, Row
+    plain = {"linear_qkv": ColumnParallelLinear, "linear_proj": RowParallelLinear,
+             "linear_fc1": ColumnParallelLinear, "linear_fc2": RowParallelLinear}
+    extra = {"linear_qkv": Column, "linear_proj": Row, "linear_fc1": Column, "linear_fc2": Row}
+    for name in plain:
+        setattr(attn if name in ("linear_qkv", "linear_proj") else mlp, name,
+                extra[name] if name in extra_on else plain[name])
     tf = transformer_config(arch, mcfg, pcfg)
     tf.perform_initialization = False
     model = build_gpt(arch, mcfg, pcfg, True, True, tf_config=tf,
                       spec=TransformerBlockSubmodules(layer_specs=[layer] * arch.num_layers, layer_norm=RMSNorm))
+    for i, lyr in enumerate(model.decoder.layers):
+        for mod in lyr.modules():
+            mod.test_layer_index = i
+    return model, groups, arch
+
+
+def _load_into_extra_state_model(ckpt_dir, hf_dir):
+    """Load a local-spec checkpoint into a model whose linears all carry extra state; compare every weight with the
+    HF source."""
+    from megatron_srft.checkpoint.dist import load_model
+    from megatron_srft.models.mapping import export_hf_weights
+
+    model, groups, arch = _extra_state_model(hf_dir, ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"), 0.0)
     assert any(k.endswith("_extra_state") for k in model.state_dict())  # the requests the checkpoint lacks
     load_model([model], ckpt_dir)
     from safetensors.torch import load_file
@@ -112,6 +129,33 @@ def test_local_spec_checkpoint_loads_into_modules_with_extra_state(tmp_path):
     hf = make_case(tmp_path / "hf", "qwen2_untied")
     assert main(["convert", "hf-to-mcore", "--hf", str(hf), "--out", str(tmp_path / "conv"), "--dtype", "fp32"]) == 0
     assert run_ranks(_load_into_extra_state_model, 1, str(tmp_path / "conv" / "model"), hf) == [0.0]
+
+
+def _save_then_load_extra_state(hf_dir, ckpt_dir):
+    """Save with extra state on the column linears only, load into a model whose four linears carry it: what the
+    checkpoint holds is loaded (an FP8 resume keeps TE's scaling state), what it lacks is skipped."""
+    from megatron_srft.checkpoint.dist import load_model, save_model
+
+    saved, _, arch = _extra_state_model(hf_dir, ("linear_qkv", "linear_fc1"), 7.0)
+    save_model([saved], ckpt_dir, {"step": 1}, arch=arch)
+    model, _, _ = _extra_state_model(hf_dir, ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"), 0.0)
+    load_model([model], ckpt_dir)
+    got = {}
+    for i, lyr in enumerate(model.decoder.layers):
+        for name in ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2"):
+            state = getattr(lyr.get_submodule(name), "loaded_extra_state", None)
+            got[f"{i}.{name}"] = None if state is None else [float(x) for x in state]
+    return got
+
+
+def test_extra_state_in_the_checkpoint_is_loaded_and_absent_is_skipped(tmp_path):
+    hf = make_case(tmp_path / "hf", "qwen2_untied")
+    got, = run_ranks(_save_then_load_extra_state, 1, hf, str(tmp_path / "ckpt" / "model"))
+    for i in range(2):
+        assert got[f"{i}.self_attention.linear_qkv"] == [7.0, float(i)]  # present: each layer its own
+        assert got[f"{i}.mlp.linear_fc1"] == [7.0, float(i)]
+        assert got[f"{i}.self_attention.linear_proj"] is None  # absent: fresh state, load not refused
+        assert got[f"{i}.mlp.linear_fc2"] is None
 
 
 def _load_into_other_shape(hf_dir, ckpt_model_dir):
