@@ -29,10 +29,13 @@ from megatron.core.transformer.module import MegatronModule
 
 
 class RMSNorm(torch.nn.Module):
-    """y = w * (x / sqrt(mean(x^2, last dim) + eps)), computed in fp32 and cast back to x's dtype (HF Qwen2/Llama).
+    """y = w * (x / sqrt(mean(x^2, last dim) + eps)) as HF Qwen2/Llama compute it: the normalisation in fp32, cast
+    back to x's dtype, then multiplied by the weight in x's dtype, so the output has the activation dtype.
 
-    Built by Megatron's ``build_module(spec, config=..., hidden_size=..., eps=...)``. The weight is fp32, like the
-    local spec's ``torch.nn.RMSNorm``; it carries ``sequence_parallel`` = ``config.sequence_parallel``.
+    Built by Megatron's ``build_module(spec, config=..., hidden_size=..., eps=...)``. The weight is held in
+    ``config.params_dtype``, as Transformer Engine's norms and the HF / vLLM models hold it (an fp32 weight would
+    promote bf16 activations to fp32 and the next bf16 linear layer would reject them); the optimizer keeps its
+    fp32 master copy. It carries ``sequence_parallel`` = ``config.sequence_parallel``.
     """
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused) -> None:
@@ -40,13 +43,13 @@ class RMSNorm(torch.nn.Module):
         if getattr(config, "normalization", "RMSNorm") != "RMSNorm":
             raise ValueError(f"models.local_spec.RMSNorm: expected normalization 'RMSNorm', got {config.normalization}")
         self.eps = float(eps)
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=torch.float32))
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
         setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.weight.to(x.dtype) * h.to(x.dtype)  # (a no-op cast when the weight has x's dtype)
 
 
 class PackedSegmentAttention(MegatronModule):

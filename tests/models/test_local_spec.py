@@ -3,6 +3,8 @@ DotProductAttention computes with the dense block-causal [T, T] mask: logits and
 1e-5, at TP=1 and TP=2 (GQA: 4 query heads, 2 KV heads), with and without sequence parallelism, on a row of
 several sequences plus a trailing padding segment. And a packed sequence's logits equal the sequence run alone
 (RoPE restarts per segment on the THD path; the dense reference uses row positions, equal by relativity).
+In bf16 (the shipped configs' dtype) every module of our spec returns bf16, forward and backward run, and the
+logits stay close to those of the fp32 model with the same weights.
 """
 
 import numpy as np
@@ -155,3 +157,57 @@ def test_segment_attention_matches_reference_gqa_and_grads():
     cu1 = torch.tensor([0, 10], dtype=torch.int32)
     p1 = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu1, cu_seqlens_kv=cu1, max_seqlen_q=10, max_seqlen_kv=10)
     assert torch.allclose(one[:, 0], core(q[:10], k[:10], v[:10], None, packed_seq_params=p1), atol=1e-12)
+
+
+def _bf16_forward_backward(hf_dir):
+    """A bf16 model (the shipped configs' dtype) through our spec, packed (THD) and unpacked; an fp32 twin with the
+    same weights as reference."""
+    from megatron_srft.config import ModelConfig, ParallelConfig
+    from megatron_srft.distributed.groups import init_distributed
+    from megatron_srft.models.arch import load_arch
+    from megatron_srft.models.builder import build_gpt
+    from megatron_srft.models.local_spec import PackedSegmentAttention, RMSNorm
+    from megatron_srft.models.mapping import load_hf_into_model
+    from megatron_srft.training.batch import model_forward, pack_micro_batches
+
+    pcfg = ParallelConfig()
+    groups = init_distributed(pcfg, seed=1234)
+    arch = load_arch(hf_dir)
+    models = {name: build_gpt(arch, ModelConfig(params_dtype=name, transformer_impl="local",
+                                                make_vocab_size_divisible_by=64), pcfg, pre_process=True,
+                              post_process=True) for name in ("bf16", "fp32")}
+    load_hf_into_model(list(models.values()), arch, hf_dir, groups)
+    bf16 = models["bf16"]
+    ours = [(n, m) for n, m in bf16.named_modules() if isinstance(m, (RMSNorm, PackedSegmentAttention))]
+    out = {"param_dtypes": sorted({str(p.dtype) for p in bf16.parameters()}), "num_modules": len(ours),
+           "module_out_dtypes": {}}
+    for n, m in ours:
+        m.register_forward_hook(lambda mod, args, res, n=n: out["module_out_dtypes"].setdefault(n, set()).add(
+            str(res.dtype)))
+    (mb,) = pack_micro_batches(make_samples(6, seed=3), 1000, pad_to_multiple=PAD_MULTIPLE)
+    logits = {name: model_forward(m, mb) for name, m in models.items()}  # THD path
+    out["logits_dtype"] = str(logits["bf16"].dtype)
+    ref = logits["fp32"].detach()
+    out["rel_diff"] = float((logits["bf16"].detach().float() - ref).abs().max() / ref.abs().max())
+    logits["bf16"].float().square().mean().backward()
+    out["grads"] = {n: (str(p.grad.dtype), bool(p.grad.isfinite().all()), float(p.grad.abs().max()))
+                    for n, p in bf16.named_parameters()}
+    a, b = int(mb.cu_seqlens[0]), int(mb.cu_seqlens[1])  # the unpacked path: one sequence, causal
+    with torch.no_grad():
+        alone = bf16(input_ids=mb.tokens[:, a:b], position_ids=mb.position_ids[:, a:b], attention_mask=None)[0]
+    out["alone_dtype"] = str(alone.dtype)
+    return out
+
+
+def test_bf16_forward_backward_stays_in_bf16(hf_dir):
+    """Every module of our spec returns the activation dtype: an fp32 result would reach a bf16 linear layer
+    (``expected m1 and m2 to have the same dtype``). Logits stay close to the fp32 model's with the same weights."""
+    (r,) = run_ranks(_bf16_forward_backward, 1, hf_dir)
+    assert r["param_dtypes"] == ["torch.bfloat16"]
+    assert r["num_modules"] == 2 * 3 + 1  # per layer: 2 norms + core attention; the final norm
+    assert all(d == {"torch.bfloat16"} for d in r["module_out_dtypes"].values()), r["module_out_dtypes"]
+    assert len(r["module_out_dtypes"]) == r["num_modules"]
+    assert r["logits_dtype"] == r["alone_dtype"] == "torch.bfloat16"
+    assert r["rel_diff"] <= 5e-2, r["rel_diff"]
+    for n, (dtype, finite, scale) in r["grads"].items():
+        assert dtype == "torch.bfloat16" and finite and scale > 0, (n, dtype, finite, scale)
