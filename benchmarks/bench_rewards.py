@@ -1,6 +1,6 @@
 """Reward pool throughput: the ``math`` verifier (math-verify) in worker processes on real benchmark answers.
 
-``run() -> dict``: every ground truth of /work/shared/data/math_eval.parquet (2019 problems, the paper's five
+``run() -> dict``: every ground truth of data/eval/math_eval.parquet (2019 problems, the paper's five
 math benchmarks) answered as ``<think>..</think> \\boxed{gt}`` (all correct; mostly the string quick path) and
 as the wrong boxed answer 12345 (every item goes through math-verify), scored with 2 workers: items per second, worker start-up seconds, and the number of timeouts (expected 0).
 """
@@ -8,8 +8,9 @@ as the wrong boxed answer 12345 (every item goes through math-verify), scored wi
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
-DATA = "/work/shared/data/math_eval.parquet"
+DATA = str(Path(__file__).resolve().parents[1] / "data" / "eval" / "math_eval.parquet")
 
 
 def run(num_workers: int = 2) -> dict:

@@ -97,6 +97,17 @@ def test_eval_recipe():
                                                           "ood_gpqa.parquet"]
 
 
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_eval_files_are_in_the_repository(path):
+    """A config's evaluation files under data/ ship with the repository, and load (a clone has nothing beside it)."""
+    from megatron_srft.data.dataset import load_problems
+
+    for f in load_config(str(path)).data.eval_files:
+        if f.startswith("data/"):
+            assert (ROOT / f).is_file(), f"{path.name} names {f}, which the repository does not ship"
+            assert load_problems(str(ROOT / f))
+
+
 def test_toy_is_cpu_only():
     cfg = _load(str(ROOT / "examples/configs/toy-cpu.yaml"), 2)
     assert cfg.model.params_dtype == "fp32" and cfg.parallel.backend == "gloo" and cfg.model.fp8 is None

@@ -7,7 +7,7 @@ import pytest
 from megatron_srft.data.dataset import DataError, Problem, load_problems, tokenize_problems
 from megatron_srft.models.tiny import make_char_tokenizer
 
-from tests.shared_data import SHARED
+from tests.eval_data import EVAL_DATA
 
 
 def _jsonl(tmp_path, rows, name="d.jsonl"):
@@ -48,7 +48,7 @@ def test_verl_layout_parquet(tmp_path):
 @pytest.mark.parametrize("name,n,sources", [("math_eval", 2019, {"aime", "amc", "math", "minerva", "olympiad_bench"}),
                                             ("ood_arc_c", 1172, {"arc_c"}), ("ood_gpqa", 198, {"gpqa"})])
 def test_shared_parquet_files(name, n, sources):
-    probs = load_problems(f"{SHARED}/{name}.parquet")
+    probs = load_problems(f"{EVAL_DATA}/{name}.parquet")
     assert len(probs) == n and {p.data_source for p in probs} == sources
     assert all(isinstance(p.prompt, list) and p.prompt[0]["role"] == "system" and p.answer for p in probs)
 
@@ -117,7 +117,7 @@ def test_tokenize_batches_keep_demos_aligned(tok, monkeypatch):
 
 
 def test_tokenize_verl_file_with_paper_template_keeps_its_system_prompt(tok):
-    probs = load_problems(f"{SHARED}/ood_gpqa.parquet")
+    probs = load_problems(f"{EVAL_DATA}/ood_gpqa.parquet")
     out = tokenize_problems(probs, tok, "paper", 100_000, 10)
     assert len(out) == len(probs) and out.num_dropped == 0
     text = tok.decode(out[0].prompt_ids)

@@ -5,7 +5,7 @@ import pytest
 
 from megatron_srft.data.dataset import load_problems
 from megatron_srft.rewards.pool import RewardPool
-from tests.shared_data import SHARED
+from tests.eval_data import EVAL_DATA
 
 
 def sleepy_reward(response, answer, *, require_think=False):
@@ -20,7 +20,7 @@ def sleepy_reward(response, answer, *, require_think=False):
 
 
 def test_every_math_eval_ground_truth_scores_one():
-    probs = load_problems(f"{SHARED}/math_eval.parquet")
+    probs = load_problems(f"{EVAL_DATA}/math_eval.parquet")
     responses = [f"<think>\nwork</think>\nThe answer is \\boxed{{{p.answer}}}" for p in probs]
     answers = [p.answer for p in probs]
     with RewardPool("math", timeout_s=30, num_workers=2, require_think=True) as pool:
@@ -44,7 +44,7 @@ def verify_only(response, answer, *, require_think=False):
 
 def test_math_verify_accepts_ground_truths_themselves():
     """The quick path above short-cuts identical strings; here math-verify compares every 5th ground truth."""
-    answers = [p.answer for p in load_problems(f"{SHARED}/math_eval.parquet")][::5]
+    answers = [p.answer for p in load_problems(f"{EVAL_DATA}/math_eval.parquet")][::5]
     with RewardPool(verify_only, timeout_s=30, num_workers=2, require_think=False) as pool:
         scores, num_timeouts = pool.score([f"\\boxed{{{a}}}" for a in answers], answers)
     assert num_timeouts == 0 and [a for a, s in zip(answers, scores) if s != 1.0] == []
