@@ -1,6 +1,10 @@
 """Outputs appear whole or not at all: the one home of atomic writes. A directory is built in a temporary sibling
 and renamed into place (:func:`atomic_dir`, :func:`replace_dir`); a file is written beside its name and renamed
-over it (:func:`write_text_atomic`)."""
+over it (:func:`write_text_atomic`, :func:`write_files_atomic`).
+
+Outputs never touch inputs: :func:`check_output` (an output that is, lies inside or contains an input is refused)
+is the one check every command that writes calls before it writes anything.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,24 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Optional
+
+from ..errors import UserError
+
+
+def check_output(out: Path, inputs: Iterable[Optional[Path]], flag: str = "--out") -> None:
+    """Refuse an output that is, lies inside or contains one of ``inputs`` (symlinks resolved), before anything is
+    written or deleted. ``None`` inputs are skipped. One line naming both."""
+    real_out = Path(os.path.realpath(out))
+    real_ins = [(inp, Path(os.path.realpath(inp))) for inp in inputs if inp is not None]
+    for inp, real_in in real_ins:
+        if real_out == real_in:
+            raise UserError(f"{flag} {out}: is the input {inp}; choose a new path (an input is never replaced)")
+    for inp, real_in in real_ins:
+        if real_in in real_out.parents:
+            raise UserError(f"{flag} {out}: lies inside the input {inp}; choose a path outside it")
+        if real_out in real_in.parents:
+            raise UserError(f"{flag} {out}: contains the input {inp}; writing there could replace the input")
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -67,3 +88,13 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_files_atomic(out_dir: Path, files: dict[str, str]) -> None:
+    """Write each of ``files`` (name -> text) into ``out_dir`` whole (:func:`write_text_atomic`), replacing only
+    those names: whatever else the directory holds is left alone, and no directory is ever removed."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a directory")
+    for name, text in files.items():
+        write_text_atomic(out_dir / name, text)

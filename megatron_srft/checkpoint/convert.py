@@ -32,6 +32,7 @@ from ..errors import CheckpointError, UserError
 from ..models.arch import ArchSpec, arch_from_hf_config, load_arch
 from . import dist as dist_ckpt
 from . import manifest
+from .atomic import check_output
 
 #: Files copied next to the weights in both directions (tokenizer and generation settings; never executed).
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -144,20 +145,17 @@ def _inputs_of(source: ModelSource, given: Path) -> list[Path]:
 
 
 def _check_out(out: Path, overwrite: bool, inputs: tuple = ()) -> None:
-    """Refuse an output that is, contains or lies inside an input (symlinks resolved) before anything is deleted;
-    a non-empty output needs ``overwrite``."""
-    real_out = Path(os.path.realpath(out))
-    real_ins = [(inp, Path(os.path.realpath(inp))) for inp in inputs]
-    for inp, real_in in real_ins:
-        if real_out == real_in:
-            raise UserError(f"--out {out}: is the input {inp}; choose a new directory (the input is never replaced)")
-    for inp, real_in in real_ins:
-        if real_in in real_out.parents:
-            raise UserError(f"--out {out}: lies inside the input {inp}; choose a directory outside it")
-        if real_out in real_in.parents:
-            raise UserError(f"--out {out}: contains the input {inp}; replacing it would delete the input")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out}: output directory exists and is not empty (pass --overwrite to replace it)")
+    """Refuse an output that is, contains or lies inside an input (atomic.check_output) before anything is deleted;
+    a non-empty output needs ``overwrite``, and is replaced only when it is an earlier conversion's output (it
+    holds our manifest): a directory this command did not write is never removed."""
+    check_output(out, inputs)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise FileExistsError(f"{out}: output directory exists and is not empty (pass --overwrite to replace it)")
+        if not out.is_dir() or not manifest.has_manifest(out):
+            raise UserError(f"--out {out}: exists and is not the output of an earlier conversion (no "
+                            f"{manifest.MANIFEST}); --overwrite replaces only what srft convert wrote: choose a new "
+                            f"directory")
 
 
 def _prepare_out(out: Path, overwrite: bool, inputs: tuple = ()) -> Path:

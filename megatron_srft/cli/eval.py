@@ -16,6 +16,10 @@ from ..rewards import REWARDS
 from ..rollout.evaluation import markdown_table, summarise
 
 
+#: What `srft eval` writes into --out; --overwrite replaces these files and nothing else.
+OUTPUT_FILES = ("results.json", "results.md", "samples.jsonl")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None,
                         help="YAML config: model.path, data.eval_files / template / max_prompt_length, the rollout "
@@ -43,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="Sampling seed (default 0).")
     parser.add_argument("--reward-workers", type=int, default=None, help="Verifier processes per engine (default 2).")
     parser.add_argument("--reward-timeout", type=float, default=None, help="Per-sample verifier timeout (s).")
-    parser.add_argument("--overwrite", action="store_true", help="Replace an existing non-empty --out.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace the results files of an earlier evaluation in --out (nothing else is removed).")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides (with or without --config)")
 
 
@@ -92,9 +97,16 @@ def _check_args(args, cfg) -> None:
         raise UserError("--n-samples > 1 at --temperature 0 gives K identical greedy samples; raise the temperature")
     if not (Path(cfg.model.path) / "config.json").is_file():
         raise UserError(f"--model: {cfg.model.path}/config.json not found (expected a Hugging Face model directory)")
+    from ..checkpoint.atomic import check_output
+
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise UserError(f"--out: {out} exists and is not empty (pass --overwrite to replace it)")
+    check_output(out, [Path(cfg.model.path), *map(Path, cfg.data.eval_files),
+                       Path(args.config) if args.config else None])
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: {out} exists and is not a directory")
+    ours = [n for n in OUTPUT_FILES if (out / n).exists()]
+    if ours and not args.overwrite:
+        raise UserError(f"--out: {out} already holds {', '.join(ours)} (pass --overwrite to replace these files)")
 
 
 def main(args) -> int:
@@ -168,10 +180,8 @@ def main(args) -> int:
 
 
 def _write_outputs(out: Path, results: dict, table: str, records: list[dict]) -> None:
-    from ..checkpoint.atomic import atomic_dir
+    """Each file whole (written beside its name, then renamed); other files in ``out`` are left alone."""
+    from ..checkpoint.atomic import write_files_atomic
 
-    with atomic_dir(out) as tmp:
-        (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        (tmp / "results.md").write_text(table)
-        (tmp / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-
+    texts = (json.dumps(results, indent=2) + "\n", table, "".join(json.dumps(r) + "\n" for r in records))
+    write_files_atomic(out, dict(zip(OUTPUT_FILES, texts)))

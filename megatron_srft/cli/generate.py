@@ -88,6 +88,10 @@ def main(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts)
     source = resolve_source(args.ckpt)
     hf_dir = source.root
+    if args.out:
+        from ..checkpoint.atomic import check_output
+
+        check_output(Path(args.out), [Path(args.ckpt), hf_dir, Path(args.prompts)])
     if not (hf_dir / "config.json").is_file():
         raise UserError(f"{hf_dir}: the engine needs the HF config.json and tokenizer next to the checkpoint "
                         f"(the layout `srft convert hf-to-mcore` writes)")

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from ..checkpoint.atomic import write_text_atomic
+from ..checkpoint.atomic import check_output, write_text_atomic
 from ..distributed import collectives
 
 
@@ -140,6 +140,7 @@ def main(args: argparse.Namespace) -> int:
     if args.tp < 1 or args.pp < 1:
         raise UserError(f"--tp/--pp: expected integers >= 1, got {args.tp}/{args.pp}")
     source = resolve_source(args.ckpt)  # bad paths fail before any process group exists
+    check_output(Path(args.out), [Path(args.ckpt), source.root, Path(args.data)])
     pcfg = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
     groups = init_distributed(pcfg)
     try:

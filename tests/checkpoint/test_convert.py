@@ -152,6 +152,27 @@ def test_out_that_is_inside_or_contains_the_input_is_refused(tmp_path, hf_dir, t
     assert _snapshot(run) == before
 
 
+def test_overwrite_never_removes_a_directory_convert_did_not_write(tmp_path, hf_dir, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's own")
+    err = _err(capsys, ["convert", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(out), "--overwrite"])
+    assert "not the output of an earlier conversion" in err and str(out) in err
+    assert (out / "notes.txt").read_text() == "the user's own"
+
+
+def test_score_and_generate_refuse_an_out_that_is_an_input(tmp_path, hf_dir, capsys):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "1+1", "prompt_ids": [1], "response_ids": [2]}\n')
+    before = data.read_bytes()
+    for argv in (["score", "--ckpt", str(hf_dir), "--data", str(data), "--out", str(data)],
+                 ["generate", "--ckpt", str(hf_dir), "--prompts", str(data), "--out", str(data)],
+                 ["score", "--ckpt", str(hf_dir), "--data", str(data), "--out", str(hf_dir / "x.jsonl")]):
+        err = _err(capsys, argv)
+        assert "is the input" in err or "lies inside the input" in err, err
+    assert data.read_bytes() == before
+
+
 # --------------------------------------------------------------------------------------------- no silent garbage
 
 
