@@ -22,7 +22,7 @@ FIGURES = {
     "weights": ["weight/sft_mean", "weight/sft_max", "weight/rl_mean", "weight/rl_max"],
     "eval": ["eval/accuracy"],
     "loss": ["loss/total", "loss/sft", "loss/demo_rl", "loss/rl_pos", "loss/rl_neg"],
-    "mismatch": ["mismatch/mean_abs", "mismatch/max_abs"],
+    "mismatch": ["mismatch/abs_mean", "mismatch/abs_max"],
     "timing": ["time/rollout", "time/reward", "time/old_logprob", "time/train", "time/sync"],
 }
 

@@ -37,3 +37,16 @@ def test_cli_overlays_runs_one_png_per_quantity(tmp_path, capsys):
     assert cli_main(["plot", *map(str, runs)]) == 2  # several runs need --out
     assert "--out" in capsys.readouterr().err
     assert cli_main(["plot", str(runs[0]), str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def test_mismatch_figure_draws_the_names_a_run_writes():
+    """The figure's keys are the loss adapter's mismatch sums under the run's metric names."""
+    import torch
+
+    from megatron_srft.algorithms.mismatch import mismatch_sums
+    from megatron_srft.cli.plot import FIGURES
+    from megatron_srft.training.loop import _metric_name
+
+    lp = torch.zeros(4)
+    written = {_metric_name(k) for k in mismatch_sums(lp, lp + 0.1, torch.ones(4, dtype=torch.bool))}
+    assert set(FIGURES["mismatch"]) <= written, written
