@@ -32,10 +32,14 @@ written, beyond ``keep_last``.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import os
 import re
 import secrets
 import shutil
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +53,12 @@ ARCHIVE_DIR = "previous_runs"
 #: What belongs to a run (moved together to previous_runs/ by a fresh start).
 RUN_ARTEFACTS = ("checkpoints", "metrics.jsonl", "config.yaml", "tensorboard", "hf", "plots", "logs", RUN_FILE)
 RESUME_MODES = ("auto", "must", "never", "fresh")
+#: Held (an exclusive POSIX lock) by the one trainer using the run directory; holds that trainer's host, pid and run
+#: id. POSIX locks are released by the kernel when their process ends, however it ends (a stale file is simply
+#: taken over), and are not inherited by forked children (a checkpoint writer left behind cannot hold the run).
+LOCK_FILE = ".srft_lock"
+#: Written by a start before it has a run, never the user's: a directory holding only these is still empty.
+_START_LEFTOVERS = (LOCK_FILE, ARCHIVE_DIR)
 _STEP_RE = re.compile(r"^step_(\d{6,})$")
 
 #: Config fields (dotted paths; a section name covers all its fields) whose change breaks an exact resume: the
@@ -125,6 +135,84 @@ def _has_artefacts(run_dir: Path) -> list[str]:
     return [n for n in RUN_ARTEFACTS if (run_dir / n).exists()]
 
 
+def _only_failure_logs(path: Path) -> bool:
+    """``logs/`` holding only what a failed start writes there (cli/failures.py: error logs, failure markers)."""
+    return path.name == "logs" and path.is_dir() and not path.is_symlink() and all(
+        p.is_file() and (p.name.startswith(".failure-") or (p.name.startswith("error-") and p.name.endswith(".log")))
+        for p in path.iterdir())
+
+
+def _not_ours(run_dir: Path) -> list[str]:
+    """Names in ``run_dir`` that no start of ours wrote (empty: the directory may hold a new run)."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p.name for p in run_dir.iterdir() if p.name not in _START_LEFTOVERS and not _only_failure_logs(p))
+
+
+def _wrote_nothing(run_dir: Path) -> bool:
+    """A start that failed before its first metrics or checkpoint: its run file, config.yaml and error logs are
+    all it left (nothing to keep in previous_runs/)."""
+    present = set(_has_artefacts(run_dir))
+    return present <= {RUN_FILE, "config.yaml", "logs"} and ("logs" not in present
+                                                             or _only_failure_logs(run_dir / "logs"))
+
+
+# --------------------------------------------------------------------------------------------- one trainer per run
+
+_HELD_LOCKS: dict[str, int] = {}  # realpath of a lock file -> the open descriptor holding its lock
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text() or "{}")
+        return (f"host {info.get('host', '?')}, pid {info.get('pid', '?')}, run {info.get('run_id') or '(starting)'}"
+                f", since {info.get('since', '?')}")
+    except (OSError, ValueError):
+        return "holder unknown"
+
+
+def lock_run_dir(run_dir: str | Path, run_id: Optional[str] = None) -> Path:
+    """Take (or, in the process that holds it, update) the exclusive lock of ``run_dir``; returns the lock file.
+
+    Taken before anything in the directory is read or moved; held until :func:`release_run_dir` or the end of the
+    process. A second trainer gets one line naming the holder (host, pid, run id)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    key = os.path.realpath(path)
+    fd = _HELD_LOCKS.get(key)
+    if fd is None:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise CheckpointError(f"{path}: is a symlink; refusing to use it as the run's lock") from None
+            raise
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            raise CheckpointError(f"{run_dir}: in use by another trainer ({_holder(path)}); wait for it to end "
+                                  f"or choose another run_dir") from None
+        _HELD_LOCKS[key] = fd
+    info = {"host": socket.gethostname(), "pid": os.getpid(), "run_id": run_id,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    data = json.dumps(info).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+    return path
+
+
+def release_run_dir(run_dir: str | Path) -> None:
+    """Release the lock this process holds on ``run_dir`` (no-op when it holds none). The file stays: a later
+    trainer takes it over."""
+    fd = _HELD_LOCKS.pop(os.path.realpath(Path(run_dir) / LOCK_FILE), None)
+    if fd is not None:
+        os.close(fd)
+
+
 # --------------------------------------------------------------------------------------------- moving aside
 
 
@@ -146,7 +234,7 @@ def archive_run(run_dir: str | Path) -> Optional[Path]:
     """
     run_dir = Path(run_dir)
     present = _has_artefacts(run_dir)
-    if not present:
+    if not present or _wrote_nothing(run_dir):  # a failed start's leftovers are taken over, not piled up
         return None
     try:
         old_id = (read_run_file(run_dir) or {}).get("run_id") or "unknown"
@@ -283,6 +371,12 @@ def _plan_on_rank0(run_dir: Path, mode: str) -> dict:
     if mode == "fresh" or not ckpts:
         if mode == "must":
             raise ConfigError(f"checkpoint.resume: 'must' but no complete checkpoint in {run_dir / 'checkpoints'}")
+        if run_file is None and not ckpts:
+            foreign = _not_ours(run_dir)
+            if foreign:  # the user's own files: a new run there would move them
+                raise ConfigError(
+                    f"run_dir: {run_dir} is not empty and is not a run directory (no {RUN_FILE}; it holds "
+                    f"{', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); choose a new or empty directory")
         return {"candidates": [], "dir_run": None}
     if mode == "never":
         raise ConfigError(
@@ -314,6 +408,8 @@ def plan_run(run_dir: str | Path, mode: str, config: dict, allow_changes=(), *, 
     """
     from ..distributed import collectives
 
+    if not str(run_dir).strip():  # Path("") is the current directory: never a run directory by accident
+        raise ConfigError("run_dir: empty; name the run's directory (it is created if missing)")
     run_dir = Path(run_dir)
 
     def on_rank0(fn):
@@ -334,7 +430,11 @@ def plan_run(run_dir: str | Path, mode: str, config: dict, allow_changes=(), *, 
             raise (ConfigError if kind == "ConfigError" else CheckpointError)(msg)
         return box["ok"]
 
-    first = on_rank0(lambda: _plan_on_rank0(run_dir, mode))
+    def lock_then_plan() -> dict:
+        lock_run_dir(run_dir)  # before anything is read or moved: one trainer per run directory
+        return _plan_on_rank0(run_dir, mode)
+
+    first = on_rank0(lock_then_plan)
     damaged: list[tuple[Path, str]] = []
     chosen: Optional[Path] = None
     for cand in map(Path, first["candidates"]):
@@ -380,12 +480,14 @@ def plan_run(run_dir: str | Path, mode: str, config: dict, allow_changes=(), *, 
             elif not (run_dir / RUN_FILE).is_file():
                 write_text_atomic(run_dir / RUN_FILE, json.dumps({"run_id": run_id, "started": None}, indent=1))
             out.update(run_id=run_id, resume_from=str(chosen), changes=changes.__dict__)
+            lock_run_dir(run_dir, run_id)
             _log(f"resuming run {run_id} from {chosen}")
             return out
         archived = archive_run(run_dir)
         if archived is not None:
             _log(f"moved the previous run's files in {run_dir} to {archived}")
         out.update(run_id=start_new_run(run_dir), resume_from=None, archived=str(archived) if archived else None)
+        lock_run_dir(run_dir, out["run_id"])
         return out
 
     res = on_rank0(finish)

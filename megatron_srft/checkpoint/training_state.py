@@ -9,8 +9,8 @@ Layout of ``RUN_DIR/checkpoints/step_000010/``::
     state.json    step, data cursor, run_id, config snapshot
     srft_manifest.json  size + CRC-32 of state.json, rng/* and the manifests of model/ and optimizer/ (written last)
 
-A checkpoint is written to ``step_000010.tmp`` on every rank and renamed by rank 0 after a barrier, so a killed run
-never leaves a directory that looks complete. Which checkpoint a run resumes from, and which ones rotation may
+A checkpoint is written to ``step_000010.tmp-<run_id>`` on every rank and renamed by rank 0 after a barrier, so a
+killed run never leaves a directory that looks complete. Which checkpoint a run resumes from, and which ones rotation may
 delete (only this run's, older than the newest), is decided in checkpoint/run_dir.py.
 """
 
@@ -120,7 +120,7 @@ def save_training_checkpoint(run_dir: str | Path, step: int, chunks, optimizer, 
 
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:06d}"
-    tmp = root / f"step_{step:06d}.tmp"
+    tmp = root / f"step_{step:06d}.tmp-{metadata.get('run_id') or 'norun'}"  # another run's never collides
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)

@@ -11,7 +11,7 @@ import pytest
 
 from megatron_srft.checkpoint import manifest
 from megatron_srft.checkpoint.run_dir import (
-    ARCHIVE_DIR, RUN_FILE, compare_configs, plan_run, rotate_checkpoints, step_dirs,
+    ARCHIVE_DIR, LOCK_FILE, RUN_FILE, compare_configs, plan_run, release_run_dir, rotate_checkpoints, step_dirs,
 )
 from megatron_srft.errors import CheckpointError, ConfigError
 
@@ -176,3 +176,94 @@ def test_rotation_deletes_only_this_runs_older_checkpoints(tmp_path):
     assert names == ["step_000001", "step_000002", "step_000003", "step_000004", "step_000006", "step_000007",
                      "step_000008", "step_000009"]
     assert later.is_dir()  # newer than the newest complete one: untouched
+
+
+# --------------------------------------------------------------------------------------------- one trainer per run
+
+_HOLDER = """
+import sys
+from megatron_srft.checkpoint.run_dir import plan_run
+plan = plan_run(sys.argv[1], "auto", {})
+print(plan.run_id, flush=True)
+sys.stdin.read()
+"""
+
+
+def _start_holder(run: Path):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    return proc, proc.stdout.readline().strip()
+
+
+def test_a_second_trainer_is_refused_naming_the_holder_and_a_crashed_holder_is_stale(tmp_path):
+    import os
+    import signal
+    import socket
+
+    run = tmp_path / "run"
+    proc, holder_id = _start_holder(run)
+    try:
+        assert holder_id and _run_id(run) == holder_id
+        (run / "metrics.jsonl").write_text('{"step": 1}\n')  # the holder's progress
+        before = sorted(p.name for p in run.iterdir())
+        for mode in ("auto", "fresh", "never"):
+            with pytest.raises(CheckpointError) as e:
+                plan_run(run, mode, {})
+            msg = str(e.value)
+            assert len(msg.splitlines()) == 1 and "in use by another trainer" in msg
+            assert f"host {socket.gethostname()}, pid {proc.pid}, run {holder_id}" in msg, msg
+        assert sorted(p.name for p in run.iterdir()) == before and _run_id(run) == holder_id  # nothing moved
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # a crash: the kernel drops the lock, the file stays
+        proc.wait()
+    assert (run / LOCK_FILE).is_file()
+    plan = plan_run(run, "fresh", {})
+    assert plan.run_id != holder_id and plan.archived.name.startswith(holder_id)
+    assert json.loads((run / LOCK_FILE).read_text())["run_id"] == plan.run_id
+    release_run_dir(run)
+
+
+# --------------------------------------------------------------------------------------------- what a start may move
+
+
+def test_empty_run_dir_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.yaml").write_text("mine")
+    for empty in ("", "  "):
+        with pytest.raises(ConfigError, match="run_dir: empty"):
+            plan_run(empty, "auto", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
+def test_a_non_empty_directory_that_is_not_a_run_is_refused(tmp_path):
+    for name in ("logs", "plots"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "mine.txt").write_text("the user's")
+    (tmp_path / "config.yaml").write_text("the user's")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    for mode in ("auto", "fresh", "never"):
+        with pytest.raises(ConfigError, match=r"is not empty and is not a run directory \(no srft_run.json; it "
+                                              r"holds config.yaml, logs, plots\)"):
+            plan_run(tmp_path, mode, {})
+        release_run_dir(tmp_path)
+    after = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert [p for p in after if p != LOCK_FILE] == before
+
+
+def test_failed_starts_do_not_pile_up_in_previous_runs(tmp_path):
+    run = tmp_path / "run"
+    ids = []
+    for _ in range(3):  # each start fails before its first metrics: run file, config.yaml, an error log
+        ids.append(plan_run(run, "auto", {}).run_id)
+        (run / "config.yaml").write_text("x")
+        (run / "logs").mkdir(exist_ok=True)
+        (run / "logs" / f"error-2026-rank0-{len(ids)}.log").write_text("traceback")
+    assert len(set(ids)) == 3 and not (run / ARCHIVE_DIR).exists()
+    assert len(list((run / "logs").iterdir())) == 3  # the tracebacks are kept
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')  # a start that did something is moved, as before
+    plan = plan_run(run, "auto", {})
+    assert plan.archived is not None and (plan.archived / "metrics.jsonl").is_file()
+    release_run_dir(run)
