@@ -22,7 +22,15 @@ GPU memory (docs/rollout.md): with ``rollout.sleep_level`` > 0 the engine is bui
 rollout service puts it to sleep after every generation (level 1: weights offloaded to host, KV cache dropped;
 level 2: both dropped) and, before the next one, wakes the weights, syncs them, and only then the KV cache
 (``wake_up(["weights"])``, update, ``wake_up(["kv_cache"])``), so the KV cache never coexists with the weight-sync
-buffers. vLLM's CPU worker has no sleep mode: there these calls only record the state.
+buffers. vLLM's CPU worker has no sleep mode: there the same calls reach vLLM (its scheduler pauses, its executor
+records the sleeping tags) and its worker frees nothing.
+
+Closing a sleeping engine wakes it first. Sleep unmaps and releases the physical memory behind vLLM's pooled
+allocations (``CuMemAllocator.sleep``); shutting the engine down frees their tensors, and the allocator's free
+callback hands the full handle back for a second unmap and release, which it skips for sleeping allocations only on
+ROCm (``CuMemAllocator._python_free_callback``). On CUDA that double release fails inside the shutdown, so a second
+engine in the same process (the study, the demo) would never start. Waking maps the memory back, and the release
+is then an ordinary one.
 """
 
 from __future__ import annotations
@@ -47,6 +55,18 @@ _VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16",
 
 #: The CPU attention kernel supports these head sizes (16 is rejected at start-up with an obscure error).
 _MIN_CPU_HEAD_DIM = 32
+
+#: vLLM's CPU worker warns at every sleep and wake that it frees nothing: expected, and three times a step.
+_CPU_WORKER_LOGGER = "vllm.v1.worker.cpu_worker"
+_CPU_SLEEP_WARNING = "sleep mode is not supported on CPU"
+
+#: Engines whose wake-up failed at close(): kept referenced, never released (module docstring: releasing a sleeping
+#: engine's memory on CUDA is a double release). Their memory returns when the process exits.
+_UNRELEASED: list = []
+
+
+def _not_cpu_sleep_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(_CPU_SLEEP_WARNING)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -157,9 +177,12 @@ class VllmEngine:
             raise UserError(f"rollout engine failed to start for {self.model_dir}: {_first_line(e)}") from e
         self.startup_seconds = time.perf_counter() - start
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
+        self.weight_dtype = self.llm.llm_engine.model_config.dtype  # Engine.weight_dtype: the sync casts to it
         from ..models.arch import load_arch
 
         ExpectedReloadWarnings.install(tied_lm_head=load_arch(self.model_dir).tie_word_embeddings)
+        if not self.on_gpu:
+            logging.getLogger(_CPU_WORKER_LOGGER).addFilter(_not_cpu_sleep_warning)  # added once per process
 
     # ------------------------------------------------------------------------------------------ set-up
 
@@ -302,11 +325,11 @@ class VllmEngine:
 
     def sleep(self, level: int) -> None:
         """Free device memory between generations: level 1 offloads the weights to host memory and drops the KV
-        cache, level 2 drops both (the caller reloads the weights before the next generation). No-op on CPU
-        (vLLM's CPU worker has no sleep mode), where only the state is recorded."""
+        cache, level 2 drops both (the caller reloads the weights before the next generation). On CPU vLLM records
+        the sleep and frees nothing (its CPU worker has no sleep mode)."""
         if level not in (1, 2):
             raise ValueError(f"rollout engine sleep: level must be 1 or 2, got {level}")
-        if self.on_gpu and not self.sleeping:
+        if not self.sleeping:
             self._require_llm_for_update().sleep(level=level)
         self.sleeping = {"weights", "kv_cache"}
 
@@ -315,15 +338,29 @@ class VllmEngine:
         ``None`` wakes everything."""
         wanted = {"weights", "kv_cache"} if tags is None else set(tags)
         todo = sorted(wanted & self.sleeping)
-        if self.on_gpu and todo:
+        if todo:
             self._require_llm_for_update().wake_up(tags=todo)
         self.sleeping -= wanted
 
     def close(self) -> None:
-        """Shut the engine down and release its memory; the object cannot be used afterwards."""
-        llm, self.llm = self.llm, None
+        """Wake the engine if it sleeps, shut it down and release its memory; the object cannot be used afterwards.
+
+        A sleeping engine's memory was already released by vLLM's sleep; shutting it down as it is would release it
+        again (module docstring). When the wake-up fails the engine is kept, unreleased, until the process exits."""
+        llm = self.llm
         if llm is None:
             return
+        if self.sleeping:
+            try:
+                self.wake_up()
+            except Exception as e:  # noqa: BLE001 - e.g. no room on the GPU to map the memory back
+                _UNRELEASED.append(llm)
+                self.llm = None
+                logging.getLogger(__name__).warning(
+                    "rollout engine: could not wake the sleeping engine before closing it (%s); it stays in memory "
+                    "until the process exits", _first_line(e))
+                return
+        self.llm = None
         try:
             with collectives.keep_default_group():
                 llm.llm_engine.engine_core.shutdown()

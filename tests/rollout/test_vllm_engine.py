@@ -123,7 +123,7 @@ def test_bad_prompts_give_one_line_errors(engine):
         assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="seeds for"):
         engine.generate([[1, 2]], n=1, max_tokens=2, seeds=[1, 2])
-    engine.sleep(2)  # CPU: only the state is recorded; generating needs a wake-up first
+    engine.sleep(2)  # CPU: vLLM records the sleep (frees nothing); generating needs a wake-up first
     with pytest.raises(UserError, match="while kv_cache and weights sleep"):
         engine.generate([[1, 2]], n=1, temperature=0.0, max_tokens=2)
     engine.wake_up(["weights"])
