@@ -18,7 +18,7 @@ Each check prints one line ``ID NAME PASS|FAIL|SKIP detail`` on global rank 0, i
     5b weight sync    step 3's model into the engine, GB/s against the device memcpy rate
     5c mismatch       engine vs trainer log-probs of the engine's samples
     6a/6b TE step     step 3 on the Transformer Engine spec in bf16 and FP8, and the speed-up  (one SKIP line
-                      without TE)
+                      without TE; 6b SKIPs on a card that cannot run the FP8 recipe)
 
 A failing check prints FAIL with a one-line reason and the command goes on; the exit code is 1 when any check
 failed. Without ``--config`` the model is Qwen2.5-1.5B-shaped on a GPU with >= 60 GiB (0.5B-shaped with
@@ -208,6 +208,7 @@ class Context:
     matmul_tflops: Optional[float] = None  # this device's measured rate (min over ranks once gathered)
     te_available: bool = False
     vllm_available: bool = False
+    capability: Optional[tuple[int, int]] = None  # CUDA compute capability of this rank's GPU
     handle: Any = None  # step 3's model (ModelHandle), kept for checks 4-5
     arch: Any = None
     step3: dict = field(default_factory=dict)  # step 3's numbers, reused by check 6
@@ -370,6 +371,25 @@ def datasheet_peak(device_name: str) -> Optional[tuple[str, float]]:
     return None
 
 
+def skip_reason(check_id: str, on_gpu: bool, te: bool = False, vllm: bool = True,
+                capability: Optional[tuple[int, int]] = None, fp8_recipe: str = "delayed") -> Optional[str]:
+    """Why a check that needs a GPU, Transformer Engine or vLLM does not run here (its SKIP line), None when it
+    runs: 1c needs CUDA; 5 vLLM; 6 CUDA and TE; 6b also a card that runs the FP8 recipe (the rule training's
+    layout validation applies: layout.fp8_unsupported_reason)."""
+    from ..distributed.layout import fp8_unsupported_reason
+
+    if check_id == "1c" and not on_gpu:
+        return "no CUDA device"
+    if check_id == "5" and not vllm:
+        return "vLLM not importable"
+    if check_id in ("6", "6b") and not (on_gpu and te):
+        return "Transformer Engine needs a CUDA GPU" if not on_gpu else "Transformer Engine not importable"
+    if check_id == "6b":
+        reason = fp8_unsupported_reason(fp8_recipe, capability)
+        return None if reason is None else f"FP8 '{fp8_recipe}' recipe: {reason}"
+    return None
+
+
 # ============================================================================================ check 1
 
 
@@ -475,8 +495,9 @@ def measure_matmul(ctx: Context) -> Iterator[Result]:
 
 def measure_h2d(ctx: Context) -> Iterator[Result]:
     """1c: pinned host -> device copy bandwidth, best of 5."""
-    if not ctx.on_gpu:
-        raise Skip("no CUDA device")
+    reason = skip_reason("1c", ctx.on_gpu)
+    if reason:
+        raise Skip(reason)
     nbytes = ctx.sizes.h2d_bytes
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=ctx.device)
@@ -670,14 +691,13 @@ def _step_samples(ctx: Context) -> list:
     return samples
 
 
-def _pack(ctx: Context, samples: list, budget: Optional[int] = None) -> list:
+def _pack(ctx: Context, samples: list, mcfg, budget: Optional[int] = None) -> list:
+    """Micro-batches for a model built from ``mcfg``, padded as training pads them (layout.py)."""
+    from ..distributed.layout import config_token_pad_multiple
     from ..training.batch import pack_micro_batches
 
-    p = ctx.cfg.parallel
-    multiple = p.tensor_model_parallel_size if p.sequence_parallel else 1
-    if ctx.on_gpu:  # FP8 GEMMs (check 6) need token counts divisible by 16
-        multiple = multiple * 16 // math.gcd(multiple, 16)
-    return pack_micro_batches(samples, budget or _micro_batch_tokens(ctx), pad_to_multiple=multiple)
+    return pack_micro_batches(samples, budget or _micro_batch_tokens(ctx),
+                              pad_to_multiple=config_token_pad_multiple(ctx.cfg.parallel, mcfg))
 
 
 def _spec_label(handle) -> str:
@@ -707,7 +727,7 @@ def time_training_step(ctx: Context, mcfg) -> tuple[dict, Any]:
 
     handle, optimizer = together(build)
     samples = _step_samples(ctx)
-    mbs = _pack(ctx, samples)
+    mbs = _pack(ctx, samples, mcfg)
     times, last = [], {}
     with PeakMemory(ctx.device) as mem:
         for i in range(s.warmup_steps + s.measured_steps):
@@ -909,8 +929,9 @@ def check_vllm(ctx: Context) -> Iterator[Result]:
     from ..distributed import collectives as cx
     from ..training.batch import Sample, per_sequence_values
 
-    if not ctx.vllm_available:
-        raise Skip("vLLM not importable")
+    reason = skip_reason("5", ctx.on_gpu, vllm=ctx.vllm_available)
+    if reason:
+        raise Skip(reason)
     if ctx.handle is None:
         raise RuntimeError("needs step 3's model, which was not built")
     s, cfg = ctx.sizes, ctx.cfg
@@ -968,7 +989,7 @@ def check_vllm(ctx: Context) -> Iterator[Result]:
             samples = [Sample(prompt_ids=p, response_ids=list(c.token_ids), advantage=0.0, is_demo=False,
                               group=i, reward=0.0) for i, (p, c) in enumerate(kept)]
             budget = max(_micro_batch_tokens(ctx), max(x.num_tokens for x in samples))
-            mbs = _pack(ctx, samples, budget=budget)
+            mbs = _pack(ctx, samples, ctx.cfg.model, budget=budget)
             per_mb = _trainer_logprobs(ctx.handle, mbs, ctx.groups)
             trainer = torch.cat([t.double() for t in per_sequence_values(mbs, [lp for lp, _ in per_mb],
                                                                          len(samples))])
@@ -998,8 +1019,9 @@ def check_vllm(ctx: Context) -> Iterator[Result]:
 
 def check_transformer_engine(ctx: Context) -> Iterator[Result]:
     """6a: step 3 on the TE spec in bf16; 6b: in FP8 (the config's format and recipe), and the speed-up."""
-    if not ctx.te_available:
-        raise Skip("Transformer Engine not importable" if ctx.on_gpu else "Transformer Engine needs a CUDA GPU")
+    reason = skip_reason("6", ctx.on_gpu, te=ctx.te_available)
+    if reason:
+        raise Skip(reason)
     base = ctx.cfg.model
     ctx.handle = None  # step 3's model is done with: free it for these builds
     _free_device_memory()
@@ -1018,6 +1040,11 @@ def check_transformer_engine(ctx: Context) -> Iterator[Result]:
                  f"{bf16['step_seconds']:.3g} s/step, {bf16['tokens_per_s_per_device']:,.0f} tokens/s/device"
                  + (" (= step 3)" if step3_is_te_bf16 else ""), bf16)
     fp8_cfg = dataclasses.replace(bf16_cfg, fp8=base.fp8 or "hybrid", fp8_recipe=base.fp8_recipe)
+    reason = skip_reason("6b", ctx.on_gpu, te=ctx.te_available, capability=ctx.capability,
+                         fp8_recipe=fp8_cfg.fp8_recipe)
+    if reason:
+        yield Result("6b", "TE FP8 step", SKIP, reason)
+        return
     try:
         fp8, handle = time_training_step(ctx, fp8_cfg)
         del handle
@@ -1040,19 +1067,24 @@ def default_shape(on_gpu: bool, quick: bool, gpu_memory_gib: float) -> str:
     return "qwen2.5-1.5b" if gpu_memory_gib >= 60 and not quick else "qwen2.5-0.5b"
 
 
-def load_check_config(args, world_size: int, te_available: bool, on_gpu: bool, workdir: Path, shape: str):
+def load_check_config(args, world_size: int, te_available: bool, on_gpu: bool, workdir: Path, shape: str,
+                      capability: Optional[tuple[int, int]] = None):
     """The user's config (``--config`` + overrides), or one for the synthesized model (overrides apply on top).
 
     Without Transformer Engine, a config's FP8 / TE settings are switched off here (step 3 then runs the local
     spec and check 6 says why it skips) instead of failing the load: the check is for nodes that may lack TE.
+    Likewise FP8 on a card (CUDA ``capability``) that cannot run the config's recipe: step 3 runs without FP8 and
+    6b says why it skips.
     """
     from ..config import ConfigError, load_config
-    from ..distributed.layout import validate_layout
+    from ..distributed.layout import fp8_unsupported_reason, validate_layout
 
     user = list(args.overrides)
     if args.config:
         no_te = [] if te_available else ["model.fp8=null", "model.fp8_param=false", "model.transformer_impl=local"]
         cfg = load_config(args.config, user + no_te)
+        if cfg.model.fp8 is not None and fp8_unsupported_reason(cfg.model.fp8_recipe, capability):
+            cfg.model = dataclasses.replace(cfg.model, fp8=None, fp8_param=False)
         validate_layout(cfg, world_size)
         if not cfg.model.path:
             raise ConfigError("model.path: srft check --config needs the model's directory (its config.json gives "
@@ -1209,15 +1241,16 @@ def main(args) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     gpu_mem = torch.cuda.get_device_properties(device).total_memory / GIB if gpu_ok else 0.0
     te = bool(on_gpu and _module_version("transformer_engine"))
+    capability = tuple(torch.cuda.get_device_capability(device)) if gpu_ok else None
     read_results_file(Path(args.out))  # before the run: results that could not be written would be lost
     workdir = Path(tempfile.mkdtemp(prefix="srft_check_"))
     try:
         shape = default_shape(on_gpu, args.quick, gpu_mem)
-        cfg = load_check_config(args, world_size, te, on_gpu, workdir, shape)
+        cfg = load_check_config(args, world_size, te, on_gpu, workdir, shape, capability)
         sizes = choose_sizes(on_gpu, args.quick, cfg.parallel.pipeline_model_parallel_size)
         sizes.model_shape = shape if cfg.model.path == str(workdir / "model") else None  # synthesized?
         ctx = Context(args=args, cfg=cfg, sizes=sizes, on_gpu=on_gpu, device=device, workdir=workdir,
-                      rank=int(os.environ.get("RANK", "0")), world_size=world_size)
+                      rank=int(os.environ.get("RANK", "0")), world_size=world_size, capability=capability)
         start_world(ctx)
         if ctx.is_printer:
             p = cfg.parallel

@@ -24,12 +24,28 @@ from ..models.arch import ArchSpec
 GIB = 1024 ** 3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
-#: Transformer Engine FP8 recipes -> the oldest GPU (CUDA compute capability) that runs them: FP8 tensor cores
-#: arrived with Ada/Hopper (8.9 / 9.0); 1x128 block scaling is a Hopper kernel; MXFP8 needs Blackwell's
-#: microscaling tensor cores (10.0).
-FP8_MIN_CAPABILITY = {"delayed": (8, 9), "tensorwise": (8, 9), "blockwise": (9, 0), "mxfp8": (10, 0)}
-#: Transformer Engine's FP8 GEMMs need token counts that are multiples of 16.
-FP8_TOKEN_MULTIPLE = 16
+
+@dataclass(frozen=True)
+class Fp8Recipe:
+    """What one Transformer Engine FP8 recipe needs: the GPUs that run it, by CUDA compute capability, from
+    ``min_capability`` up to (not including) ``below_capability``; and the token multiple of its GEMMs."""
+
+    min_capability: tuple[int, int]
+    below_capability: Optional[tuple[int, int]]
+    token_multiple: int
+
+
+#: ``model.fp8_recipe`` -> its needs. GPUs: Transformer Engine's support checks (check_fp8_support,
+#: check_fp8_block_scaling_support, check_mxfp8_support): FP8 tensor cores arrived with Ada/Hopper (8.9);
+#: 1x128 block scaling needs Hopper (9.0); MXFP8 needs Blackwell's microscaling tensor cores (10.x; TE refuses it
+#: on 12.x). Token multiples: megatron-core 0.16.1's fp8_utils.get_fp8_align_size (32 for MXFP8's 1x32 scaling
+#: blocks, 16 for the others).
+FP8_RECIPES = {
+    "delayed": Fp8Recipe((8, 9), None, 16),
+    "tensorwise": Fp8Recipe((8, 9), None, 16),
+    "blockwise": Fp8Recipe((9, 0), None, 16),
+    "mxfp8": Fp8Recipe((10, 0), (12, 0), 32),
+}
 
 
 def _need(cond: bool, path: str, msg: str) -> None:
@@ -70,20 +86,56 @@ def data_parallel_size(pcfg: ParallelConfig, world_size: int) -> int:
     return world_size // mp
 
 
-def token_pad_multiple(sequence_parallel: bool, tp: int, fp8: bool) -> int:
+def token_pad_multiple(sequence_parallel: bool, tp: int, fp8_recipe: Optional[str]) -> int:
     """Every packed micro-batch (the empty one of a rank without data included) is padded to a multiple of this:
-    TP under sequence parallelism (the sequence is split over the TP ranks), 16 under FP8 (TE's FP8 GEMMs),
-    their product with both. The loop packs with it; the Megatron adapter pads its empty micro-batch with it."""
-    return (tp if sequence_parallel else 1) * (FP8_TOKEN_MULTIPLE if fp8 else 1)
+    TP under sequence parallelism (the sequence is split over the TP ranks), the recipe's token multiple under
+    FP8 (:data:`FP8_RECIPES`; ``fp8_recipe`` None = FP8 off), their product with both (each rank's shard of the
+    sequence goes through the FP8 GEMMs: Transformer Engine checks the per-rank token count before the
+    all-gather). The loop packs with it; the Megatron adapter pads its empty micro-batch with it; `srft check`
+    packs its steps with it."""
+    fp8 = 1 if fp8_recipe is None else FP8_RECIPES[str(getattr(fp8_recipe, "value", fp8_recipe))].token_multiple
+    return (tp if sequence_parallel else 1) * fp8
+
+
+def config_token_pad_multiple(pcfg: ParallelConfig, model_cfg) -> int:
+    """:func:`token_pad_multiple` for a run's ``parallel`` and ``model`` sections (FP8 off when ``model.fp8`` is
+    null): what the training loop and `srft check` pack with."""
+    return token_pad_multiple(pcfg.sequence_parallel, pcfg.tensor_model_parallel_size,
+                              None if model_cfg.fp8 is None else model_cfg.fp8_recipe)
+
+
+def fp8_recipes_supported(capability: Optional[tuple[int, int]]) -> tuple[str, ...]:
+    """The FP8 recipes a GPU of this CUDA compute capability runs (:data:`FP8_RECIPES`); () without a GPU."""
+    if capability is None:
+        return ()
+    cap = tuple(capability)
+    return tuple(name for name, r in FP8_RECIPES.items()
+                 if r.min_capability <= cap and (r.below_capability is None or cap < r.below_capability))
+
+
+def fp8_unsupported_reason(recipe: str, capability: Optional[tuple[int, int]]) -> Optional[str]:
+    """Why ``recipe`` cannot run on a GPU of this compute capability (None = no GPU); None when it can.
+    The one rule behind :func:`check_fp8_recipe` (training refuses the config) and `srft check` (its FP8 step
+    skips)."""
+    if capability is None:
+        return "FP8 needs a CUDA GPU with Transformer Engine"
+    if recipe in fp8_recipes_supported(capability):
+        return None
+    r = FP8_RECIPES[recipe]
+    cap = f"{capability[0]}.{capability[1]}"
+    if not fp8_recipes_supported(capability):
+        return f"a GPU of compute capability {cap} has no FP8 tensor cores (FP8 needs 8.9 or newer: Ada, Hopper)"
+    others = ", ".join(fp8_recipes_supported(capability))
+    need = f"{r.min_capability[0]}.{r.min_capability[1]} or newer" + (
+        f", below {r.below_capability[0]}.{r.below_capability[1]}" if r.below_capability else "")
+    return f"'{recipe}' needs a GPU of compute capability {need}; this GPU is {cap} (use {others})"
 
 
 def check_fp8_recipe(recipe: str, capability: Optional[tuple[int, int]]) -> None:
     """``model.fp8_recipe`` must run on this GPU (``capability`` = CUDA compute capability, None = no GPU)."""
-    need = FP8_MIN_CAPABILITY[recipe]
-    _need(capability is not None, "model.fp8", "FP8 needs a CUDA GPU with Transformer Engine")
-    _need(tuple(capability) >= need, "model.fp8_recipe",
-          f"'{recipe}' needs a GPU of compute capability {need[0]}.{need[1]} or newer; this GPU is "
-          f"{capability[0]}.{capability[1]} (Hopper is 9.0: use delayed, tensorwise or blockwise)")
+    reason = fp8_unsupported_reason(recipe, capability)
+    if reason is not None:
+        raise ConfigError(f"{'model.fp8' if capability is None else 'model.fp8_recipe'}: {reason}")
 
 
 def check_model_split(arch: ArchSpec, pcfg: ParallelConfig) -> None:
@@ -311,12 +363,14 @@ def model_state_bytes(cfg: SRFTConfig, arch: ArchSpec, world_size: int) -> int:
     return est.weights + est.grads + est.optimizer
 
 
-def engine_bytes(cfg: SRFTConfig, arch: ArchSpec, on_gpu: bool, world_size: int = 1) -> int:
-    """Memory the colocated rollout engine holds next to training on one rank. GPU: 0 (vLLM sleeps during
-    training, or takes the ``rollout.gpu_memory_utilization`` share it is given). CPU: its own copy of the
-    weights plus its KV cache (:func:`engine_kv_cache_bytes`)."""
+def engine_bytes(cfg: SRFTConfig, arch: ArchSpec, on_gpu: bool, world_size: int = 1, *, memory_bytes: int) -> int:
+    """Memory the colocated rollout engine holds next to training on one rank (``memory_bytes``: this rank's
+    device memory). GPU: at ``rollout.sleep_level`` 0 vLLM stays resident with its whole budget,
+    ``rollout.gpu_memory_utilization`` x ``memory_bytes`` (weights, KV cache, activations); at 1 and 2 it sleeps
+    during training (weights offloaded to host or dropped, KV cache freed): 0. CPU: its own copy of the weights
+    plus its KV cache (:func:`engine_kv_cache_bytes`)."""
     if on_gpu:
-        return 0
+        return 0 if cfg.rollout.sleep_level > 0 else int(cfg.rollout.gpu_memory_utilization * memory_bytes)
     tp = cfg.rollout.tensor_parallel_size
     padded = arch.padded_vocab_size(1, 1)
     weights = params_per_gpu(arch, tp, 1, padded) * _rollout_dtype_bytes(cfg, on_gpu)
@@ -334,7 +388,8 @@ def device_memory_bytes(on_gpu: bool, ranks_per_node: int = 1) -> int:
 
 
 def _free_for_micro_batch(cfg: SRFTConfig, arch: ArchSpec, on_gpu: bool, memory_bytes: int, world_size: int) -> int:
-    return memory_bytes - model_state_bytes(cfg, arch, world_size) - engine_bytes(cfg, arch, on_gpu, world_size)
+    return (memory_bytes - model_state_bytes(cfg, arch, world_size)
+            - engine_bytes(cfg, arch, on_gpu, world_size, memory_bytes=memory_bytes))
 
 
 def resolve_micro_batch_tokens(cfg: SRFTConfig, arch: ArchSpec, on_gpu: bool, memory_bytes: Optional[int] = None,
@@ -368,7 +423,7 @@ def check_micro_batch_memory(cfg: SRFTConfig, arch: ArchSpec, tokens: int, on_gp
     """
     mb = micro_batch_memory(cfg, arch, tokens)
     states = model_state_bytes(cfg, arch, world_size)
-    engine = engine_bytes(cfg, arch, on_gpu, world_size)
+    engine = engine_bytes(cfg, arch, on_gpu, world_size, memory_bytes=memory_bytes)
     total = states + engine + mb.total
     where = "GPU" if on_gpu else "host memory per rank"
     parts = (f"micro-batch {mb.total / GIB:.1f} GiB (activations {mb.activations / GIB:.1f}, logits "

@@ -34,6 +34,7 @@ from ..config import SRFTConfig, to_dict
 from ..distributed import collectives
 from ..distributed.groups import ParallelGroups
 from ..errors import ConfigError, SrftError
+from ..signals import STOP_SIGNALS, RunStopped
 
 if TYPE_CHECKING:
     from megatron.core.optimizer import MegatronOptimizer
@@ -337,12 +338,15 @@ def _metric_name(key: str) -> str:
 
 
 class _StopFlag:
-    """SIGTERM / SIGUSR1 (SLURM pre-emption) -> checkpoint at the end of the current step, then exit."""
+    """SIGTERM / SIGUSR1 (SLURM pre-emption, signals.STOP_SIGNALS) -> no new step; checkpoint the last finished
+    step, then end the run with :class:`~megatron_srft.signals.RunStopped`. Read before each step's rollouts and
+    after its update, so a signal that arrives during a save or an evaluation does not start another step."""
 
     def __init__(self, enabled: bool) -> None:
         self.requested = False
+        self.signal_name = "a signal on another rank"  # until this rank receives one itself
         if enabled:
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
+            for sig in STOP_SIGNALS:
                 try:
                     signal.signal(sig, self._handler)
                 except (ValueError, OSError):  # not the main thread
@@ -350,6 +354,7 @@ class _StopFlag:
 
     def _handler(self, signum, frame) -> None:
         self.requested = True
+        self.signal_name = signal.Signals(signum).name
 
     def agreed(self) -> bool:
         """True on every rank once any rank received the signal (a collective)."""
@@ -376,13 +381,16 @@ def _startup_summary(cfg: SRFTConfig, groups: ParallelGroups, problems: Problems
 def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_after: Optional[int] = None,
           engine_factory=None) -> dict:
     """Run training; returns the last step's metrics. ``stop_after`` ends early (tests of resume/kill);
-    ``engine_factory`` builds the rollout engines (tests wrap the real one)."""
+    ``engine_factory`` builds the rollout engines (tests wrap the real one). A stop signal (``_StopFlag``) ends
+    the run with :class:`~megatron_srft.signals.RunStopped` after its checkpoint: a stopped run never returns
+    as if it had finished."""
     from ..algorithms.presets import resolve
     from ..checkpoint.run_dir import plan_run
+    from ..checkpoint.dist import start_checkpoint_writer
     from ..checkpoint.training_state import load_training_checkpoint, save_training_checkpoint
     from ..data.templates import THINKING_TEMPLATES
     from ..distributed.groups import init_distributed
-    from ..distributed.layout import token_pad_multiple
+    from ..distributed.layout import config_token_pad_multiple
     from ..rollout.service import RolloutService
     from .metrics import MetricsLogger, PhaseTimer
     from .step import sync_parameters
@@ -398,8 +406,7 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
     problems = load_problems_for(cfg, policy.tokenizer, need_demos=settings.num_demos > 0)
     sampler = PromptSampler(len(problems.train), cfg.train.prompts_per_step, seed=cfg.data.seed,
                             shuffle=cfg.data.shuffle, dp_rank=groups.dp_rank, dp_size=groups.dp_size)
-    pad_multiple = token_pad_multiple(cfg.parallel.sequence_parallel, cfg.parallel.tensor_model_parallel_size,
-                                      cfg.model.fp8 is not None)
+    pad_multiple = config_token_pad_multiple(cfg.parallel, cfg.model)
     run_dir = Path(cfg.run_dir)
     logger = MetricsLogger(run_dir, enabled=groups.is_logging_rank, total_steps=cfg.train.num_steps,
                            logging_cfg=cfg.logging, run_config=to_dict(cfg), run_id=run.run_id)
@@ -417,20 +424,26 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
 
     need_engine = settings.use_rollouts or bool(problems.eval)
     num_rollouts = cfg.rollout.num_rollouts_per_prompt if settings.use_rollouts else 0
+    start_checkpoint_writer()  # its helper process ignores the stop signals; started before they have handlers
     stop = _StopFlag(cfg.checkpoint.save_on_signal)
+    stopped_at: Optional[int] = None  # the last finished step, once a stop signal ended the run
     metrics: dict = {}
     num_minibatches = cfg.train.prompts_per_step // cfg.train.prompts_per_minibatch
     meta = {"params_dtype": cfg.model.params_dtype, "config": to_dict(cfg), "run_id": run.run_id}
     completed = start_step == cfg.train.num_steps
     consecutive_skips = 0
     last_saved = ckpt
+    saved_step = start_step if ckpt is not None else None
 
-    def save(step: int) -> None:
-        nonlocal last_saved
+    def save(step: int, *, rotate: bool = True) -> None:
+        """``rotate=False`` (the stop signal's save): older checkpoints stay until the next save's rotation, so
+        the shutdown window holds nothing but the write itself."""
+        nonlocal last_saved, saved_step
         sync_parameters(policy.chunks)  # every shard current before it is written
         last_saved = save_training_checkpoint(run_dir, step, policy.chunks, policy.optimizer, data_cursor=sampler.cursor(step),
-                                 metadata=meta, keep_last=cfg.checkpoint.keep_last, rank=groups.rank,
-                                 arch=policy.handle.arch)
+                                 metadata=meta, keep_last=cfg.checkpoint.keep_last if rotate else 0,
+                                 rank=groups.rank, arch=policy.handle.arch)
+        saved_step = step
 
     def evaluate() -> dict:
         out, _ = rollouts.evaluate(problems.eval, n_samples=cfg.train.eval_n_samples,
@@ -447,6 +460,11 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
             metrics = evaluate()
             logger.log(0, metrics)
         for step in range(start_step + 1, cfg.train.num_steps + 1):
+            if stop.agreed():  # the signal came during the previous step's save or evaluation: no new step
+                stopped_at = step - 1
+                if step - 1 > 0 and saved_step != step - 1:
+                    save(step - 1, rotate=False)
+                break
             timer = PhaseTimer()
             t0 = time.perf_counter()
             step_problems = [problems.train[i] for i in sampler.step_indices(step)]
@@ -477,9 +495,13 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
             # Save, then evaluate: a failing evaluation never costs the step. A step whose update was skipped is
             # not checkpointed on schedule (the next good step is), only when the run ends.
             due = cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and not skipped
-            if last or stopping or due:
+            if stopping:  # the signal's save: no evaluation, export or rotation in the shutdown window
+                save(step, rotate=False)
+                stopped_at = step
+                break
+            if last or due:
                 save(step)
-            if stopping or (stop_after is not None and step >= stop_after):
+            if stop_after is not None and step >= stop_after:
                 break
             if problems.eval and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or last):
                 with timer("eval"):
@@ -487,10 +509,15 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
                 metrics.update(eval_metrics)
                 logger.log(step, {**eval_metrics, "time/eval": timer.seconds["eval"]})
             completed = last
-        # The final export runs only after the last step (never inside a pre-emption's shutdown window).
-        if completed and cfg.checkpoint.export_hf:
+        # The final export runs only after the last step (never inside a pre-emption's shutdown window: a signal
+        # that came during the last evaluation leaves it to the requeued job, which finds the final checkpoint).
+        if completed and cfg.checkpoint.export_hf and stop.agreed():
+            stopped_at = cfg.train.num_steps
+        elif completed and cfg.checkpoint.export_hf:
             export_final_hf(policy, groups, run_dir / "hf", cfg.model.params_dtype)
     logger.close()
+    if stopped_at is not None:
+        raise RunStopped(stopped_at, stop.signal_name, last_saved)
     return metrics
 
 

@@ -132,7 +132,7 @@ def _pad_multiple(chunks: list) -> int:
 
     config = get_model_config(chunks[0])
     return token_pad_multiple(bool(config.sequence_parallel), int(config.tensor_model_parallel_size),
-                              getattr(config, "fp8", None) is not None)
+                              config.fp8_recipe if getattr(config, "fp8", None) is not None else None)
 
 
 def _schedule(chunks, micro_batches, forward_step, forward_only: bool):

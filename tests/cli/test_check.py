@@ -194,3 +194,86 @@ def test_config_errors_are_one_line_and_fp8_configs_load_without_te(tmp_path, ti
     cfg = check.load_check_config(argparse.Namespace(config=str(fp8), overrides=[], quick=True), 1,
                                   False, False, tmp_path, "tiny")
     assert cfg.model.fp8 is None and cfg.model.transformer_impl == "local"  # step 3 runs; check 6 says why not
+
+
+# ----------------------------------------------------------------------------------------------- GPU branches
+# What each check that needs a GPU, Transformer Engine or vLLM decides, as pure functions tested here on CPU.
+
+A100 = (8, 0)  # "NVIDIA A100-SXM4-80GB" is in KNOWN_CARDS; its tensor cores have no FP8
+H100 = (9, 0)
+
+
+@pytest.mark.parametrize("check_id,kw,reason", [
+    ("1c", dict(on_gpu=False), "no CUDA device"),
+    ("1c", dict(on_gpu=True), None),
+    ("5", dict(on_gpu=True, vllm=False), "vLLM not importable"),
+    ("5", dict(on_gpu=False, vllm=True), None),
+    ("6", dict(on_gpu=False, te=True), "Transformer Engine needs a CUDA GPU"),
+    ("6", dict(on_gpu=True, te=False), "Transformer Engine not importable"),
+    ("6", dict(on_gpu=True, te=True, capability=A100), None),  # the bf16 TE step runs on an A100
+    ("6b", dict(on_gpu=True, te=False, capability=H100), "Transformer Engine not importable"),
+    ("6b", dict(on_gpu=True, te=True, capability=A100),
+     "FP8 'delayed' recipe: a GPU of compute capability 8.0 has no FP8 tensor cores"),
+    ("6b", dict(on_gpu=True, te=True, capability=H100, fp8_recipe="mxfp8"),
+     "FP8 'mxfp8' recipe: 'mxfp8' needs a GPU of compute capability 10.0 or newer"),
+    ("6b", dict(on_gpu=True, te=True, capability=H100, fp8_recipe="blockwise"), None),
+    ("6b", dict(on_gpu=True, te=True, capability=(10, 0), fp8_recipe="mxfp8"), None),
+])
+def test_skip_rules_of_the_gpu_checks(check_id, kw, reason):
+    got = check.skip_reason(check_id, **kw)
+    assert got == reason if reason is None else got.startswith(reason), got
+
+
+def _gpu_ctx(capability, tp=1, sp=False) -> check.Context:
+    """A context as a GPU rank with Transformer Engine sees it (the checks below build nothing)."""
+    from megatron_srft.config import SRFTConfig
+
+    ctx = _ctx()
+    ctx.cfg = SRFTConfig()
+    ctx.cfg.parallel.tensor_model_parallel_size, ctx.cfg.parallel.sequence_parallel = tp, sp
+    ctx.on_gpu, ctx.te_available, ctx.capability = True, True, capability
+    return ctx
+
+
+def test_fp8_step_skips_on_a_card_without_fp8(capsys):
+    """On an A100 check 6 runs its bf16 step (here: step 3's, already on the TE spec) and SKIPs the FP8 one with
+    the reason, instead of failing it (and the command's exit code)."""
+    ctx = _gpu_ctx(A100)
+    ctx.arch = object()  # step 3 read the shapes
+    ctx.step3 = {"spec": "TE spec, bf16", "step_seconds": 1.0, "tokens_per_s_per_device": 1000.0}
+    check._run(ctx, check.check_transformer_engine, "6", "TE step", (("6a", "TE bf16 step"), ("6b", "TE FP8 step")))
+    printed = capsys.readouterr().out.splitlines()
+    assert [LINE.match(p).group(1, 3) for p in printed] == [("6a", "PASS"), ("6b", "SKIP")]
+    assert "compute capability 8.0 has no FP8 tensor cores" in printed[1]
+    assert not [r for r in ctx.results if r.status == check.FAIL]
+
+
+def test_steps_pack_as_training_pads():
+    """TP 4 with sequence parallelism and FP8: every micro-batch a multiple of TP x 16 = 64 (each rank's quarter
+    of the sequence goes through the FP8 GEMMs), as training packs; lcm(4, 16) = 16 is not enough."""
+    import dataclasses
+
+    from megatron_srft.distributed.layout import config_token_pad_multiple
+    from megatron_srft.training.batch import Sample
+
+    ctx = _gpu_ctx(H100, tp=4, sp=True)
+    samples = [Sample(prompt_ids=[1] * 5, response_ids=[2] * (16 + k), advantage=1.0, is_demo=False, group=k,
+                      reward=0.0) for k in range(3)]
+    fp8 = dataclasses.replace(ctx.cfg.model, fp8="hybrid", fp8_recipe="delayed")
+    mbs = check._pack(ctx, samples, fp8, budget=4096)
+    assert mbs and all(mb.num_tokens % 64 == 0 for mb in mbs)
+    assert config_token_pad_multiple(ctx.cfg.parallel, fp8) == 64
+    mx = dataclasses.replace(fp8, fp8_recipe="mxfp8")
+    assert all(mb.num_tokens % 128 == 0 for mb in check._pack(ctx, samples, mx, budget=4096))
+    bf16 = check._pack(ctx, samples, ctx.cfg.model, budget=4096)  # FP8 off: TP only, as training
+    assert [mb.num_tokens for mb in bf16] == [68]  # one row of 21 + 22 + 23 tokens
+
+
+def test_fp8_config_on_a_card_without_fp8_runs_step_3_without_it(tmp_path, tiny_qwen2):
+    """--config with FP8 on an A100 with Transformer Engine: the config loads with FP8 off (step 3 runs in bf16)
+    and keeps its recipe, which line 6b names when it skips."""
+    fp8 = tmp_path / "fp8.yaml"
+    fp8.write_text(f"model: {{path: {tiny_qwen2}, fp8: hybrid, fp8_recipe: tensorwise}}\n")
+    args = argparse.Namespace(config=str(fp8), overrides=[], quick=True)
+    cfg = check.load_check_config(args, 1, True, True, tmp_path, "tiny", A100)
+    assert cfg.model.fp8 is None and cfg.model.fp8_recipe == "tensorwise"

@@ -189,15 +189,59 @@ def test_fp8_recipes_the_gpu_cannot_run_are_config_errors():
         check_fp8_recipe("blockwise", (8, 9))
     with pytest.raises(ConfigError, match=r"model.fp8: FP8 needs a CUDA GPU"):
         check_fp8_recipe("delayed", None)
+    with pytest.raises(ConfigError, match=r"model.fp8_recipe: a GPU of compute capability 8.0 has no FP8"):
+        check_fp8_recipe("delayed", (8, 0))  # A100
+    with pytest.raises(ConfigError, match=r"'mxfp8' needs .* 10.0 or newer, below 12.0; this GPU is 12.0"):
+        check_fp8_recipe("mxfp8", (12, 0))
+
+
+@pytest.mark.parametrize("capability,recipes", [
+    (None, ()),  # no GPU
+    ((8, 0), ()),  # A100: no FP8 tensor cores
+    ((8, 6), ()),  # A10, RTX 30xx
+    ((8, 9), ("delayed", "tensorwise")),  # L4, L40S, RTX 40xx
+    ((9, 0), ("delayed", "tensorwise", "blockwise")),  # H100, H200
+    ((10, 0), ("delayed", "tensorwise", "blockwise", "mxfp8")),  # B200
+    ((12, 0), ("delayed", "tensorwise", "blockwise")),  # RTX 50xx: Transformer Engine refuses MXFP8 there
+])
+def test_fp8_recipes_supported_by_compute_capability(capability, recipes):
+    from megatron_srft.distributed.layout import fp8_recipes_supported, fp8_unsupported_reason
+
+    assert fp8_recipes_supported(capability) == recipes
+    for recipe in ("delayed", "tensorwise", "blockwise", "mxfp8"):
+        assert (fp8_unsupported_reason(recipe, capability) is None) == (recipe in recipes)
+
+
+def test_fp8_recipe_table_matches_the_config_and_megatron():
+    """Every recipe the config accepts is in the table, and its token multiple is megatron-core's FP8 alignment
+    (fp8_utils.get_fp8_align_size: 32 for MXFP8, 16 for the others)."""
+    import typing
+
+    from megatron.core.fp8_utils import get_fp8_align_size
+
+    from megatron_srft.config import ModelConfig
+    from megatron_srft.distributed.layout import FP8_RECIPES
+
+    assert set(typing.get_args(typing.get_type_hints(ModelConfig)["fp8_recipe"])) == set(FP8_RECIPES)
+    assert {name: r.token_multiple for name, r in FP8_RECIPES.items()} == {
+        name: get_fp8_align_size(name) for name in FP8_RECIPES}
+    assert FP8_RECIPES["mxfp8"].token_multiple == 32
 
 
 def test_token_pad_multiple():
-    from megatron_srft.distributed.layout import token_pad_multiple
+    from megatron_srft.distributed.layout import config_token_pad_multiple, token_pad_multiple
 
-    assert token_pad_multiple(False, 4, False) == 1
-    assert token_pad_multiple(True, 4, False) == 4
-    assert token_pad_multiple(False, 4, True) == 16
-    assert token_pad_multiple(True, 2, True) == 32
+    assert token_pad_multiple(False, 4, None) == 1
+    assert token_pad_multiple(True, 4, None) == 4
+    assert token_pad_multiple(False, 4, "delayed") == 16
+    assert token_pad_multiple(True, 2, "delayed") == 32  # TP x 16: each rank's shard goes through FP8 GEMMs
+    assert token_pad_multiple(True, 4, "blockwise") == 64  # not lcm(4, 16) = 16
+    assert token_pad_multiple(False, 1, "mxfp8") == 32
+    assert token_pad_multiple(True, 2, "mxfp8") == 64
+    c = cfg_with(tp=4, sp=True)
+    assert config_token_pad_multiple(c.parallel, c.model) == 4  # FP8 off: the recipe does not count
+    c.model.fp8, c.model.fp8_recipe = "hybrid", "mxfp8"
+    assert config_token_pad_multiple(c.parallel, c.model) == 128
 
 
 def test_impossible_rollout_placement_is_one_line():
@@ -256,7 +300,8 @@ def test_micro_batch_tokens_shrink_to_fit_cpu_memory():
     c.model.params_dtype = "fp32"
     memory = 128 * GIB
     tokens = resolve_micro_batch_tokens(c, a, on_gpu=False, memory_bytes=memory, world_size=2)
-    room = MICRO_BATCH_MEMORY_SHARE * (memory - model_state_bytes(c, a, 2) - engine_bytes(c, a, False, 2))
+    room = MICRO_BATCH_MEMORY_SHARE * (memory - model_state_bytes(c, a, 2)
+                                      - engine_bytes(c, a, False, 2, memory_bytes=memory))
     assert 1536 <= tokens < 8192 and 8192 % tokens == 0
     assert micro_batch_memory(c, a, tokens).total <= room < micro_batch_memory(c, a, 2 * tokens).total
 
@@ -311,3 +356,30 @@ def test_engine_kv_cache_sized_to_a_step_on_cpu():
     if not torch.cuda.is_available():
         got = resolve_engine_settings(c7.rollout, "bf16", arch(QWEN25_7B), 9216, num_seqs=224)
         assert got.kv_cache_bytes == kv and got.max_model_len == 9216
+
+
+@pytest.mark.parametrize("sleep_level", [0, 1, 2])
+def test_gpu_engine_memory_at_each_sleep_level(sleep_level):
+    """At sleep level 0 vLLM keeps gpu_memory_utilization x the GPU resident during training; asleep (1: weights
+    offloaded to host, 2: dropped; the KV cache freed at both) it holds nothing the estimate counts. On CPU the
+    level is a no-op."""
+    from megatron_srft.distributed.layout import (check_micro_batch_memory, engine_bytes,
+                                                 resolve_micro_batch_tokens)
+
+    a = arch(QWEN25_7B)
+    c = cfg_with(tp=2, prompt=512, response=1024, micro_tokens=None, step=8, minibatch=8)
+    c.rollout.sleep_level, c.rollout.gpu_memory_utilization = sleep_level, 0.5
+    gpu = 80 * GIB
+    resident = engine_bytes(c, a, True, 8, memory_bytes=gpu)
+    assert resident == (40 * GIB if sleep_level == 0 else 0)
+    cpu = engine_bytes(c, a, False, 8, memory_bytes=128 * GIB)
+    c2 = cfg_with(tp=2, prompt=512, response=1024, micro_tokens=None, step=8, minibatch=8)
+    assert cpu == engine_bytes(c2, a, False, 8, memory_bytes=128 * GIB) > 0
+    # the resolver and the pre-step check count it (model states 31.9 GiB; 8192 tokens 15.3 GiB)
+    tokens = resolve_micro_batch_tokens(c, a, on_gpu=True, memory_bytes=gpu, world_size=8)
+    assert tokens == (1536 if sleep_level == 0 else 4096)  # level 0: one full sequence is all that is left
+    if sleep_level == 0:
+        with pytest.raises(ConfigError, match=r"\+ engine 40.0 GiB\), more than the 80.0 GiB"):
+            check_micro_batch_memory(c, a, 8192, on_gpu=True, memory_bytes=gpu, world_size=8)
+    else:
+        assert check_micro_batch_memory(c, a, 8192, on_gpu=True, memory_bytes=gpu, world_size=8) is None
