@@ -36,6 +36,9 @@ class Engine(Protocol):
     """A generation engine colocated with the trainer. Every rank of an engine (rollout TP > 1) calls every method
     with the same arguments (SPMD); each rank holds one engine object."""
 
+    #: the dtype the engine holds its weights in; the weight sync (rollout/sync.py) sends tensors in it
+    weight_dtype: torch.dtype
+
     def generate(self, prompt_token_ids: list[list[int]], *, n: int, temperature: float, top_p: float,
                  max_tokens: int, seeds: Optional[list[int]] = None, stop_token_ids: Optional[list[int]] = None,
                  stop: Optional[list[str]] = None) -> list[list[Completion]]:

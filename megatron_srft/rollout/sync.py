@@ -7,6 +7,10 @@ to the engine before pulling the next, so the extra memory is one bucket (plus w
 a layer whose tensors have not all arrived), never a second copy of the model. A tensor larger than the
 bucket travels alone (the bucket then holds exactly that tensor).
 
+Tensors leave in the engine's dtype (``Engine.weight_dtype``), cast one at a time before they are bucketed: a
+trainer in fp32 beside a bf16 engine sends bf16 (half the bytes), and vLLM, which would convert a tensor of
+another dtype itself, does not print its dtype warning for every tensor at every sync.
+
 If the engine fails part-way, the rest of the export is drained before the error propagates, so the other
 ranks (which keep gathering) are not left waiting in a collective.
 """
@@ -23,6 +27,13 @@ MiB = 1 << 20
 
 def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+def to_dtype(named_tensors: Iterable[tuple[str, torch.Tensor]],
+             dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The stream with each tensor in ``dtype`` (lazy; a tensor already in ``dtype`` passes as it is, uncopied)."""
+    for name, tensor in named_tensors:
+        yield name, tensor.to(dtype)
 
 
 def iter_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]],
@@ -50,7 +61,8 @@ def iter_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]],
 def stream_weights(named_tensors: Iterable[tuple[str, torch.Tensor]], engine, bucket_mb: int) -> dict:
     """Stream (hf_name, full tensor) pairs into ``engine.update_weights`` in buckets of <= ``bucket_mb`` MiB.
 
-    The engine's weights must be awake (the rollout service wakes them first and the KV cache after).
+    The engine's weights must be awake (the rollout service wakes them first and the KV cache after). Each
+    tensor is cast to ``engine.weight_dtype`` first; bucket sizes and byte counts are those of the cast tensors.
 
     Returns stats: bytes (total), num_tensors, num_buckets, seconds, bytes_per_second, bucket_bytes, and
     peak_extra_bytes = the largest bucket held at once (the sync's extra memory beyond the model itself).
@@ -60,7 +72,7 @@ def stream_weights(named_tensors: Iterable[tuple[str, torch.Tensor]], engine, bu
     source = iter(named_tensors)
 
     def flattened():
-        for bucket in iter_buckets(source, bucket_bytes):
+        for bucket in iter_buckets(to_dtype(source, engine.weight_dtype), bucket_bytes):
             size = sum(tensor_bytes(t) for _, t in bucket)
             stats["num_buckets"] += 1
             stats["peak_extra_bytes"] = max(stats["peak_extra_bytes"], size)
@@ -117,9 +129,11 @@ def sync_weights(chunks, arch, groups, engine, bucket_mb: int) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def megatron_weight_source(chunks, arch, groups):
+def megatron_weight_source(chunks, arch, groups, dtype: torch.dtype | None = None):
     """A vLLM ``WeightSource`` over :func:`export_hf_weights` (every rank iterates it in lockstep).
 
+    ``dtype``: the engine's (vLLM's ``model_config.dtype``); the tensors are cast to it before they leave, as in
+    :func:`stream_weights`. None sends the trainer's own dtype.
     ``metadata()`` runs one export pass on first use (a collective on every rank, as vLLM's contract allows
     for Megatron sources) and caches the names, dtypes and full shapes; each iteration is a fresh export.
     """
@@ -127,18 +141,23 @@ def megatron_weight_source(chunks, arch, groups):
 
     from ..models.mapping import export_hf_weights
 
+    def export():
+        named = export_hf_weights(chunks, arch, groups)
+        return named if dtype is None else to_dtype(named, dtype)
+
     class MegatronWeightSource(WeightSource):
         def __init__(self):
             self._meta = None
 
         def metadata(self):
             if self._meta is None:
-                self._meta = [ParamMeta(n, t.dtype, tuple(t.shape)) for n, t in export_hf_weights(chunks, arch, groups)]
+                with torch.no_grad():
+                    self._meta = [ParamMeta(n, t.dtype, tuple(t.shape)) for n, t in export()]
             return self._meta
 
         def __iter__(self):
             with torch.no_grad():
-                yield from export_hf_weights(chunks, arch, groups)
+                yield from export()
 
     return MegatronWeightSource()
 

