@@ -24,7 +24,9 @@ never again taken for a resume point) with a warning naming what was wrong, and 
 
 On resume the saved config is compared with the current one (:func:`compare_configs`): fields that break an exact
 resume (:data:`EXACT_RESUME_FIELDS`: data, model, seeds, batch sizes, TP/PP) are an error unless listed in
-``checkpoint.allow_changes``; other changes are named in a warning.
+``checkpoint.allow_changes``; other changes are named in a warning. So is a training file whose contents changed
+under the same path (rows, size and CRC-32 saved with each checkpoint: :func:`data_fingerprints`), unless
+``data.train_files`` is listed.
 
 Rotation (:func:`rotate_checkpoints`) deletes only checkpoints of this run, older than the newest one just
 written, beyond ``keep_last``.
@@ -305,6 +307,31 @@ def compare_configs(saved: dict, current: dict, allow_changes=()) -> ConfigChang
     return out
 
 
+def data_fingerprints(config: dict) -> dict[str, dict]:
+    """``{path: fingerprint}`` of the config's training files (data/dataset.py ``fingerprint``): saved with every
+    checkpoint, compared on resume (:func:`compare_data`)."""
+    from ..data.dataset import fingerprint
+
+    return {str(f): fingerprint(f) for f in ((config.get("data") or {}).get("train_files") or [])}
+
+
+def _describe_fp(fp: dict) -> str:
+    if fp.get("missing"):
+        return "missing"
+    return f"{fp.get('rows')} rows, {fp.get('bytes')} bytes, crc32 {fp.get('crc32')}"
+
+
+def compare_data(saved: Optional[dict], config: dict) -> list[str]:
+    """Training files whose contents differ from those a checkpoint was saved with ("path (old -> new)"). A
+    checkpoint without fingerprints (older versions) and files not named on both sides (a path change is a
+    config change) are not compared."""
+    if not isinstance(saved, dict):
+        return []
+    current = data_fingerprints(config)
+    return [f"data.train_files: {path} changed ({_describe_fp(saved[path])} -> {_describe_fp(fp)})"
+            for path, fp in current.items() if isinstance(saved.get(path), dict) and saved[path] != fp]
+
+
 # --------------------------------------------------------------------------------------------- verification
 
 
@@ -464,6 +491,8 @@ def plan_run(run_dir: str | Path, mode: str, config: dict, allow_changes=(), *, 
 
             state = read_state(chosen)
             changes = compare_configs(state.get("config") or {}, config, allow_changes)
+            data_changes = compare_data(state.get("data_fingerprints"), config)  # same path, other contents
+            (changes.allowed if _covered("data.train_files", allow_changes) else changes.breaking).extend(data_changes)
             if changes.breaking:
                 raise ConfigError(
                     f"checkpoint.resume: the config differs from the one {chosen} was saved with in fields that "

@@ -6,7 +6,7 @@ Layout of ``RUN_DIR/checkpoints/step_000010/``::
                   reads it, and it loads at any TP/PP)
     optimizer/    Megatron dist checkpoint of the optimizer state (same TP/PP/DP layout to resume)
     rng/rank_R.pt per-rank RNG states (tensors only: checked by safe_load, then loaded with weights_only=True)
-    state.json    step, data cursor, run_id, config snapshot
+    state.json    step, data cursor, run_id, config snapshot, data_fingerprints (rows, bytes, CRC-32 per train file)
     srft_manifest.json  size + CRC-32 of state.json, rng/* and the manifests of model/ and optimizer/ (written last)
 
 A checkpoint is written to ``step_000010.tmp-<run_id>`` on every rank and renamed by rank 0 after a barrier, so a
@@ -135,7 +135,11 @@ def save_training_checkpoint(run_dir: str | Path, step: int, chunks, optimizer, 
     write_manifest_collective(opt_dir)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank}.pt")
     if rank == 0:
-        (tmp / "state.json").write_text(json.dumps({"step": step, "data_cursor": data_cursor, **metadata}, indent=1))
+        from .run_dir import data_fingerprints
+
+        state = {"step": step, "data_cursor": data_cursor, **metadata}
+        state.setdefault("data_fingerprints", data_fingerprints(metadata.get("config") or {}))
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
     write_manifest_collective(tmp)  # last: lists state.json, rng/* and the model/ and optimizer/ manifests
     if rank == 0:
         run_id = metadata.get("run_id")

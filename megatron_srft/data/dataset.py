@@ -15,6 +15,8 @@ are filtered where their length is known: in :func:`tokenize_problems`, which co
 from __future__ import annotations
 
 import json
+import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
@@ -230,6 +232,37 @@ def load_problems(path: str | Path, *, require_demo: bool = False) -> list[Probl
     if not problems:
         raise DataError(f"{p}: no rows")
     return problems
+
+
+_FINGERPRINTS: dict[tuple, dict] = {}  # (real path, size, mtime_ns) -> fingerprint: hashed once per process
+
+
+def fingerprint(path: str | Path) -> dict:
+    """What identifies a data file's contents for an exact resume: ``{"rows", "bytes", "crc32"}`` (rows: non-blank
+    lines of a JSONL file, rows of a Parquet file). A missing file is ``{"missing": true}``."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return {"missing": True}
+    key = (os.path.realpath(p), st.st_size, st.st_mtime_ns)
+    if key not in _FINGERPRINTS:
+        crc = 0
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                crc = zlib.crc32(chunk, crc)
+        if p.suffix.lower() == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+
+                rows = pq.ParquetFile(p).metadata.num_rows
+            except Exception:  # unreadable: loading it says why; the size and checksum still identify it
+                rows = -1
+        else:  # non-blank lines (a missing final newline still counts its line)
+            with open(p, "rb") as f:
+                rows = sum(1 for line in f if line.strip())
+        _FINGERPRINTS[key] = {"rows": rows, "bytes": st.st_size, "crc32": f"{crc:08x}"}
+    return dict(_FINGERPRINTS[key])
 
 
 # --------------------------------------------------------------------------------------------- tokenization

@@ -36,6 +36,8 @@ def test_every_checkpoint_directory_carries_a_verified_manifest(trained_run):
     assert set(manifest.read_manifest(step)) == {"state.json", "rng/rank_0.pt", "model/srft_manifest.json",
                                                  "optimizer/srft_manifest.json"}
     assert manifest.verify_part(step) == []
+    (fp,) = json.loads((step / "state.json").read_text())["data_fingerprints"].values()  # the data it ran on
+    assert fp["rows"] > 0 and fp["bytes"] > 0 and len(fp["crc32"]) == 8
 
 
 @pytest.mark.parametrize("damage, words", [
@@ -266,4 +268,27 @@ def test_failed_starts_do_not_pile_up_in_previous_runs(tmp_path):
     (run / "metrics.jsonl").write_text('{"step": 1}\n')  # a start that did something is moved, as before
     plan = plan_run(run, "auto", {})
     assert plan.archived is not None and (plan.archived / "metrics.jsonl").is_file()
+    release_run_dir(run)
+
+
+def test_resume_on_changed_data_is_refused_unless_allowed(tmp_path, monkeypatch, capsys):
+    from megatron_srft.checkpoint import run_dir as rd
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(f'{{"prompt": "{i}+1", "answer": "{i + 1}"}}\n' for i in range(64)))
+    cfg = {"data": {"train_files": [str(data)]}}
+    run = tmp_path / "run"
+    rid = plan_run(run, "auto", cfg).run_id
+    ckpt = _fake_ckpt(run, 3, rid)
+    state = json.loads((ckpt / "state.json").read_text())
+    state.update(config=cfg, data_fingerprints=rd.data_fingerprints(cfg))
+    assert state["data_fingerprints"][str(data)]["rows"] == 64
+    (ckpt / "state.json").write_text(json.dumps(state))
+    monkeypatch.setattr(rd, "checkpoint_problems", lambda *a, **k: [])  # a fake checkpoint: the data is the point
+    assert plan_run(run, "auto", cfg).resume_from == ckpt
+    data.write_text("".join(f'{{"prompt": "{i}+1", "answer": "{i + 1}"}}\n' for i in range(40)))  # same path
+    with pytest.raises(ConfigError, match=r"data\.train_files: .*train\.jsonl changed \(64 rows, .* -> 40 rows"):
+        plan_run(run, "auto", cfg)
+    plan = plan_run(run, "auto", cfg, ["data.train_files"])
+    assert plan.resume_from == ckpt and "40 rows" in capsys.readouterr().out
     release_run_dir(run)
