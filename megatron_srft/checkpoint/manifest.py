@@ -170,6 +170,35 @@ def verify_part(root: str | Path, rank: int = 0, world: int = 1, threads: int = 
     return sorted(set(problems))
 
 
+def verify_present_part(root: str | Path, rank: int = 0, world: int = 1) -> tuple[list[str], list[Path]]:
+    """(problems, unverified) for a directory that may lack its own manifest (written by an older version): every
+    manifest that exists is verified (``root``'s, else those of its sub-directories, recursively); ``unverified``
+    names the directories no manifest covers (rank 0 warns about them)."""
+    root = Path(root)
+    if has_manifest(root):
+        return verify_part(root, rank, world), []
+    problems: list[str] = []
+    unverified: list[Path] = []
+    loose = False
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        if p.is_dir() and not p.is_symlink():
+            sub_problems, sub_unverified = verify_present_part(p, rank, world)
+            problems += sub_problems
+            unverified += sub_unverified
+        else:
+            loose = True
+    if loose:
+        unverified.insert(0, root)
+    return sorted(set(problems)), unverified
+
+
+def warn_unverified(unverified: list[Path]) -> None:
+    """The documented warning for directories without a manifest (written by an older version)."""
+    for d in unverified:
+        print(f"[srft] warning: {d} has no {MANIFEST} (written by an older version): its files are not verified",
+              flush=True)
+
+
 def verify(root: str | Path) -> None:
     """Single process: raise a one-line :class:`CheckpointError` naming the first problem of ``root``."""
     problems = verify_part(root)
@@ -216,13 +245,14 @@ def verify_or_warn_collective(root: str | Path) -> None:
     from ..distributed import collectives
 
     root = Path(root)
-    if has_manifest(root):
-        problems = verify_collective(root)
-        if problems:
-            raise CheckpointError(summarize(problems))
-    elif collectives.rank() == 0:
-        print(f"[srft] warning: {root} has no {MANIFEST} (written by an older version): its files are not verified",
-              flush=True)
+    rank, world = collectives.rank(), collectives.world_size()
+    mine, unverified = verify_present_part(root, rank, world)  # every manifest that exists is verified
+    parts = collectives.all_gather_object(mine) if world > 1 else [mine]
+    problems = sorted({p for part in parts for p in part})
+    if problems:
+        raise CheckpointError(summarize(problems))
+    if rank == 0:
+        warn_unverified(unverified)
 
 
 def verify_collective(root: str | Path) -> list[str]:

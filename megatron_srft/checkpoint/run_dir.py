@@ -348,13 +348,19 @@ def checkpoint_problems(path: Path, rank: int = 0, world: int = 1) -> list[str]:
     problems: list[str] = []
     try:
         state = read_state(path)
-        # Written before manifests and run ids existed: structure and pickles are checked, files are not.
+        # Written before manifests and run ids existed: every manifest that does exist (model/'s, optimizer/'s) is
+        # verified, and what none covers is named in a warning.
         legacy = "run_id" not in state and not manifest.has_manifest(path)
     except CheckpointError as e:
         legacy = False
         if rank == 0:
             problems.append(str(e))
-    if not legacy:
+    if legacy:
+        found, unverified = manifest.verify_present_part(path, rank, world)
+        problems += found
+        if rank == 0 and not found:
+            manifest.warn_unverified(unverified)
+    else:
         problems += manifest.verify_part(path, rank, world)
     if rank == 0:
         for sub in ("model", "optimizer"):

@@ -78,6 +78,31 @@ def test_no_intact_checkpoint_is_an_error(run_copy):
     assert len(step_dirs(run_copy)) == 2  # nothing was moved or deleted
 
 
+def _make_legacy(step: Path) -> None:
+    """As written before run ids and top-level manifests: model/ and optimizer/ keep their own manifests."""
+    (step / manifest.MANIFEST).unlink()
+    state = json.loads((step / "state.json").read_text())
+    del state["run_id"]
+    (step / "state.json").write_text(json.dumps(state))
+
+
+def test_legacy_checkpoint_verifies_the_manifests_it_has_and_warns(run_copy, capsys):
+    step2 = run_copy / "checkpoints" / "step_000002"
+    _make_legacy(step2)
+    plan = plan_run(run_copy, "auto", _config(run_copy))
+    assert plan.resume_from == step2
+    out = capsys.readouterr().out
+    assert f"{step2} has no {manifest.MANIFEST} (written by an older version): its files are not verified" in out
+    shard = sorted((step2 / "model").glob("*.distcp"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    shard.write_bytes(bytes(data))
+    plan = plan_run(run_copy, "auto", _config(run_copy, step=1))
+    assert plan.resume_from.name == "step_000001"
+    out = capsys.readouterr().out
+    assert "warning: checkpoint" in out and "checksum" in out and shard.name in out, out
+
+
 # --------------------------------------------------------------------------------------------- starting
 
 
