@@ -69,3 +69,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 130
     except Exception as e:  # every failure: one line, the traceback in a log file (cli/failures.py)
         return report(name, e, run_dir=getattr(args, "srft_run_dir", None))
+    except BaseException as e:  # torch's CheckpointException derives from BaseException
+        if isinstance(e, (SystemExit, GeneratorExit)):
+            raise
+        return report(name, e, run_dir=getattr(args, "srft_run_dir", None))

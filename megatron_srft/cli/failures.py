@@ -38,10 +38,28 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
+def unwrap(exc: BaseException) -> BaseException:
+    """The failure behind a checkpoint library's wrapper: torch's ``CheckpointException`` (a BaseException
+    holding each rank's exception in ``failures``) and exceptions raised from another (Megatron's
+    ``CheckpointingException``) give their underlying error, an OSError first (disk full, read-only, denied)."""
+    for _ in range(8):  # wrappers nest a few levels at most
+        failures = getattr(exc, "failures", None)
+        inner: list[BaseException] = []
+        if isinstance(failures, dict):
+            inner = [f[0] for f in failures.values() if isinstance(f, tuple) and f and isinstance(f[0], BaseException)]
+        elif "Checkpoint" in type(exc).__name__ and exc.__cause__ is not None:
+            inner = [exc.__cause__]
+        if not inner:
+            return exc
+        exc = next((e for e in inner if isinstance(unwrap(e), OSError)), inner[0])
+    return exc
+
+
 def describe(exc: BaseException) -> tuple[str, int, bool]:
     """(one-line message, exit code, whether the traceback is worth a log file) for a failure."""
     from ..errors import SrftError
 
+    exc = unwrap(exc)
     if isinstance(exc, SrftError):  # complete as it is; a wrapped library error keeps its traceback in the log
         return _first_line(exc) or exc.__class__.__name__, 2, exc.__cause__ is not None
     if isinstance(exc, UnicodeDecodeError):

@@ -82,6 +82,44 @@ def test_describe_names_the_cause():
     assert describe(KeyError("x")) == ("KeyError: 'x'", 1, True)
 
 
+def _checkpoint_exception(inner: BaseException):
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    try:
+        raise inner
+    except BaseException as e:
+        return CheckpointException("save failed", {0: _wrap_exception(e)})
+
+
+@pytest.mark.parametrize("code, words, exit_code", [(errno.ENOSPC, "disk full while writing", 1),
+                                                    (errno.EROFS, "read-only file system", 2),
+                                                    (errno.EACCES, "permission denied", 2)])
+def test_checkpoint_exception_is_unwrapped_to_one_line_naming_the_path(tmp_path, capsys, monkeypatch, code, words,
+                                                                       exit_code):
+    """torch's CheckpointException derives from BaseException: the command line still reports it in one line
+    naming the file, and the traceback goes to the run's log."""
+    import types
+
+    monkeypatch.delenv("SRFT_DEBUG", raising=False)
+    shard = tmp_path / "run" / "checkpoints" / "step_000003.tmp-x" / "model" / "__0_0.distcp"
+    exc = _checkpoint_exception(OSError(code, os.strerror(code), str(shard)))
+    assert not isinstance(exc, Exception)
+    msg, _, _ = describe(exc)
+    assert msg.startswith(words) and str(shard) in msg and len(msg.splitlines()) == 1, msg
+
+    def main(args):
+        args.srft_run_dir = str(tmp_path / "run")
+        raise exc
+
+    fake = types.SimpleNamespace(add_arguments=lambda p: None, main=main)
+    monkeypatch.setitem(sys.modules, "srft_test_saver", fake)
+    monkeypatch.setitem(cli.SUBCOMMANDS, "saver", ("srft_test_saver", "test"))
+    err = _one_line(capsys, ["saver"], exit_code)
+    assert err.startswith(f"srft saver: error: {words}") and str(shard) in err, err
+    log = Path(err.rsplit("(traceback: ", 1)[1].rstrip(")"))
+    assert log.parent == tmp_path / "run" / "logs" and "CheckpointException" in log.read_text()
+
+
 def test_one_rank_claims_the_message(tmp_path, monkeypatch):
     monkeypatch.setattr("megatron_srft.cli.failures.RANK0_GRACE_S", 0.0)
     marker = tmp_path / "logs" / ".failure"
