@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import importlib
 import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -458,10 +459,55 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+#: How much of a value an error message shows (a value can be huge: never formatted whole).
+MAX_SHOWN_CHARS = 80
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxdict, _SHOW.maxstring, _SHOW.maxother = 2, 4, 4, MAX_SHOWN_CHARS, 40
+
+
+def show_value(value: Any) -> str:
+    """``repr(value)`` for an error message, cut to :data:`MAX_SHOWN_CHARS` without formatting the whole value."""
+    text = _SHOW.repr(value)
+    return text if len(text) <= MAX_SHOWN_CHARS else text[:MAX_SHOWN_CHARS - 3] + "..."
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML for configs: safe_load, plus no aliases (a few hundred bytes of nested aliases expand to gigabytes:
+    the "billion laughs") and no duplicate keys (YAML would keep the last one silently)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor}: YAML aliases are not allowed in "
+                                              f"configs (write the value out)", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the constructor below says so
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {show_value(key)} (first at "
+                                                        f"line {first})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _coerce(value: Any, tp, path: str, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
-    bad = ConfigError(f"{where}{path}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+    def bad() -> ConfigError:  # formatted only when raised, and cut: a value may be huge
+        return ConfigError(f"{where}{path}: expected {_type_name(tp)}, got {show_value(value)} "
+                           f"({type(value).__name__})")
+
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -473,29 +519,29 @@ def _coerce(value: Any, tp, path: str, where: str) -> Any:
                 return _coerce(value, a, path, where)
             except ConfigError:
                 continue
-        raise bad
+        raise bad()
     table = _table_of(tp)
     if table is not None:
         if isinstance(value, str) and value in table.names():
             return value
-        raise bad
+        raise bad()
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
-        raise bad
+        raise bad()
     if origin is list:
         if not isinstance(value, list):
-            raise bad
+            raise bad()
         (inner,) = typing.get_args(tp)
         return [_coerce(v, inner, f"{path}[{i}]", where) for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise bad
+        raise bad()
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise bad
+        raise bad()
     if tp is float:
         out = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -510,15 +556,15 @@ def _coerce(value: Any, tp, path: str, where: str) -> Any:
             except ValueError:
                 pass
         if out is None:
-            raise bad
+            raise bad()
         if not math.isfinite(out):  # .inf / .nan / 1e999: never a meaningful setting
-            raise ConfigError(f"{where}{path}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{where}{path}: expected a finite number, got {show_value(value)}")
         return out
     if tp is str:
         if isinstance(value, str):
             return value
-        raise bad
-    raise bad
+        raise bad()
+    raise bad()
 
 
 def _hints(cls) -> dict:
@@ -549,9 +595,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{text}': expected key.sub=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _yaml_load(raw) if raw != "" else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({e.__class__.__name__})") from None
+        raise ConfigError(f"override '{text}': value is not valid YAML "
+                          f"({getattr(e, 'problem', None) or e.__class__.__name__})") from None
     return key.strip().split("."), value
 
 
@@ -565,7 +612,13 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         if not p.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = _yaml_load(p.read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError as e:
+            line = p.read_bytes()[:e.start].count(b"\n") + 1
+            raise ConfigError(f"{path}: line {line} not valid UTF-8 (byte {e.object[e.start]:#04x}); config files "
+                              f"must be UTF-8 encoded") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: nested too deeply to be a config") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f" line {mark.line + 1}" if mark else ""

@@ -152,3 +152,49 @@ def test_names_come_from_their_tables(monkeypatch):
     cfg.train.reward = "nope"  # set in code: validate() checks it against REWARDS
     with pytest.raises(ConfigError, match=r"train.reward: expected 'math' \| 'exact', got 'nope'"):
         cfg.validate()
+
+
+# --------------------------------------------------------------------------------------------- hostile YAML
+
+_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcde", "bcdef")) + "train:\n  num_steps: *f\n"
+
+
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_BOMB)  # 9^6 = 531441 leaves, a few hundred bytes (the real bomb has more levels)
+    with pytest.raises(ConfigError, match=r"bomb\.yaml: line 2 not valid YAML: alias \*a: YAML aliases are not "
+                                          r"allowed in configs"):
+        load_config(str(bomb))
+    with pytest.raises(ConfigError, match="aliases are not allowed"):
+        load_config(None, ["train.num_steps=[&x 1, *x]"])
+
+
+def test_error_messages_show_a_value_cut_to_a_fixed_length(tmp_path):
+    from megatron_srft.config import MAX_SHOWN_CHARS
+
+    big = tmp_path / "big.yaml"
+    big.write_text("optimizer:\n  lr: [" + ", ".join(["[" + ", ".join(["123456789"] * 50) + "]"] * 200) + "]\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(big))
+    msg = str(e.value)
+    assert msg.startswith(f"{big}: optimizer.lr: expected float, got [[") and "..." in msg
+    assert len(msg) < len(str(big)) + 60 + MAX_SHOWN_CHARS, msg
+
+
+def test_duplicate_yaml_keys_are_an_error(tmp_path):
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("train:\n  num_steps: 5\n  seed: 1\n  num_steps: 500\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml: line 4 not valid YAML: duplicate key 'num_steps' \(first at "
+                                          r"line 2\)"):
+        load_config(str(dup))
+
+
+def test_config_that_is_not_utf8_names_the_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("train:\n  num_steps: 5\n# caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: line 3 not valid UTF-8 \(byte 0xe9\)"):
+        load_config(str(bad))
+    assert cli_main(["config", "--config", str(bad), "--print"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "latin1.yaml: line 3 not valid UTF-8" in err, err
