@@ -4,7 +4,9 @@ math-verify runs sympy, which can take unbounded time on adversarial model outpu
 stall training. Each worker is a spawned process with its own pipe and takes one sample at a time; the parent
 gives every dispatched sample a deadline (``timeout_s`` from dispatch). A sample past its deadline scores 0 and
 is counted; its worker is killed and replaced. A worker that dies (crash, OOM kill) is treated the same way.
-A verifier that raises scores 0 (broken output is a wrong answer, not a crashed run).
+A verifier that raises scores 0 (broken output is a wrong answer, not a crashed run). Workers ignore the trainer's
+stop signals (signals.py): torchrun forwards them to the whole process group, and a worker killed by one would
+turn the step's in-flight samples into timeouts.
 
 Usage::
 
@@ -18,6 +20,8 @@ import multiprocessing as mp
 import time
 from multiprocessing.connection import Connection, wait
 from typing import Callable, Optional, Union
+
+from ..signals import children_ignore_stop_signals
 
 #: Seconds a fresh worker may take to import its verifier (sympy and math-verify take a few) before it counts
 #: as broken. Not part of the per-sample timeout.
@@ -60,7 +64,8 @@ class _Worker:
     def __init__(self, ctx, reward, require_think: bool):
         self.conn, child = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(target=_worker_main, args=(child, reward, require_think), daemon=True)
-        self.proc.start()
+        with children_ignore_stop_signals():
+            self.proc.start()
         child.close()
         self.ready = False
         self.started_at = time.monotonic()

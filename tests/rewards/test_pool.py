@@ -76,3 +76,31 @@ def test_dead_worker_is_replaced():
     with RewardPool(sleepy_reward, timeout_s=30, num_workers=1, require_think=False) as pool:
         scores, num_failed = pool.score(["a", "die", "b"], ["a", "x", "b"])
         assert scores == [1.0, 0.0, 1.0] and num_failed == 1 and pool.total_restarts == 1
+
+
+def test_workers_survive_the_trainers_stop_signals():
+    """torchrun forwards SIGUSR1/SIGTERM to the trainer's whole process group, verifier workers included: they must
+    ignore them (a killed worker turns its in-flight sample into a timeout with reward 0), while the trainer
+    keeps its own handlers."""
+    import signal
+
+    from megatron_srft.signals import STOP_SIGNALS
+
+    received = []
+    previous = {sig: signal.signal(sig, lambda s, f: received.append(s)) for sig in STOP_SIGNALS}
+    try:
+        with RewardPool(sleepy_reward, timeout_s=30, num_workers=2, require_think=False) as pool:
+            assert pool.score(["a"], ["a"]) == ([1.0], 0)  # every worker has started
+            for w in pool._workers:
+                for sig in STOP_SIGNALS:
+                    os.kill(w.proc.pid, sig)
+            time.sleep(0.5)
+            assert all(w.proc.is_alive() for w in pool._workers)
+            assert pool.score(["a", "b", "c"], ["a", "b", "x"]) == ([1.0, 1.0, 0.0], 0)
+            assert pool.total_restarts == 0
+        for sig in STOP_SIGNALS:  # the handlers installed before the pool are still this process's
+            os.kill(os.getpid(), sig)
+        assert sorted(received) == sorted(STOP_SIGNALS)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
