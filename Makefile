@@ -7,7 +7,7 @@ SETUP_SHA := $(shell sha256sum setup.py Makefile | sha256sum | cut -c1-12)
 STAMP    := $(VENV)/.installed-$(SETUP_SHA)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo bench bench-step bench-trl reproduce-toy docs lint clean
+.PHONY: install test test-fast test-gpu demo bench bench-step bench-trl reproduce-toy docs lint clean
 
 install: $(STAMP)
 
@@ -27,6 +27,15 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
+# The GPU tier only (tests/gpu; `make test` counts it as skipped without CUDA). Runs with any python that has
+# torch with CUDA, pytest and megatron-core, not this venv: GPU_PY picks it, GPU_SITE adds a folder with
+# megatron-core unpacked from its wheel (docs/cluster.md, "The GPU test tier"). No install step.
+GPU_PY   ?= python3
+GPU_SITE ?=
+test-gpu:
+	PYTHONPATH="$(CURDIR)$(if $(GPU_SITE),:$(GPU_SITE))$${PYTHONPATH:+:$$PYTHONPATH}" \
+		$(GPU_PY) -m pytest -q -rs -m gpu $(PYTEST_ARGS) tests/gpu
 
 demo: install
 	$(PY) -m megatron_srft.cli.demo

@@ -9,6 +9,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than about a minute on 2 CPU cores (CI still runs it)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (tests/gpu, `make test-gpu`); skipped without one")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The GPU tier is skipped (and counted) where CUDA is absent."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        import torch  # here, not at the top: only a run that collected the GPU tier asks for CUDA
+
+        if not torch.cuda.is_available():
+            for item in gpu:
+                item.add_marker(pytest.mark.skip(reason="GPU tier: no CUDA device"))
 
 
 @pytest.fixture(scope="session")
