@@ -63,6 +63,8 @@ RlPosWeight = _table("megatron_srft.algorithms.losses:RL_POS_WEIGHTS")
 EntropyGranularity = _table("megatron_srft.algorithms.losses:WEIGHT_ENTROPIES")
 DemoRatio = _table("megatron_srft.algorithms.losses:DEMO_RATIOS")
 Aggregation = _table("megatron_srft.algorithms.losses:AGGREGATIONS")
+SftAggregation = _table("megatron_srft.algorithms.losses:SFT_AGGREGATIONS")
+MixSchedule = _table("megatron_srft.algorithms.presets:MIX_SCHEDULES")
 
 
 def _sub(cls, help: str):
@@ -254,7 +256,8 @@ class AlgorithmConfig:
 
     preset: Preset = _f(
         "srft", "Algorithm preset (docs/algorithms.md): srft = the paper's equations, srft_code = released code, "
-        "luffy = LUFFY's released run; srft_w_sft_1 / srft_w_rl_1 = the paper's ablations."
+        "luffy = LUFFY's released run; srft_w_sft_1 / srft_w_rl_1 = the paper's ablations; chord_mu / chord_phi, "
+        "hpt, dft = those methods' released code."
     )
     num_demos_per_prompt: Optional[int] = _f(None, "D: demonstrations joining each group.")
     sft_coef: Optional[float] = _f(None, "Coefficient of the SFT weight (paper 0.5).")
@@ -283,6 +286,26 @@ class AlgorithmConfig:
     entropy_bonus: Optional[float] = _f(
         None, "Entropy bonus: minus this times the mini-batch token-mean of H (code and LUFFY 0.001, paper 0)."
     )
+    sft_aggregation: Optional[SftAggregation] = _f(
+        None, "Aggregation of the demo tokens' terms: as_rollouts = the same as `aggregation`; demo_token_mean = "
+        "a token mean over the demo rows alone (CHORD, HPT)."
+    )
+    sft_mix_schedule: Optional[MixSchedule] = _f(
+        None, "mu(step) of L = (1 - mu) RL + mu SFT: none = no mix; warmup_cosine = CHORD's (0 -> mu_peak over "
+        "mu_warmup_steps, cosine to mu_valley over mu_decay_steps, then mu_valley)."
+    )
+    mu_warmup_steps: Optional[int] = _f(None, "warmup_cosine: steps of the linear warm-up of mu (CHORD 0).")
+    mu_decay_steps: Optional[int] = _f(None, "warmup_cosine: steps of the cosine decay of mu (chord_mu 200).")
+    mu_peak: Optional[float] = _f(None, "warmup_cosine: mu after the warm-up (chord_mu 0.9, chord_phi 0.1).")
+    mu_valley: Optional[float] = _f(None, "warmup_cosine: mu after the decay (chord_mu 0.05, chord_phi 0.1).")
+    expert_prompt_fraction: Optional[float] = _f(
+        None, "Share of each step's prompts (per DP replica, rounded) that are expert rows: no rollouts, trained "
+        "on their demonstration alone; the others on their rollouts alone (CHORD 2/3: Trinity-RFT's 20% of rows)."
+    )
+    sft_gate_max_correct: Optional[int] = _f(
+        None, "HPT's gate: a prompt with at most this many correct rollouts drops them and is trained on its "
+        "demonstration alone, the others on their rollouts alone; -1 = off (HPT 0; 2 for Llama-3.1-8B)."
+    )
 
     def validate(self, path: str) -> None:
         _finite(self, path)
@@ -297,6 +320,16 @@ class AlgorithmConfig:
         _need(self.rl_pos_coef is None or self.rl_pos_coef >= 0, f"{path}.rl_pos_coef", "expected >= 0")
         _need(self.sft_weight_max is None or self.sft_weight_max > 0, f"{path}.sft_weight_max", "expected > 0")
         _need(self.entropy_bonus is None or self.entropy_bonus >= 0, f"{path}.entropy_bonus", "expected >= 0")
+        for name in ("mu_warmup_steps", "mu_decay_steps"):
+            value = getattr(self, name)
+            _need(value is None or 0 <= value <= MAX_STEPS, f"{path}.{name}", f"expected 0 <= steps <= {MAX_STEPS}")
+        for name in ("mu_peak", "mu_valley"):
+            value = getattr(self, name)
+            _need(value is None or 0 <= value <= 1, f"{path}.{name}", "expected 0 <= mu <= 1")
+        _need(self.expert_prompt_fraction is None or 0 <= self.expert_prompt_fraction < 1,
+              f"{path}.expert_prompt_fraction", "expected 0 <= fraction < 1")
+        _need(self.sft_gate_max_correct is None or -1 <= self.sft_gate_max_correct <= MAX_PROMPTS,
+              f"{path}.sft_gate_max_correct", "expected -1 (off) or a count >= 0")
 
 
 @dataclass

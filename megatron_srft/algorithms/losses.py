@@ -20,6 +20,11 @@ own sequence only:
     token_sum_norm:       c_t = 1 / (num_sequences * C)           (token sum / C per sequence, mean over sequences:
                                                                   Dr.GRPO; the released code per sequence with
                                                                   C = 8192; LUFFY's run with C = 128)
+    rollout_token_mean:   c_t = 1 / num_rollout_tokens            (mean over the rollout tokens only: CHORD's RL part)
+
+With ``sft_aggregation = demo_token_mean`` the demo tokens' terms take c_t = 1 / num_demo_tokens instead (the SFT
+rows are a token mean of their own: CHORD, HPT). With an SFT mix (``sft_mix_schedule``; the step's mu is
+``settings.sft_mix``) demo-token terms are multiplied by mu and rollout-token terms by 1 - mu (CHORD).
 
 Because c_t (and 1 / num_tokens) does not depend on how tokens are split, :func:`srft_objective` returns this
 micro-batch's share of L, and summing the shares over micro-batches and DP ranks gives L exactly: invariant to
@@ -39,7 +44,7 @@ from .presets import AlgoSettings
 
 __all__ = [
     "TokenBatch", "Normalizers", "srft_objective", "aggregation_coefficients", "token_mean_coefficients",
-    "weight_entropy", "sft_weight",
+    "weight_entropy", "sft_weight", "sft_mix_weights",
     "rl_pos_weight", "sft_term", "demo_rl_term", "policy_gradient_term", "entropy_bonus_term",
 ]
 
@@ -82,6 +87,8 @@ class Normalizers:
 
     num_tokens:           loss tokens (loss_mask True) in the mini-batch
     num_sequences:        sequences with at least one loss token in the mini-batch (demos and rollouts)
+    num_demo_tokens:      loss tokens of demonstrations; needed by ``sft_aggregation = demo_token_mean`` and
+                          ``aggregation = rollout_token_mean`` (the rollout tokens are num_tokens - num_demo_tokens)
     aggregation_constant: C of token_sum_norm; None = settings.aggregation_constant
     mean_entropy:         mini-batch mean of H over loss tokens; needed only when
                           settings.entropy_granularity == "batch_mean" (e.g. from the old-logprob pass)
@@ -91,12 +98,21 @@ class Normalizers:
     num_sequences: float
     aggregation_constant: Optional[float] = None
     mean_entropy: Optional[float] = None
+    num_demo_tokens: Optional[float] = None
 
     @classmethod
     def for_settings(cls, settings: AlgoSettings, *, num_tokens: float, num_sequences: float,
-                     mean_entropy: Optional[float] = None) -> "Normalizers":
+                     mean_entropy: Optional[float] = None, num_demo_tokens: Optional[float] = None
+                     ) -> "Normalizers":
         return cls(float(num_tokens), float(num_sequences), settings.aggregation_constant,
-                   None if mean_entropy is None else float(mean_entropy))
+                   None if mean_entropy is None else float(mean_entropy),
+                   None if num_demo_tokens is None else float(num_demo_tokens))
+
+    def demo_tokens(self) -> float:
+        if self.num_demo_tokens is None:
+            raise ValueError("Normalizers.num_demo_tokens: required by algorithm.sft_aggregation 'demo_token_mean' "
+                             "and algorithm.aggregation 'rollout_token_mean'")
+        return self.num_demo_tokens
 
 
 # --------------------------------------------------------------------------------------------- pieces
@@ -126,18 +142,54 @@ def _token_sum_norm(batch: TokenBatch, settings: AlgoSettings, norm: Normalizers
     return torch.full_like(batch.logprob, 1.0 / (max(norm.num_sequences, 1.0) * const), dtype=torch.float32)
 
 
-#: algorithm.aggregation: name -> c_t [T] (masked below); the module docstring has the three formulas.
+def _rollout_token_mean(batch: TokenBatch, settings: AlgoSettings, norm: Normalizers) -> torch.Tensor:
+    # c_t = 1 / num_rollout_tokens (the demo tokens take their own mean through sft_aggregation)
+    num_rollout_tokens = norm.num_tokens - norm.demo_tokens()
+    return torch.full_like(batch.logprob, 1.0 / max(num_rollout_tokens, 1.0), dtype=torch.float32)
+
+
+#: algorithm.aggregation: name -> c_t [T] (masked below); the module docstring has the formulas.
 AGGREGATIONS: dict[str, Callable[[TokenBatch, AlgoSettings, Normalizers], torch.Tensor]] = {
     "seq_mean_token_mean": _seq_mean_token_mean,  # GRPO, the paper
     "token_mean": _token_mean,  # verl's token-mean
     "token_sum_norm": _token_sum_norm,  # the released code (C = 8192), LUFFY's run (C = 128)
+    "rollout_token_mean": _rollout_token_mean,  # CHORD's RL part: a token mean over the rollout rows
+}
+
+
+def _demo_token_mean(batch: TokenBatch, settings: AlgoSettings, norm: Normalizers) -> torch.Tensor:
+    # c_t = 1 / num_demo_tokens
+    return torch.full_like(batch.logprob, 1.0 / max(norm.demo_tokens(), 1.0), dtype=torch.float32)
+
+
+#: algorithm.sft_aggregation: name -> c_t [T] of the demo tokens' terms; None = the same c_t as ``aggregation``.
+SFT_AGGREGATIONS: dict[str, Optional[Callable[[TokenBatch, AlgoSettings, Normalizers], torch.Tensor]]] = {
+    "as_rollouts": None,  # one aggregation for every token (SRFT, LUFFY, the baselines)
+    "demo_token_mean": _demo_token_mean,  # the SFT rows' own token mean (CHORD, HPT)
 }
 
 
 def aggregation_coefficients(batch: TokenBatch, settings: AlgoSettings, norm: Normalizers) -> torch.Tensor:
-    """c_t [T] fp32 (0 on masked tokens) of terms 1-4: :data:`AGGREGATIONS` [``settings.aggregation``]."""
+    """c_t [T] fp32 (0 on masked tokens) of terms 1-4: :data:`AGGREGATIONS` [``settings.aggregation``], and
+    :data:`SFT_AGGREGATIONS` [``settings.sft_aggregation``] on demo tokens when it names one."""
     coef = AGGREGATIONS[settings.aggregation](batch, settings, norm).float().expand_as(batch.logprob)
+    demo_agg = SFT_AGGREGATIONS[settings.sft_aggregation]
+    if demo_agg is not None:
+        demo_coef = demo_agg(batch, settings, norm).float().expand_as(batch.logprob)
+        coef = torch.where(batch.is_demo.bool(), demo_coef, coef)
     return torch.where(batch.loss_mask.bool(), coef, torch.zeros_like(coef))
+
+
+def sft_mix_weights(batch: TokenBatch, settings: AlgoSettings) -> Optional[torch.Tensor]:
+    """[T] mu on demo tokens, 1 - mu on rollout tokens (CHORD: L = (1 - mu) RL + mu SFT), mu = the step's
+    ``settings.sft_mix`` (:meth:`AlgoSettings.at_step`); None when the preset has no SFT mix."""
+    if settings.sft_mix_schedule == "none":
+        return None
+    if settings.sft_mix is None:
+        raise ValueError(f"algorithm.sft_mix_schedule {settings.sft_mix_schedule!r}: the step's mu is not set "
+                         "(use AlgoSettings.at_step(step))")
+    mu = torch.full_like(batch.logprob, settings.sft_mix, dtype=torch.float32)
+    return torch.where(batch.is_demo.bool(), mu, 1.0 - mu)
 
 
 def _batch_mean_entropy(batch: TokenBatch, norm: Normalizers) -> torch.Tensor:
@@ -158,12 +210,15 @@ def weight_entropy(batch: TokenBatch, settings: AlgoSettings, norm: Normalizers)
     return WEIGHT_ENTROPIES[settings.entropy_granularity](batch, norm)
 
 
-#: algorithm.sft_weight: name -> g(h) [T], w_SFT = min(sft_coef * g(sg(H)), sft_weight_max).
-SFT_WEIGHTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "exp_neg_entropy": lambda h: torch.exp(-h),  # the paper (Eq. 8)
-    "exp_pos_entropy": torch.exp,  # the released code
-    "one": torch.ones_like,  # plain SFT
-    "zero": torch.zeros_like,  # no SFT term
+#: algorithm.sft_weight: name -> g(h, p) [T], w_SFT = min(sft_coef * g(sg(H), sg(p)), sft_weight_max),
+#: p = pi(y_t) of the demo token.
+SFT_WEIGHTS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "exp_neg_entropy": lambda h, p: torch.exp(-h),  # SRFT, the paper (Eq. 8)
+    "exp_pos_entropy": lambda h, p: torch.exp(h),  # SRFT, the released code
+    "one": lambda h, p: torch.ones_like(h),  # plain SFT
+    "zero": lambda h, p: torch.zeros_like(h),  # no SFT term
+    "phi": lambda h, p: p * (1.0 - p),  # CHORD-phi: phi = sg(p (1 - p)) (Trinity-RFT's phi_function)
+    "prob": lambda h, p: p,  # DFT: -sg(p) log p
 }
 
 #: algorithm.rl_pos_weight: name -> g(h) [T], w_RL = rl_pos_coef * g(sg(H)) on positive rollouts.
@@ -180,10 +235,10 @@ DEMO_RATIOS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
 }
 
 
-def sft_weight(h: torch.Tensor, settings: AlgoSettings) -> torch.Tensor:
-    """w_SFT [T] = min(sft_coef * g(h), sft_weight_max), g = :data:`SFT_WEIGHTS` [``settings.sft_weight``]
-    (h already detached)."""
-    w = settings.sft_coef * SFT_WEIGHTS[settings.sft_weight](h)
+def sft_weight(h: torch.Tensor, p: torch.Tensor, settings: AlgoSettings) -> torch.Tensor:
+    """w_SFT [T] = min(sft_coef * g(h, p), sft_weight_max), g = :data:`SFT_WEIGHTS` [``settings.sft_weight``]
+    (h and p already detached)."""
+    w = settings.sft_coef * SFT_WEIGHTS[settings.sft_weight](h, p)
     if settings.sft_weight_max is not None:
         w = w.clamp(max=settings.sft_weight_max)
     return w
@@ -273,7 +328,7 @@ def srft_objective(batch: TokenBatch, settings: AlgoSettings, norm: Normalizers
     coef = aggregation_coefficients(batch, settings, norm)
     h = _masked(weight_entropy(batch, settings, norm), mask)
 
-    w_sft = sft_weight(h, settings)
+    w_sft = sft_weight(h, torch.exp(lp.detach()), settings)
     l_sft = _masked(sft_term(lp, w_sft), demo)
     l_demo = _masked(demo_rl_term(lp, adv, settings), demo)
     pg, ratio, clipped = policy_gradient_term(lp, old, adv, settings)
@@ -286,6 +341,9 @@ def srft_objective(batch: TokenBatch, settings: AlgoSettings, norm: Normalizers
     l_neg = _masked(pg, neg)
     l_bonus = _masked(entropy_bonus_term(ent, settings), mask) if settings.entropy_bonus else torch.zeros_like(lp)
 
+    mix = sft_mix_weights(batch, settings)
+    if mix is not None:
+        coef = coef * mix
     terms = {"sft": l_sft, "demo_rl": l_demo, "rl_pos": l_pos, "rl_neg": l_neg}
     shares = {name: (coef * t).sum() for name, t in terms.items()}
     shares["entropy_bonus"] = (token_mean_coefficients(batch, norm) * l_bonus).sum()
@@ -305,4 +363,6 @@ def srft_objective(batch: TokenBatch, settings: AlgoSettings, norm: Normalizers
     metrics["ratio_max"] = _max(ratio, roll)
     if tis is not None:
         metrics["tis_weight_mean"] = _sum_count(tis, roll)
+    if mix is not None:
+        metrics["sft_mix"] = (torch.tensor(float(settings.sft_mix)) * frac, frac)
     return loss, metrics

@@ -221,7 +221,7 @@ def build_groups(problems: list, scored: list, settings, group_offset: int) -> t
         for i, a in zip(members, adv.tolist()):
             samples[i].advantage = a
     roll = [s for s in samples if not s.is_demo]
-    demos = [s for s in samples if s.is_demo]
+    demos = [s for s in samples if s.is_demo and not math.isnan(s.reward)]  # expert rows are not scored
     per_group: dict[int, list[float]] = {}
     for s in samples:
         per_group.setdefault(s.group, []).append(s.reward)
@@ -306,6 +306,7 @@ def update_policy(policy: Policy, minibatches: list, settings, cfg: SRFTConfig, 
     """One optimizer step per mini-batch; the policy's version moves on with every applied step."""
     from .step import train_minibatch
 
+    settings = settings.at_step(step)  # the step's SFT mix (CHORD's mu), when the preset has one
     num_mb = len(minibatches)
     total = cfg.train.num_steps * num_mb
     merged: dict = {}
@@ -393,6 +394,7 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
     from ..distributed.layout import config_token_pad_multiple
     from ..rollout.service import RolloutService
     from .metrics import MetricsLogger, PhaseTimer
+    from .routing import plan_prompts, route_prompts
     from .step import sync_parameters
 
     groups = groups or init_distributed(cfg.parallel, seed=cfg.train.seed)
@@ -468,18 +470,20 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
             timer = PhaseTimer()
             t0 = time.perf_counter()
             step_problems = [problems.train[i] for i in sampler.step_indices(step)]
+            plan = plan_prompts(step_problems, sampler.replica_slice(), groups.dp_size, settings)  # expert rows
             with timer("rollout"):
-                batch = rollouts.rollouts(step_problems, step, num_rollouts=num_rollouts,
-                                          num_demos=settings.num_demos, replica_slice=sampler.replica_slice())
+                batch = rollouts.rollouts(plan.generate, step, num_rollouts=num_rollouts,
+                                          num_demos=settings.num_demos, replica_slice=plan.generate_slice)
             mine = step_problems[sampler.replica_slice()]
-            samples, stats = build_groups(mine, batch.prompts, settings, group_offset=groups.dp_rank * len(mine))
+            scored, route_stats = route_prompts(plan, batch.prompts, settings)  # expert rows, HPT's gate
+            samples, stats = build_groups(mine, scored, settings, group_offset=groups.dp_rank * len(mine))
             minibatches = split_minibatches(samples, num_minibatches, policy.micro_batch_tokens,
                                             cfg.train.sequence_packing, pad_multiple)
             with timer("old_logprob"):
                 attach_old_logprobs(policy, minibatches, settings, cfg.train.old_logprobs)
             with timer("train"):
                 train_metrics = update_policy(policy, minibatches, settings, cfg, step)
-            metrics = {**reduce_stats(stats, groups), **batch.metrics, **train_metrics, **timer.as_metrics()}
+            metrics = {**reduce_stats({**stats, **route_stats}, groups), **batch.metrics, **train_metrics, **timer.as_metrics()}
             num_tokens = sum(s.num_tokens for s in samples)
             metrics["perf/tokens_per_s"] = num_tokens * groups.dp_size / max(time.perf_counter() - t0, 1e-9)
             metrics["time/step"] = time.perf_counter() - t0

@@ -67,23 +67,25 @@ def compute_normalizers(micro_batches: Sequence[MicroBatch], settings, groups: P
     """
     from ..algorithms.losses import Normalizers
 
-    counts = torch.zeros(3, dtype=torch.float64)
+    counts = torch.zeros(4, dtype=torch.float64)
     for i, mb in enumerate(micro_batches):
         mask = mb.loss_mask > 0
         counts[0] += float(mask.sum())
         counts[1] += float(mb.num_sequences)
         if entropies is not None:
             counts[2] += float(torch.where(mask, entropies[i].double().cpu(), 0.0).sum())
+        counts[3] += float((mask & mb.is_demo.bool()).sum())
     counts = collectives.all_reduce(counts, "sum", groups.dp_group)
-    num_tokens, num_sequences = float(counts[0]), float(counts[1])
+    num_tokens, num_sequences, num_demo_tokens = float(counts[0]), float(counts[1]), float(counts[3])
     mean_entropy = float(counts[2]) / max(num_tokens, 1.0) if entropies is not None else None
     if settings is None:  # a custom loss_fn that needs only the counts
-        return Normalizers(num_tokens=num_tokens, num_sequences=num_sequences, mean_entropy=mean_entropy)
+        return Normalizers(num_tokens=num_tokens, num_sequences=num_sequences, mean_entropy=mean_entropy,
+                           num_demo_tokens=num_demo_tokens)
     if settings.entropy_granularity == "batch_mean" and mean_entropy is None:
         raise ValueError("compute_normalizers: algorithm.entropy_granularity 'batch_mean' needs the per-token "
                          "entropies of the mini-batch (pass entropies= from forward_logprobs)")
     return Normalizers.for_settings(settings, num_tokens=num_tokens, num_sequences=num_sequences,
-                                    mean_entropy=mean_entropy)
+                                    mean_entropy=mean_entropy, num_demo_tokens=num_demo_tokens)
 
 
 def token_batch(mb: MicroBatch, logprob: torch.Tensor, entropy: torch.Tensor):

@@ -13,7 +13,7 @@ from megatron_srft.algorithms.losses import Normalizers, TokenBatch, srft_object
 from megatron_srft.algorithms.metrics import accumulate, finalize
 from megatron_srft.algorithms.presets import PRESETS
 
-SEQ_AGGS = ["seq_mean_token_mean", "token_mean", "token_sum_norm"]
+SEQ_AGGS = ["seq_mean_token_mean", "token_mean", "token_sum_norm", "rollout_token_mean"]
 
 
 # --------------------------------------------------------------------------------------------- random batches
@@ -64,7 +64,7 @@ def normalizers(batch: TokenBatch, settings, mean_entropy=None) -> Normalizers:
     mask = batch.loss_mask
     return Normalizers.for_settings(settings, num_tokens=int(mask.sum()),
                                     num_sequences=len(set(batch.seq_index[mask].tolist())),
-                                    mean_entropy=mean_entropy)
+                                    mean_entropy=mean_entropy, num_demo_tokens=int((mask & batch.is_demo).sum()))
 
 
 def sub_batch(batch: TokenBatch, idx: torch.Tensor) -> TokenBatch:
@@ -83,6 +83,7 @@ def reference_loss(batch: TokenBatch, s, mean_entropy=None):
         if bool(batch.loss_mask[t]):
             seqs.setdefault(int(batch.seq_index[t]), []).append(t)
     num_tokens = sum(len(v) for v in seqs.values())
+    num_demo_tokens = sum(len(v) for v in seqs.values() if bool(batch.is_demo[v[0]]))
     total, bonus = 0.0, 0.0
     for toks in seqs.values():
         seq_loss = 0.0
@@ -92,8 +93,9 @@ def reference_loss(batch: TokenBatch, s, mean_entropy=None):
             A = float(batch.advantage[t])
             loss_t = 0.0
             if bool(batch.is_demo[t]):
+                p_sg = math.exp(float(lp.detach()))
                 g = {"exp_neg_entropy": math.exp(-h), "exp_pos_entropy": math.exp(h), "one": 1.0,
-                     "zero": 0.0}[s.sft_weight]
+                     "zero": 0.0, "phi": p_sg * (1 - p_sg), "prob": p_sg}[s.sft_weight]
                 w = s.sft_coef * g
                 if s.sft_weight_max is not None:
                     w = min(w, s.sft_weight_max)
@@ -118,15 +120,21 @@ def reference_loss(batch: TokenBatch, s, mean_entropy=None):
                 loss_t = loss_t + pg
             bonus = bonus - s.entropy_bonus * H  # the bonus is a token-mean over the mini-batch, any aggregation
             seq_loss = seq_loss + loss_t
-        if s.aggregation == "seq_mean_token_mean":
-            total = total + seq_loss / len(toks)
+        is_demo_seq = bool(batch.is_demo[toks[0]])
+        if is_demo_seq and s.sft_aggregation == "demo_token_mean":
+            part = seq_loss / num_demo_tokens
+        elif s.aggregation == "seq_mean_token_mean":
+            part = seq_loss / len(toks) / len(seqs)
         elif s.aggregation == "token_mean":
-            total = total + seq_loss
+            part = seq_loss / num_tokens
+        elif s.aggregation == "rollout_token_mean":
+            part = seq_loss / (num_tokens - num_demo_tokens)
         else:
-            total = total + seq_loss / s.aggregation_constant
-    if s.aggregation == "token_mean":
-        return total / num_tokens + bonus / num_tokens
-    return total / len(seqs) + bonus / num_tokens
+            part = seq_loss / s.aggregation_constant / len(seqs)
+        if s.sft_mix_schedule != "none":  # L = (1 - mu) RL + mu SFT
+            part = part * (s.sft_mix if is_demo_seq else 1 - s.sft_mix)
+        total = total + part
+    return total + bonus / num_tokens
 
 
 def grads(loss, batch):
@@ -153,7 +161,7 @@ def check_against_reference(batch, settings, mean_entropy=None):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_preset_matches_reference(preset, seed):
-    settings = PRESETS[preset]()
+    settings = PRESETS[preset]().at_step(seed * 70 + 1)  # the step's SFT mix (mu) where the preset has one
     check_against_reference(make_batch(seed), settings)
 
 
@@ -166,6 +174,9 @@ def test_variants_match_reference(preset, aggregation):
         dataclasses.replace(base, entropy_granularity="batch_mean"),
         dataclasses.replace(base, sft_weight_max=1.3, entropy_bonus=0.01, clip=not base.clip),
         dataclasses.replace(base, tis_cap=1.5, aggregation_constant=16.0),
+        dataclasses.replace(base, sft_weight="phi", sft_aggregation="demo_token_mean"),
+        dataclasses.replace(base, sft_weight="prob", sft_coef=0.7, sft_mix_schedule="warmup_cosine",
+                            mu_warmup_steps=2, mu_decay_steps=10, mu_peak=0.7, mu_valley=0.2).at_step(5),
     ]
     for i, s in enumerate(variants):
         batch = make_batch(10 + i, with_engine=True)
@@ -176,7 +187,7 @@ def test_variants_match_reference(preset, aggregation):
 @pytest.mark.parametrize("aggregation", SEQ_AGGS)
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_sum_over_micro_batches_equals_unsplit(preset, aggregation):
-    settings = dataclasses.replace(PRESETS[preset](), aggregation=aggregation, entropy_bonus=0.003)
+    settings = dataclasses.replace(PRESETS[preset](), aggregation=aggregation, entropy_bonus=0.003).at_step(3)
     batch = make_batch(5, num_groups=4)
     norm = normalizers(batch, settings)
     full, full_metrics = srft_objective(batch, settings, norm)

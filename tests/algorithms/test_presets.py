@@ -13,14 +13,18 @@ from megatron_srft.config import AlgorithmConfig, ConfigError, load_config
 def test_every_preset_is_complete_and_names_table_entries():
     from megatron_srft.algorithms import losses
 
+    from megatron_srft.algorithms.presets import MIX_SCHEDULES
+
     tables = {"sft_weight": losses.SFT_WEIGHTS, "rl_pos_weight": losses.RL_POS_WEIGHTS,
               "demo_ratio": losses.DEMO_RATIOS, "aggregation": losses.AGGREGATIONS,
-              "entropy_granularity": losses.WEIGHT_ENTROPIES}
+              "entropy_granularity": losses.WEIGHT_ENTROPIES, "sft_aggregation": losses.SFT_AGGREGATIONS,
+              "sft_mix_schedule": MIX_SCHEDULES}
     for name, fn in PRESETS.items():
         s = fn()
         assert isinstance(s, AlgoSettings)
-        assert all(getattr(s, f.name) is not None or f.name in ("sft_weight_max", "tis_cap")
+        assert all(getattr(s, f.name) is not None or f.name in ("sft_weight_max", "tis_cap", "sft_mix")
                    for f in dataclasses.fields(s)), name
+        assert s.sft_mix is None, name  # the step's mu: set by at_step() only
         for field_name, table in tables.items():
             assert getattr(s, field_name) in table, (name, field_name)
         assert resolve(AlgorithmConfig(preset=name)) == s
@@ -202,3 +206,103 @@ def test_docs_settings_table_matches_presets():
     for f in dataclasses.fields(AlgoSettings):
         expect = [repr(getattr(fn(), f.name)).replace("'", "") for fn in PRESETS.values()]
         assert rows.get(f.name) == expect, f"docs/algorithms.md settings table is stale for {f.name}"
+
+
+# --------------------------------------------------------------------------------------------- CHORD, HPT, DFT
+#
+# Their released settings, as the sources' own keys (Trinity-RFT examples/mix_chord/mix_chord.yaml at 041433056e;
+# Unify-Post-Training exp_scripts/train.sh and train_llama.sh at ae332f5; DFT's README launch command at e153181),
+# translated by the rules of their code (docstrings of the presets cite file and line).
+
+CHORD_YAML = {
+    "algorithm.repeat_times": 8,
+    "algorithm.sample_strategy_args.expert_data_ratio": 0.20,
+    "algorithm.kl_loss_fn_args.kl_coef": 0.0,
+    "algorithm.policy_loss_fn_args.clip_range": 0.2,
+    "algorithm.policy_loss_fn_args.use_token_level_loss_in_sft": True,
+    "buffer.batch_size": 40,
+}
+#: the yaml's comments: "0 for chord-mu and chord-phi", "200 for chord-mu and 0 for chord-phi", ...
+CHORD_VARIANTS = {
+    "chord_mu": dict(mu_warmup_steps=0, mu_decay_steps=200, mu_peak=0.9, mu_valley=0.05, enable_phi_function=False),
+    "chord_phi": dict(mu_warmup_steps=0, mu_decay_steps=0, mu_peak=0.1, mu_valley=0.1, enable_phi_function=True),
+}
+
+
+def from_chord_yaml(k: dict, variant: dict) -> dict:
+    """Trinity-RFT's keys -> our settings: the mix sampler reads batch_size x repeat_times experiences, ceil(ratio x
+    that) of them expert rows (one prompt each), the rest rollouts (repeat_times per prompt)."""
+    import math
+
+    rows = k["buffer.batch_size"] * k["algorithm.repeat_times"]
+    expert = math.ceil(k["algorithm.sample_strategy_args.expert_data_ratio"] * rows)
+    rl_prompts = (rows - expert) // k["algorithm.repeat_times"]
+    assert k["algorithm.kl_loss_fn_args.kl_coef"] == 0.0 and k["algorithm.policy_loss_fn_args.use_token_level_loss_in_sft"]
+    return dict(
+        use_rollouts=True, num_demos=1, demos_in_group=False, expert_prompt_fraction=expert / (expert + rl_prompts),
+        sft_weight="phi" if variant["enable_phi_function"] else "one", sft_coef=1.0, demo_ratio="off",
+        rl_pos_weight="one", rl_pos_coef=1.0, std_normalize=True, adv_eps=1e-6, clip=True,
+        clip_eps=k["algorithm.policy_loss_fn_args.clip_range"], aggregation="rollout_token_mean",
+        sft_aggregation="demo_token_mean", sft_mix_schedule="warmup_cosine", entropy_bonus=0.0,
+        **{name: variant[name] for name in ("mu_warmup_steps", "mu_decay_steps", "mu_peak", "mu_valley")},
+    )
+
+
+HPT_TRAIN_SH = {**LUFFY_TRAIN_SH, "trainer.unify_strategy": "switch", "trainer.switch_gate": 0,
+                "trainer.switch_gate_off": 0, "actor_rollout_ref.actor.offline_loss_type": "sft",
+                "actor_rollout_ref.actor.sft_loss_coef": 1.0, "actor_rollout_ref.rollout.n_verify": 8}
+
+
+def from_hpt_script(k: dict) -> dict:
+    """HPT's keys -> our settings: LUFFY's machinery for the rollouts (no std, no clip, token sum / 8192 in LUFFY's
+    layout, entropy 0.001), the switch gate, SFT rows by compute_sft_pure_loss x sft_loss_coef."""
+    luffy = from_luffy_script(k)
+    assert k["trainer.unify_strategy"] == "switch" and k["trainer.switch_gate_off"] <= k["trainer.switch_gate"]
+    assert k["actor_rollout_ref.actor.offline_loss_type"] == "sft"
+    return dict(
+        use_rollouts=True, num_demos=1, demos_in_group=False, sft_gate_max_correct=k["trainer.switch_gate"],
+        sft_weight="one", sft_coef=k["actor_rollout_ref.actor.sft_loss_coef"], demo_ratio="off",
+        sft_aggregation="demo_token_mean", rl_pos_weight="one", rl_pos_coef=1.0,
+        **{name: luffy[name] for name in ("std_normalize", "clip", "aggregation", "aggregation_constant",
+                                          "entropy_bonus")},
+    )
+
+
+RELEASED.update({
+    "chord_mu": ("Trinity-RFT examples/mix_chord/mix_chord.yaml (chord-mu)",
+                 from_chord_yaml(CHORD_YAML, CHORD_VARIANTS["chord_mu"])),
+    "chord_phi": ("Trinity-RFT examples/mix_chord/mix_chord.yaml (chord-phi)",
+                  from_chord_yaml(CHORD_YAML, CHORD_VARIANTS["chord_phi"])),
+    "hpt": ("Unify-Post-Training exp_scripts/train.sh", from_hpt_script(HPT_TRAIN_SH)),
+    "dft": ("DFT verl/verl/trainer/fsdp_dft_trainer.py", dict(
+        use_rollouts=False, num_demos=1, sft_weight="prob", sft_coef=1.0, demo_ratio="off", aggregation="token_mean",
+        entropy_bonus=0.0, sft_mix_schedule="none")),
+})
+
+
+def test_chord_expert_rows_are_trinitys_20_percent_of_rows():
+    # 96 prompts: 64 expert rows + 32 x 8 rollouts; 64 / 320 = 20% of the rows, 2/3 of the prompts
+    assert resolve(AlgorithmConfig(preset="chord_mu")).expert_prompt_fraction == 64 / 96
+    assert 64 / (64 + 32 * 8) == 0.2
+
+
+def test_hpt_llama_gate_is_an_override():
+    llama = from_hpt_script({**HPT_TRAIN_SH, "trainer.switch_gate": 2, "trainer.switch_gate_off": 2})
+    s = resolve(AlgorithmConfig(preset="hpt", sft_gate_max_correct=2))
+    assert s.sft_gate_max_correct == llama["sft_gate_max_correct"] == 2
+
+
+def test_mu_schedule_is_trinitys():
+    from tests.algorithms.reference.trinity_chord import mu_schedule_function
+
+    for name, variant in CHORD_VARIANTS.items():
+        s = resolve(AlgorithmConfig(preset=name))
+        for step in (0, 1, 2, 50, 100, 199, 200, 201, 500):
+            ref = mu_schedule_function(step, variant["mu_warmup_steps"], variant["mu_decay_steps"],
+                                       variant["mu_peak"], variant["mu_valley"])
+            assert s.at_step(step).sft_mix == ref, (name, step)
+    warm = dataclasses.replace(resolve(AlgorithmConfig(preset="chord_mu")), mu_warmup_steps=200, mu_decay_steps=400,
+                               mu_peak=0.5, mu_valley=0.02)  # the yaml's own (uncommented) values
+    for step in (0, 1, 100, 199, 200, 399, 600, 601):
+        assert warm.at_step(step).sft_mix == mu_schedule_function(step, 200, 400, 0.5, 0.02)
+    assert resolve(AlgorithmConfig(preset="srft")).at_step(5).sft_mix is None

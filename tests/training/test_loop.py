@@ -123,3 +123,31 @@ def test_consecutive_non_finite_steps_stop_the_run(toy, tmp_path):
     rows = _rows(run)
     assert [r["optim/num_skipped"] for r in rows] == [0.0, 1.0]
     assert not (run / "checkpoints" / "step_000002").exists()  # a skipped step is never checkpointed
+
+
+def test_chord_mu_trains_expert_rows_beside_rollouts(toy, tmp_path):
+    # 4 prompts, chord_mu's 2/3 expert rows: round(2.67) = 3 expert rows (no rollouts) and 1 prompt with 3
+    # rollouts; loss = (1 - mu) RL + mu SFT with mu at step 1 of the cosine 0.9 -> 0.05 over 200 steps
+    from megatron_srft.algorithms.presets import PRESETS
+
+    run = tmp_path / "chord"
+    run_ranks(_train, 1, _overrides(toy, run, "chord_mu", 1, ["checkpoint.save_every=0"]))
+    (row,) = _rows(run)
+    assert row["routing/expert_prompt_fraction"] == 0.75 and row["routing/sft_prompt_fraction"] == 0.75
+    assert row["train/sft_mix"] == pytest.approx(PRESETS["chord_mu"]().at_step(1).sft_mix)
+    assert row["loss/sft"] > 0 and row["loss/demo_rl"] == 0.0
+    assert "accuracy/demo" not in row or row["accuracy/demo"] == row["accuracy/demo"]  # expert rows: not scored
+
+
+def test_hpt_gate_routes_each_prompt(toy, tmp_path):
+    # the untrained toy model solves nothing: at gate 0 every prompt (no correct rollout) is trained on its
+    # demonstration alone, and its rollouts are dropped
+    run = tmp_path / "hpt"
+    run_ranks(_train, 1, _overrides(toy, run, "hpt", 1, ["checkpoint.save_every=0"]))
+    (row,) = _rows(run)
+    gated = row["routing/gated_fraction"]
+    assert gated == row["routing/sft_prompt_fraction"]
+    assert (row["loss/sft"] > 0) == (gated > 0)
+    if gated == 1.0:  # no rollout left to train on
+        assert row["loss/rl_pos"] == row["loss/rl_neg"] == 0.0
+    assert row["routing/rollout_accuracy_before"] <= 1 - gated  # a gated prompt had no correct rollout
