@@ -52,6 +52,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from ..distributed.layout import config_token_pad_multiple, fp8_unsupported_reason
+
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 GIB = 1024 ** 3
 MIB = 1024 ** 2
@@ -376,8 +378,6 @@ def skip_reason(check_id: str, on_gpu: bool, te: bool = False, vllm: bool = True
     """Why a check that needs a GPU, Transformer Engine or vLLM does not run here (its SKIP line), None when it
     runs: 1c needs CUDA; 5 vLLM; 6 CUDA and TE; 6b also a card that runs the FP8 recipe (the rule training's
     layout validation applies: layout.fp8_unsupported_reason)."""
-    from ..distributed.layout import fp8_unsupported_reason
-
     if check_id == "1c" and not on_gpu:
         return "no CUDA device"
     if check_id == "5" and not vllm:
@@ -693,7 +693,6 @@ def _step_samples(ctx: Context) -> list:
 
 def _pack(ctx: Context, samples: list, mcfg, budget: Optional[int] = None) -> list:
     """Micro-batches for a model built from ``mcfg``, padded as training pads them (layout.py)."""
-    from ..distributed.layout import config_token_pad_multiple
     from ..training.batch import pack_micro_batches
 
     return pack_micro_batches(samples, budget or _micro_batch_tokens(ctx),
@@ -1077,7 +1076,7 @@ def load_check_config(args, world_size: int, te_available: bool, on_gpu: bool, w
     6b says why it skips.
     """
     from ..config import ConfigError, load_config
-    from ..distributed.layout import fp8_unsupported_reason, validate_layout
+    from ..distributed.layout import validate_layout
 
     user = list(args.overrides)
     if args.config:
