@@ -9,9 +9,14 @@ is the one check every command that writes calls before it writes anything.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -48,6 +53,16 @@ def replace_dir(tmp: Path, final: Path) -> None:
         _remove(old)
     else:
         tmp.rename(final)
+
+
+def fresh_dir(path: Path) -> Path:
+    """Create the directory ``path`` anew: whatever is there (a killed writer's leftover, a planted symlink) is
+    removed first, a symlink itself and never what it points to, and the directory is then created, not reused
+    (``mkdir`` fails rather than follow anything that appears in between)."""
+    path = Path(path)
+    _remove(path)
+    path.mkdir()
+    return path
 
 
 def _remove(path: Path) -> None:
@@ -98,3 +113,58 @@ def write_files_atomic(out_dir: Path, files: dict[str, str]) -> None:
         raise UserError(f"{out_dir}: exists and is not a directory")
     for name, text in files.items():
         write_text_atomic(out_dir / name, text)
+
+
+# --------------------------------------------------------------------------------------------- exclusive locks
+
+_HELD_LOCKS: dict[str, int] = {}  # realpath of a lock file -> the open descriptor holding its lock
+
+
+def lock_holder(path: Path) -> str:
+    """Who holds the lock file ``path`` (as :func:`acquire_lock` wrote it), for an error message."""
+    try:
+        info = json.loads(Path(path).read_text() or "{}")
+        who = f"host {info.get('host', '?')}, pid {info.get('pid', '?')}"
+        who += f", run {info['run_id'] or '(starting)'}" if "run_id" in info else ""
+        return who + f", since {info.get('since', '?')}"
+    except (OSError, ValueError, AttributeError):
+        return "holder unknown"
+
+
+def acquire_lock(path: Path, what: str, **info) -> None:
+    """Take (or, in the process holding it, update) an exclusive POSIX lock on the file ``path``; the file holds
+    the holder's host, pid, start time and ``info``. Held until :func:`release_lock` or the end of the process:
+    the kernel releases it however the process ends (a crash leaves a stale file that the next taker simply takes
+    over), and a forked child does not inherit it. Never open the lock file elsewhere in the holding process (closing
+    any descriptor of it drops a POSIX lock). Another holder: one line naming it, ``"<what> in use by ..."``."""
+    path = Path(path)
+    key = os.path.realpath(path)
+    fd = _HELD_LOCKS.get(key)
+    if fd is None:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UserError(f"{path}: is a symlink; refusing to use it as a lock") from None
+            raise
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            raise UserError(f"{what} in use by another process ({lock_holder(path)}); wait for it to end") from None
+        _HELD_LOCKS[key] = fd
+    body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                       "since": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, body, 0)
+
+
+def release_lock(path: Path, remove: bool = False) -> None:
+    """Release the lock this process holds on ``path`` (no-op when none); ``remove`` deletes the file first."""
+    fd = _HELD_LOCKS.pop(os.path.realpath(path), None)
+    if fd is not None:
+        if remove:
+            Path(path).unlink(missing_ok=True)
+        os.close(fd)

@@ -32,7 +32,7 @@ from ..errors import CheckpointError, UserError
 from ..models.arch import ArchSpec, arch_from_hf_config, load_arch
 from . import dist as dist_ckpt
 from . import manifest
-from .atomic import check_output
+from .atomic import acquire_lock, check_output, fresh_dir, release_lock
 
 #: Files copied next to the weights in both directions (tokenizer and generation settings; never executed).
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -158,11 +158,22 @@ def _check_out(out: Path, overwrite: bool, inputs: tuple = ()) -> None:
                             f"directory")
 
 
+def _out_lock(out: Path) -> Path:
+    return out.parent / f".{out.name}.lock"
+
+
 def _prepare_out(out: Path, overwrite: bool, inputs: tuple = ()) -> Path:
-    _check_out(out, overwrite, inputs)
+    """Lock ``out`` for this conversion (a second one into it is one line naming the first), check it, and
+    create its temporary sibling fresh."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    acquire_lock(_out_lock(out), f"--out {out}: another conversion into it is under way;")
     tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        _check_out(out, overwrite, inputs)
+        fresh_dir(tmp)
+    except BaseException:
+        _abandon_out(tmp, out)
+        raise
     return tmp
 
 
@@ -171,6 +182,13 @@ def _finish_out(tmp: Path, out: Path) -> None:
 
     manifest.write_manifest(tmp)  # last: sizes + CRC-32 of every file, model/'s own manifest included
     replace_dir(tmp, out)
+    release_lock(_out_lock(out), remove=True)
+
+
+def _abandon_out(tmp: Path, out: Path) -> None:
+    """A failed conversion: its temporary directory removed and ``out`` unlocked; ``out`` as it was."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    release_lock(_out_lock(out), remove=True)
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
@@ -254,6 +272,13 @@ def check_hf_dir(hf_dir: str | Path, arch: ArchSpec, *, verify_manifest: bool = 
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer and generation files found in ``src``; a JSON one that does not parse is an error naming
+    it (an unreadable tokenizer is never copied into an output that reports success)."""
+    for name in SIDE_FILES:
+        if name.endswith(".json") and (src / name).is_file():
+            from .safe_load import read_json
+
+            read_json(src / name, "the tokenizer would not load from it; repair or remove it")
     copied = []
     for name in SIDE_FILES:
         if (src / name).is_file():
@@ -308,7 +333,7 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: Optional[str] = 
         copy_side_files(hf_dir, tmp)
         _finish_out(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _abandon_out(tmp, out)
         raise
     return out
 
@@ -386,6 +411,6 @@ def mcore_to_hf(ckpt: str | Path, out_dir: str | Path, overwrite: bool = False,
             print(f"srft convert: warning: no tokenizer files next to {source.root}; copy them into {out}")
         _finish_out(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _abandon_out(tmp, out)
         raise
     return out

@@ -34,21 +34,17 @@ written, beyond ``keep_last``.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
-import os
 import re
 import secrets
 import shutil
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..errors import CheckpointError, ConfigError
-from .atomic import write_text_atomic
+from ..errors import CheckpointError, ConfigError, UserError
+from .atomic import acquire_lock, release_lock, write_text_atomic
 
 RUN_FILE = "srft_run.json"
 ARCHIVE_DIR = "previous_runs"
@@ -161,58 +157,25 @@ def _wrote_nothing(run_dir: Path) -> bool:
 
 # --------------------------------------------------------------------------------------------- one trainer per run
 
-_HELD_LOCKS: dict[str, int] = {}  # realpath of a lock file -> the open descriptor holding its lock
-
-
-def _holder(path: Path) -> str:
-    try:
-        info = json.loads(path.read_text() or "{}")
-        return (f"host {info.get('host', '?')}, pid {info.get('pid', '?')}, run {info.get('run_id') or '(starting)'}"
-                f", since {info.get('since', '?')}")
-    except (OSError, ValueError):
-        return "holder unknown"
-
-
 def lock_run_dir(run_dir: str | Path, run_id: Optional[str] = None) -> Path:
-    """Take (or, in the process that holds it, update) the exclusive lock of ``run_dir``; returns the lock file.
-
-    Taken before anything in the directory is read or moved; held until :func:`release_run_dir` or the end of the
-    process. A second trainer gets one line naming the holder (host, pid, run id)."""
+    """Take (or, in the process that holds it, update) the exclusive lock of ``run_dir`` (atomic.acquire_lock);
+    returns the lock file. Taken before anything in the directory is read or moved; held until
+    :func:`release_run_dir` or the end of the process. A second trainer gets one line naming the holder (host,
+    pid, run id)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
-    key = os.path.realpath(path)
-    fd = _HELD_LOCKS.get(key)
-    if fd is None:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise CheckpointError(f"{path}: is a symlink; refusing to use it as the run's lock") from None
-            raise
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno not in (errno.EACCES, errno.EAGAIN):
-                raise
-            raise CheckpointError(f"{run_dir}: in use by another trainer ({_holder(path)}); wait for it to end "
-                                  f"or choose another run_dir") from None
-        _HELD_LOCKS[key] = fd
-    info = {"host": socket.gethostname(), "pid": os.getpid(), "run_id": run_id,
-            "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    data = json.dumps(info).encode()
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, data, 0)
+    try:
+        acquire_lock(path, f"{run_dir}:", run_id=run_id)
+    except UserError as e:
+        raise CheckpointError(f"{e}, or choose another run_dir") from None
     return path
 
 
 def release_run_dir(run_dir: str | Path) -> None:
     """Release the lock this process holds on ``run_dir`` (no-op when it holds none). The file stays: a later
     trainer takes it over."""
-    fd = _HELD_LOCKS.pop(os.path.realpath(Path(run_dir) / LOCK_FILE), None)
-    if fd is not None:
-        os.close(fd)
+    release_lock(Path(run_dir) / LOCK_FILE)
 
 
 # --------------------------------------------------------------------------------------------- moving aside

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,6 +197,9 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise DataError(f"{where}: nested too deeply to be a problem (JSON arrays/objects more than "
+                                f"{sys.getrecursionlimit()} levels deep)") from None
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:

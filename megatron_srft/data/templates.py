@@ -15,6 +15,8 @@ join the message contents by blank lines (base-model style); ``chat`` is an erro
 
 from __future__ import annotations
 
+from jinja2 import TemplateError  # transformers renders chat templates with it; the sandbox's SecurityError is one
+
 from ..errors import UserError
 
 #: Our wording of the SRFT/LUFFY system instruction.
@@ -76,7 +78,23 @@ def render_prompt(problem, tokenizer, template: str) -> str:
             raise UserError("data.template: 'chat' needs a tokenizer with a chat template; this one has none "
                             "(use 'plain', 'boxed' or 'paper')")
         return _join(msgs) + "\n\n"
-    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    try:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    except TemplateError as e:
+        raise UserError(f"{_template_file(tokenizer)}: the chat template failed ({e.__class__.__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); templates run sandboxed and may not "
+                        f"call Python; fix the template or use data.template=plain") from None
+
+
+def _template_file(tokenizer) -> str:
+    """Where a tokenizer's chat template came from, for an error message."""
+    from pathlib import Path
+
+    d = Path(getattr(tokenizer, "name_or_path", "") or ".")
+    for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
+        if (d / name).is_file():
+            return str(d / name)
+    return f"{d} (chat template)"
 
 
 def load_tokenizer(model_dir):
@@ -93,10 +111,23 @@ def load_tokenizer(model_dir):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     cfg_path = Path(model_dir) / "tokenizer_config.json"
-    declared = json.loads(cfg_path.read_text()).get("tokenizer_class") if cfg_path.is_file() else None
-    if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-        return PreTrainedTokenizerFast.from_pretrained(str(model_dir))
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    declared = None
+    if cfg_path.is_file():
+        try:
+            tok_cfg = json.loads(cfg_path.read_bytes().decode("utf-8"))
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise UserError(f"{cfg_path}: not valid JSON ({str(e).splitlines()[0][:120] if str(e) else e}); "
+                            f"the tokenizer cannot be loaded") from None
+        if not isinstance(tok_cfg, dict):
+            raise UserError(f"{cfg_path}: expected a JSON object; the tokenizer cannot be loaded")
+        declared = tok_cfg.get("tokenizer_class")
+    try:
+        if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError, TypeError, KeyError, RecursionError) as e:  # a damaged tokenizer.json and the like
+        raise UserError(f"{model_dir}: cannot load the tokenizer ({e.__class__.__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
 
 
 def encode_prompt(problem, tokenizer, template: str) -> list[int]:

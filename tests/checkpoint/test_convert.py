@@ -173,6 +173,47 @@ def test_score_and_generate_refuse_an_out_that_is_an_input(tmp_path, hf_dir, cap
     assert data.read_bytes() == before
 
 
+def test_unreadable_tokenizer_is_not_copied_into_a_successful_output(tmp_path, hf_dir, capsys):
+    hf = tmp_path / "hf"
+    shutil.copytree(hf_dir, hf)
+    cfg = hf / "tokenizer_config.json"
+    assert cfg.is_file()
+    cfg.write_text(cfg.read_text()[:30])
+    err = _err(capsys, ["convert", "hf-to-mcore", "--hf", str(hf), "--out", str(tmp_path / "out")])
+    assert err.startswith(f"srft convert: error: {cfg}: not valid JSON"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no output, no temporary or lock left
+
+
+_FIRST_CONVERSION = """
+import sys
+from pathlib import Path
+from megatron_srft.checkpoint.convert import _prepare_out
+_prepare_out(Path(sys.argv[1]), False)
+print("writing", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_second_conversion_into_the_same_out_names_the_first(tmp_path, hf_dir, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, "-c", _FIRST_CONVERSION, str(out)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "writing"
+        err = _err(capsys, ["convert", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(out)])
+        assert f"--out {out}: another conversion into it is under way; in use by another process" in err, err
+        assert f"pid {first.pid}" in err and ".tmp" not in err, err
+        assert (tmp_path / ".out.tmp").is_dir()  # the first one's work is untouched
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+
+
 # --------------------------------------------------------------------------------------------- no silent garbage
 
 

@@ -240,7 +240,7 @@ def test_a_second_trainer_is_refused_naming_the_holder_and_a_crashed_holder_is_s
             with pytest.raises(CheckpointError) as e:
                 plan_run(run, mode, {})
             msg = str(e.value)
-            assert len(msg.splitlines()) == 1 and "in use by another trainer" in msg
+            assert len(msg.splitlines()) == 1 and "in use by another process" in msg
             assert f"host {socket.gethostname()}, pid {proc.pid}, run {holder_id}" in msg, msg
         assert sorted(p.name for p in run.iterdir()) == before and _run_id(run) == holder_id  # nothing moved
     finally:

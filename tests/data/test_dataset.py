@@ -147,3 +147,10 @@ def test_invalid_utf8_names_file_and_line(tmp_path):
     p.write_bytes(b'{"prompt": "1+2", "answer": "3"}\n{"prompt": "caf\xe9", "answer": "3"}\n')
     with pytest.raises(DataError, match=rf"{p}:2: not valid UTF-8 \(byte 0xe9 at column 16\)"):
         load_problems(p)
+
+
+def test_deeply_nested_jsonl_line_names_file_and_line(tmp_path):
+    f = tmp_path / "deep.jsonl"
+    f.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": ' + "[" * 200_000 + "]" * 200_000 + ', "answer": "2"}\n')
+    with pytest.raises(DataError, match=rf"{f}:2: nested too deeply"):
+        load_problems(f)

@@ -46,3 +46,29 @@ def test_encode_and_errors(tok):
         assert render_prompt(P("x"), tok, "boxed") == "x\n" + BOXED_INSTRUCTION + "\n\n"
     finally:
         tok.chat_template = saved
+
+
+def test_chat_template_refused_by_the_sandbox_is_one_line_naming_the_file(tmp_path):
+    from megatron_srft.data.templates import load_tokenizer
+
+    d = tmp_path / "tok"
+    make_char_tokenizer(d, vocab_size=128).save_pretrained(d)
+    hostile = load_tokenizer(d)
+    hostile.chat_template = "{{ ''.__class__.__mro__[1].__subclasses__() }}"  # Python from a template: refused
+    hostile.save_pretrained(d)
+    tok = load_tokenizer(d)
+    with pytest.raises(UserError) as e:
+        render_prompt(P("2+3"), tok, "chat")
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and msg.startswith(str(d)) and "SecurityError" in msg, msg
+
+
+def test_damaged_tokenizer_config_is_one_line_naming_it(tmp_path):
+    from megatron_srft.data.templates import load_tokenizer
+
+    d = tmp_path / "tok"
+    make_char_tokenizer(d, vocab_size=128).save_pretrained(d)
+    cfg = d / "tokenizer_config.json"
+    cfg.write_text(cfg.read_text()[:40])
+    with pytest.raises(UserError, match=rf"{cfg}: not valid JSON \(.*\); the tokenizer cannot be loaded"):
+        load_tokenizer(d)
