@@ -91,6 +91,28 @@ def _own_storage_for_views(sharded_sd: dict, chunks: list) -> None:
             params[ptr].data = torch.empty(0, dtype=params[ptr].dtype)
 
 
+def start_checkpoint_writer() -> None:
+    """Start the process behind Megatron's checkpoint write-results queue now, ignoring the stop signals.
+
+    megatron-core creates that queue (a ``multiprocessing`` Manager: a spawned server process) at the first
+    ``dist_checkpointing.save`` of a process and keeps it for the process's life. torchrun forwards a stop signal
+    to the trainer's whole process group, and a manager killed by it breaks every later save (``Broken pipe``):
+    so the manager is started inside :func:`~megatron_srft.signals.children_ignore_stop_signals`. The training
+    loop calls this at start-up, before its stop handlers exist, so that no signal can fall into the ignored
+    window; :func:`save_model` calls it too (a no-op once the queue exists). A megatron-core without this
+    private queue needs nothing.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from ..signals import children_ignore_stop_signals
+
+    get_queue = getattr(filesystem_async, "_get_write_results_queue", None)
+    if get_queue is None or getattr(filesystem_async, "_results_queue", None) is not None:
+        return
+    with children_ignore_stop_signals():
+        get_queue()
+
+
 def save_model(chunks: list, path: str | Path, metadata: Optional[dict] = None, *, arch=None,
                atomic: bool = True, consume: bool = False) -> Path:
     """Collective (every rank calls it): save the model chunks as a torch_dist checkpoint at ``path``.
@@ -115,6 +137,7 @@ def save_model(chunks: list, path: str | Path, metadata: Optional[dict] = None, 
     sharded_sd = _sharded_state_dict(chunks)
     if consume:
         _own_storage_for_views(sharded_sd, chunks)
+    start_checkpoint_writer()
     dist_checkpointing.save(sharded_sd, str(target))
     if _rank() == 0:
         (target / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))

@@ -1,9 +1,18 @@
-"""``srft train --config X.yaml [key.sub=value ...]`` (under torchrun for more than one rank)."""
+"""``srft train --config X.yaml [key.sub=value ...]`` (under torchrun for more than one rank).
+
+Exit status: 0 when every step ran; ``signals.STOPPED_EXIT_CODE`` (75) when a stop signal (SIGTERM, SIGUSR1)
+ended the run after its checkpoint, with one line ``srft train: stopped at step N by SIGUSR1; checkpoint at PATH
+(a requeue resumes from it)``; 2 or 1 for errors (cli/failures.py).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+
+from ..checkpoint.atomic import write_text_atomic
+from ..signals import STOP_FILE_ENV, STOPPED_EXIT_CODE, RunStopped
 
 
 def add_arguments(p) -> None:
@@ -27,7 +36,22 @@ def main(args) -> int:
     cfg.checkpoint.allow_changes = [*cfg.checkpoint.allow_changes, *args.allow_change]
     cfg.checkpoint.validate("checkpoint")
     args.srft_run_dir = cfg.run_dir  # failure logs go to RUN_DIR/logs (cli/failures.py)
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except RunStopped as e:
+        _report_stop(e)
+        return STOPPED_EXIT_CODE
     if os.environ.get("RANK", "0") == "0":  # the last step's metrics, once
         print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, sort_keys=True))
     return 0
+
+
+def _report_stop(e: RunStopped) -> None:
+    """One line from one rank. Under ``srft launch`` (``SRFT_STOP_FILE`` set) each node's local rank 0 leaves it
+    in that file instead, and the launcher prints it as its last line, after torchrun's own shutdown messages."""
+    stop_file = os.environ.get(STOP_FILE_ENV)
+    if stop_file:
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            write_text_atomic(stop_file, str(e))
+    elif os.environ.get("RANK", "0") == "0":
+        print(f"srft train: {e}", file=sys.stderr, flush=True)

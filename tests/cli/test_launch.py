@@ -19,6 +19,7 @@ from tests.distributed.test_layout import QWEN25_7B
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_7B = str(ROOT / "examples/configs/qwen2.5-math-7b-srft.yaml")
+SYSTEM_PATH = os.environ.get("PATH", "")  # training runs need it (vLLM calls lscpu); no_slurm empties PATH
 
 
 @pytest.fixture(autouse=True)
@@ -155,72 +156,200 @@ def test_dry_run_checks_layout_when_model_config_is_readable(capsys, tmp_path):
     assert rc == 2 and "parallel.tensor_model_parallel_size: 8 does not divide" in err, err
 
 
-def test_exec_runs_this_nodes_torchrun(tmp_path):
-    """Without --dry-run, `srft launch` replaces itself with this node's torchrun command."""
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    record = tmp_path / "argv.txt"
-    (fake / "torchrun").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{record}"\n')
-    (fake / "torchrun").chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(PATH=f"{fake}:{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu[01-02]", SLURM_JOB_NUM_NODES="2",
-               SLURM_NODEID="1", SLURM_JOB_ID="55", SLURM_GPUS_ON_NODE="8", OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "megatron_srft", "launch", "--config", EXAMPLE_7B,
-                          "--", "train.num_steps=1"], env=env, cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 0, res.stderr
-    argv = record.read_text().split("\n")[:-1]
+def test_launch_runs_this_nodes_torchrun(capsys, monkeypatch):
+    """Without --dry-run, `srft launch` runs this node's torchrun command (torchrun's agent in this process, so srun's
+    signals reach it) and tells the trainers where to leave a stop line."""
+    from megatron_srft.cli import launch
+    from megatron_srft.signals import STOP_FILE_ENV
+
+    seen = []
+    monkeypatch.setattr(launch, "run_torchrun", lambda argv: seen.append((argv, os.environ[STOP_FILE_ENV])))
+    monkeypatch.delenv(STOP_FILE_ENV, raising=False)
+    for k, v in dict(SLURM_JOB_NODELIST="gpu[01-02]", SLURM_JOB_NUM_NODES="2", SLURM_NODEID="1", SLURM_JOB_ID="55",
+                     SLURM_GPUS_ON_NODE="8").items():
+        monkeypatch.setenv(k, v)
+    rc, out, err = run_cli(capsys, "--config", EXAMPLE_7B, "--", "train.num_steps=1")
+    assert rc == 0, err
+    ((argv, stop_file),) = seen
     assert "--node-rank=1" in argv and "--nnodes=2" in argv and "--rdzv-endpoint=gpu01:29500" in argv
     assert argv[-4:] == ["train", "--config", EXAMPLE_7B, "train.num_steps=1"]
-    assert "node 1:" in res.stderr
+    assert "node 1: torchrun " in err and not Path(stop_file).parent.exists()  # its temporary directory is gone
 
 
-def test_sigusr1_to_srft_launch_checkpoints_the_toy_run(run_copy, toy, tmp_path):
-    """Pre-emption the way users launch: SIGUSR1 to `srft launch` (which execs torchrun) reaches the trainer, which
-    finishes its step, writes a checkpoint and exits. The run starts with checkpoint.resume=fresh in a used run
-    directory, so the previous run is moved aside (not deleted) by the real training loop."""
-    import signal
+def test_dry_run_estimates_the_preemption_lead(capsys, tmp_path):
+    """The lead follows from the checkpoint's size at an assumed bandwidth and the run's longest step/evaluation."""
+    d = _model_dir(tmp_path, QWEN25_7B)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 1, "time/step": 380.0}, {"step": 2, "time/step": 400.0, "time/eval": 95.0}]))
+    rc, out, err = run_cli(capsys, "--nodes", "4", "--gpus-per-node", "8", "--nodelist", "g[1-4]", "--config",
+                           EXAMPLE_7B, "--dry-run", "--write-gbs", "2", "--", f"model.path={d}", f"run_dir={run}")
+    assert rc == 0, err
+    # 7.6e9 parameters x (2 bytes of bf16 weights + 12 of fp32 master weights and Adam moments) = 106.6 GB / 2 GB/s
+    assert "one checkpoint 106.6 GB (weights + optimizer state) written at an assumed 2 GB/s aggregate" in out
+    assert "53 s; longest step 400 s, evaluation 95 s" in out
+    assert "--shutdown-timeout >= 490 s (" in out and "#SBATCH --signal=B:USR1@520 (" in out  # 400 + 53 + 30
+    assert "--shutdown-timeout 270 is below that" in out
+
+
+def _free_port() -> int:
     import socket
-    import time
 
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _toy_config(toy, run: Path, out: Path, preset: str, extra=()) -> Path:
     import yaml
 
-    from megatron_srft.checkpoint import manifest
-    from megatron_srft.checkpoint.run_dir import ARCHIVE_DIR, RUN_FILE, step_dirs
     from megatron_srft.config import load_config, to_dict
     from tests.toy_run import toy_overrides
 
-    old_run = json.loads((run_copy / RUN_FILE).read_text())["run_id"]
-    cfg = load_config(None, toy_overrides(toy, run_copy, 10_000, ["checkpoint.save_every=0",
-                                                                       "checkpoint.resume=fresh"]))
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_", "MASTER_"))}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_srft", "launch", "--gpus-per-node", "1",
-                             "--rdzv-port", str(port), "--shutdown-timeout", "240", "--config",
-                             str(tmp_path / "cfg.yaml")], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    metrics = run_copy / "metrics.jsonl"
+    cfg = load_config(None, toy_overrides(toy, run, 10_000, list(extra), preset=preset))
+    out.write_text(yaml.safe_dump(to_dict(cfg)))
+    return out
+
+
+def _signal_when(proc: subprocess.Popen, ready, sig, timeout_s: float = 480) -> str:
+    """Send ``sig`` to ``proc`` once ``ready()`` holds; its whole output after it exits."""
+    import time
+
+    deadline = time.time() + timeout_s
     try:
-        deadline = time.time() + 480
-        # the old run was moved aside, and the new run finished a step
-        while not ((run_copy / ARCHIVE_DIR).is_dir() and metrics.is_file() and metrics.read_text().strip()):
+        while not ready():
             assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
-            time.sleep(0.5)
-        proc.send_signal(signal.SIGUSR1)
-        out, _ = proc.communicate(timeout=300)
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        return proc.communicate(timeout=300)[0]
     finally:
         if proc.poll() is None:
             proc.kill()
-    # torchrun forwarded the signal and the trainer returned normally (its last metrics line); torchrun itself
-    # then exits non-zero (it re-raises a handled signal once its workers are done), which is its design
-    assert "closing signal SIGUSR1" in out and '"loss/sft"' in out, out[-3000:]
-    (ckpt,) = step_dirs(run_copy)
-    state = json.loads((ckpt / "state.json").read_text())
-    assert 1 <= state["step"] < 10_000 and state["run_id"] != old_run
-    assert manifest.verify_part(ckpt) == []
-    (archived,) = (run_copy / ARCHIVE_DIR).iterdir()
-    assert [p.name for p in step_dirs(archived)] == ["step_000001", "step_000002"]
+
+
+def _last_line(out: str) -> str:
+    return [ln for ln in out.splitlines() if ln.strip()][-1]
+
+
+def _stop_line(step: int, sig: str, ckpt: Path) -> str:
+    return f"stopped at step {step} by {sig}; checkpoint at {ckpt} (a requeue resumes from it)"
+
+
+def test_sigusr1_to_srft_launch_after_a_save_checkpoints_and_resumes(toy, tmp_path, monkeypatch):
+    """Pre-emption the way users launch, after the run has saved (so Megatron's checkpoint queue manager exists) and
+    with rollouts (so the reward pool's workers exist): SIGUSR1 to `srft launch` reaches the trainer through
+    torchrun, which signals the trainer's whole process group. Its children ignore it; the trainer finishes the
+    step, saves it, and the launch ends with one line and exit status 75. A resume continues from that checkpoint."""
+    import signal
+
+    from megatron_srft.checkpoint import manifest
+    from megatron_srft.checkpoint.run_dir import step_dirs
+    from megatron_srft.checkpoint.training_state import checkpoint_root, read_state
+    from megatron_srft.signals import STOPPED_EXIT_CODE
+    from megatron_srft.training.metrics import read_metrics
+    from tests.dist import run_ranks
+    from tests.toy_run import toy_overrides, train_toy
+
+    monkeypatch.setenv("PATH", SYSTEM_PATH)  # for the resume's rank
+    run = tmp_path / "run"
+    cfg = _toy_config(toy, run, tmp_path / "cfg.yaml", "srft", ["checkpoint.save_every=1"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_", "MASTER_"))}
+    env.update(PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+               OMP_NUM_THREADS="1", PATH=SYSTEM_PATH)
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_srft", "launch", "--gpus-per-node", "1",
+                             "--rdzv-port", str(_free_port()), "--shutdown-timeout", "240", "--config", str(cfg)],
+                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = _signal_when(proc, lambda: "step_000002" in [p.name for p in step_dirs(run)], signal.SIGUSR1)
+
+    ckpt = step_dirs(run)[-1]
+    step = read_state(ckpt)["step"]
+    assert step >= 2 and _last_line(out) == "srft launch: " + _stop_line(step, "SIGUSR1", ckpt), out[-3000:]
+    assert proc.returncode == STOPPED_EXIT_CODE and "SignalException" not in out and "Traceback" not in out
+    assert "closing signal SIGUSR1" in out  # torchrun forwarded it
+    assert manifest.verify_part(ckpt) == [] and not list(checkpoint_root(run).glob("*.tmp"))
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, step + 1))  # no step after the signalled one began
+    assert [r["reward/timeouts"] for r in rows] == [0.0] * step  # the reward workers survived the signal
+
+    # the requeued job: the same config resumes from the signal's checkpoint and trains the next step
+    run_ranks(train_toy, 1, toy_overrides(toy, run, 10_000, ["checkpoint.save_every=1", "checkpoint.resume=must"],
+                                          preset="srft"), step + 1)
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, step + 2))
+    resumed = step_dirs(run)[-1]
+    assert resumed.name == f"step_{step + 1:06d}" and read_state(resumed)["data_cursor"] == (step + 1) * 4
+
+
+def test_sigterm_to_srft_train_exits_75_with_one_line(toy, tmp_path):
+    """A stopped run must not look finished: SIGTERM to a single-process `srft train` saves the step, prints one
+    line and exits 75 (no final metrics line), so `srft train && srft convert ...` does not carry on."""
+    import signal
+
+    from megatron_srft.checkpoint.run_dir import step_dirs
+    from megatron_srft.checkpoint.training_state import read_state
+    from megatron_srft.signals import STOPPED_EXIT_CODE
+
+    run = tmp_path / "run"
+    cfg = _toy_config(toy, run, tmp_path / "cfg.yaml", "sft", ["checkpoint.save_every=0"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_", "MASTER_", "RANK"))}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PATH=SYSTEM_PATH)
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_srft", "train", "--config", str(cfg)], env=env,
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run / "metrics.jsonl"
+    out = _signal_when(proc, lambda: metrics.is_file() and metrics.read_text().strip(), signal.SIGTERM)
+    (ckpt,) = step_dirs(run)
+    step = read_state(ckpt)["step"]
+    assert proc.returncode == STOPPED_EXIT_CODE, out[-3000:]
+    assert _last_line(out) == "srft train: " + _stop_line(step, "SIGTERM", ckpt) and '"loss/sft"' not in out
+
+
+class _SignalsDuringSecondEvaluation:
+    """The real engine; its second greedy generation (the evaluation after step 1) brings a SIGUSR1."""
+
+    greedy_calls = 0
+
+    def __init__(self, **kwargs):
+        from megatron_srft.rollout.vllm_engine import VllmEngine
+
+        self.engine = VllmEngine(**kwargs)
+
+    def generate(self, *args, temperature, **kwargs):
+        import signal
+
+        if temperature == 0:
+            type(self).greedy_calls += 1
+            if type(self).greedy_calls == 2:
+                os.kill(os.getpid(), signal.SIGUSR1)
+        return self.engine.generate(*args, temperature=temperature, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+
+def _train_signalled_during_eval(overrides):
+    from megatron_srft.config import load_config
+    from megatron_srft.signals import RunStopped
+    from megatron_srft.training.loop import train
+
+    try:
+        train(load_config(None, overrides), engine_factory=_SignalsDuringSecondEvaluation)
+    except RunStopped as e:
+        return e.step, str(e.checkpoint)
+    return "not stopped"
+
+
+def test_a_signal_during_the_evaluation_starts_no_new_step(toy, tmp_path, monkeypatch):
+    """SIGUSR1 during step 1's evaluation: the stop flag is read before step 2's rollouts, so the run saves step 1
+    (nothing saved it on schedule) and stops instead of training another step."""
+    from megatron_srft.checkpoint.run_dir import step_dirs
+    from megatron_srft.training.metrics import read_metrics
+    from tests.dist import run_ranks
+    from tests.toy_run import toy_overrides
+
+    monkeypatch.setenv("PATH", SYSTEM_PATH)
+    run = tmp_path / "run"
+    extra = [f"data.eval_files=[{toy / 'test.jsonl'}]", "train.eval_every=1", "checkpoint.save_every=0"]
+    (got,) = run_ranks(_train_signalled_during_eval, 1, toy_overrides(toy, run, 3, extra))
+    assert got == (1, str(run / "checkpoints" / "step_000001"))
+    assert [p.name for p in step_dirs(run)] == ["step_000001"]
+    assert sorted({r["step"] for r in read_metrics(run)}) == [0, 1]
