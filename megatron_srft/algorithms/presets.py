@@ -236,8 +236,8 @@ def _hpt() -> AlgoSettings:
 
     - exp_scripts/train.sh (Qwen2.5-Math-7B): ``unify_strategy=switch``, ``switch_gate=0``, ``rollout.n=8``,
       ``n_verify=8``; mix_src/mix_trainer.py L609-610 counts a question's correct rollouts and L394-407
-      (``select_on_off_ada_balance``): at most ``switch_gate`` correct -> its 8 rollouts removed (L912-975) and its
-      demonstration added (``off_add_num = 1``); otherwise the rollouts alone. exp_scripts/train_llama.sh
+      (``select_on_off_ada_balance``): at most ``switch_gate`` correct -> its 8 rollouts removed (L912-990) and its
+      demonstration added (``off_add_num = 1``, L761-880); otherwise the rollouts alone. exp_scripts/train_llama.sh
       (Llama-3.1-8B) sets ``switch_gate=2``: ``algorithm.sft_gate_max_correct=2``;
     - ``offline_loss_type=sft``, ``sft_loss_coef=1.0`` (0.3 for Qwen2.5-Math-1.5B, the script's comment):
       mix_src/mix_actor.py L135-165, the demo rows' ``compute_sft_pure_loss`` (mix_core_alg.py L7-10: the token

@@ -306,3 +306,20 @@ def test_mu_schedule_is_trinitys():
     for step in (0, 1, 100, 199, 200, 399, 600, 601):
         assert warm.at_step(step).sft_mix == mu_schedule_function(step, 200, 400, 0.5, 0.02)
     assert resolve(AlgorithmConfig(preset="srft")).at_step(5).sft_mix is None
+
+
+def test_routing_and_mix_settings_are_checked():
+    with pytest.raises(ConfigError, match="algorithm.expert_prompt_fraction"):
+        load_config(overrides=["algorithm.preset=chord_mu", "algorithm.expert_prompt_fraction=1.0"])
+    with pytest.raises(ConfigError, match="algorithm.expert_prompt_fraction / algorithm.sft_gate_max_correct"):
+        resolve(AlgorithmConfig(preset="hpt", num_demos_per_prompt=0))
+    with pytest.raises(ConfigError, match="algorithm.expert_prompt_fraction / algorithm.sft_gate_max_correct"):
+        resolve(AlgorithmConfig(preset="sft", sft_gate_max_correct=0))  # no rollouts to gate
+    with pytest.raises(ConfigError, match="algorithm.mu_peak"):
+        load_config(overrides=["algorithm.mu_peak=1.5"])
+    with pytest.raises(ConfigError, match="algorithm.sft_gate_max_correct"):
+        load_config(overrides=["algorithm.sft_gate_max_correct=-2"])
+    with pytest.raises(ConfigError, match="algorithm.sft_mix_schedule"):
+        load_config(overrides=["algorithm.sft_mix_schedule=linear"])
+    off = resolve(AlgorithmConfig(preset="hpt", sft_gate_max_correct=-1))
+    assert not off.routes_prompts
