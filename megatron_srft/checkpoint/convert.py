@@ -6,8 +6,10 @@ A converted directory (``srft convert hf-to-mcore``) is self-contained::
     OUT/tokenizer*.json ...    tokenizer files, chat template, generation config (copied as they were)
     OUT/model/                 torch_dist checkpoint of the model + srft_model.json (see checkpoint/dist.py)
 
-Memory: the Megatron model is built without initialisation (``perform_initialization=False``: empty
-tensors) and filled HF tensor by HF tensor, so the peak is about the model's bytes plus one tensor.
+Memory: the Megatron model is built on CPU, also on a GPU machine (``conversion_device``: conversion copies
+tensors and computes nothing, so it needs no GPU memory, converts a model larger than one GPU and stays bit-exact),
+without initialisation (``perform_initialization=False``: empty tensors), and filled HF tensor by HF tensor, so
+the peak is about the model's bytes plus one tensor of host memory.
 
 Nothing is trusted on the way in or out (docs/reliability.md): the output may not be, contain or lie inside an
 input; every output directory gets a manifest (checkpoint/manifest.py) written last; an input's manifest is
@@ -85,27 +87,48 @@ def _hf_dtype(arch: ArchSpec) -> str:
     return _HF_DTYPES.get(str(name), "bf16")
 
 
-def build_and_load(source: ModelSource, pcfg: ParallelConfig, groups, params_dtype: Optional[str] = None,
-                   make_vocab_size_divisible_by: Optional[int] = None, wrap_ddp: bool = False):
-    """Build this rank's model for ``pcfg`` without initialisation and load the weights (any TP/PP).
-
-    ``params_dtype`` None = the checkpoint's (metadata) or the HF config's dtype. The vocab padding of a
-    Megatron checkpoint is taken from its metadata. Returns a :class:`~megatron_srft.models.builder.ModelHandle`.
-    """
-    from ..models import builder
-    from ..models.mapping import load_hf_into_model
-
+def model_settings(source: ModelSource, params_dtype: Optional[str] = None,
+                   make_vocab_size_divisible_by: Optional[int] = None) -> tuple[str, int]:
+    """(params dtype, vocab padding multiple) of a model built from ``source``: ``params_dtype`` None = the
+    checkpoint's (metadata) or the HF config's dtype; a Megatron checkpoint's padding is taken from its metadata."""
     dtype = params_dtype or source.meta.get("params_dtype") or _hf_dtype(source.arch)
     divisible = make_vocab_size_divisible_by
     if divisible is None:
         # padded = ceil(V / d) * d with d = padded reproduces the saved padding exactly.
         divisible = int(source.meta.get("padded_vocab_size") or 128)
+    return dtype, divisible
+
+
+def weights_bytes_per_rank(source: ModelSource, pcfg: ParallelConfig, params_dtype: Optional[str] = None) -> int:
+    """This rank's share of the model's weights at ``pcfg``'s TP/PP (the most loaded pipeline stage)."""
+    from ..distributed.layout import DTYPE_BYTES, params_per_gpu
+
+    dtype, divisible = model_settings(source, params_dtype)
+    tp, pp = pcfg.tensor_model_parallel_size, pcfg.pipeline_model_parallel_size
+    return params_per_gpu(source.arch, tp, pp, source.arch.padded_vocab_size(divisible, tp)) * DTYPE_BYTES[dtype]
+
+
+def build_and_load(source: ModelSource, pcfg: ParallelConfig, groups, params_dtype: Optional[str] = None,
+                   make_vocab_size_divisible_by: Optional[int] = None, wrap_ddp: bool = False, *,
+                   purpose: str = "train"):
+    """Build this rank's model for ``pcfg`` without initialisation and load the weights (any TP/PP).
+
+    ``params_dtype`` and the vocab padding: see :func:`model_settings`. The model lives where
+    :func:`~megatron_srft.distributed.groups.device_for` puts a model built for ``purpose`` ("convert" and
+    "generate": CPU, even on a GPU machine). Returns a :class:`~megatron_srft.models.builder.ModelHandle`.
+    """
+    from ..distributed.groups import device_for
+    from ..models import builder
+    from ..models.mapping import load_hf_into_model
+
+    dtype, divisible = model_settings(source, params_dtype, make_vocab_size_divisible_by)
     mcfg = ModelConfig(params_dtype=dtype, make_vocab_size_divisible_by=divisible, transformer_impl="auto")
     arch = source.arch
-    tf_config = builder.transformer_config(arch, mcfg, pcfg)
+    device = device_for(purpose, torch.cuda.is_available(), groups.device.index or 0)
+    tf_config = builder.transformer_config(arch, mcfg, pcfg, device)
     tf_config.perform_initialization = False  # weights come from the checkpoint: skip the random init
     model = builder.build_gpt(arch, mcfg, pcfg, pp_rank=groups.pp_rank, pre_process=groups.is_first_pp_stage,
-                              post_process=groups.is_last_pp_stage, tf_config=tf_config)
+                              post_process=groups.is_last_pp_stage, tf_config=tf_config, device=device)
     if source.kind == "hf":
         check_hf_dir(source.model_dir, arch)
         load_hf_into_model([model], arch, source.model_dir, groups)
@@ -311,6 +334,13 @@ def preflight_mcore_to_hf(ckpt: str | Path, out_dir: str | Path, overwrite: bool
     return source
 
 
+def conversion_device() -> torch.device:
+    """Where both conversions build the model: CPU, whatever GPUs this machine has (groups.MODEL_RUNS_ON_GPU)."""
+    from ..distributed.groups import device_for
+
+    return device_for("convert", torch.cuda.is_available())
+
+
 def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: Optional[str] = None, overwrite: bool = False,
                 make_vocab_size_divisible_by: int = 128) -> Path:
     """Convert an HF directory to ``OUT/{config.json, tokenizer files, model/}`` (one process, world size 1).
@@ -323,9 +353,9 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: Optional[str] = 
     source = preflight_hf_to_mcore(hf_dir, out, overwrite)
     tmp = _prepare_out(out, overwrite, (hf_dir,))
     try:
-        handle = build_and_load(source, ParallelConfig(), groups_from_megatron(),
+        handle = build_and_load(source, ParallelConfig(), groups_from_megatron(conversion_device()),
                                 params_dtype=dtype or _hf_dtype(source.arch),
-                                make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+                                make_vocab_size_divisible_by=make_vocab_size_divisible_by, purpose="convert")
         dist_ckpt.save_model(handle.chunks, tmp / "model", {"source": str(hf_dir.resolve())},
                              arch=source.arch, atomic=False, consume=True)
         del handle
@@ -392,8 +422,8 @@ def mcore_to_hf(ckpt: str | Path, out_dir: str | Path, overwrite: bool = False,
     out = Path(out_dir)
     tmp = _prepare_out(out, overwrite, tuple(_inputs_of(source, Path(ckpt))))
     try:
-        groups = groups_from_megatron()
-        handle = build_and_load(source, ParallelConfig(), groups)
+        groups = groups_from_megatron(conversion_device())
+        handle = build_and_load(source, ParallelConfig(), groups, purpose="convert")
         dtype = source.meta.get("params_dtype") or "bf16"
         # Megatron's local-spec norms stay fp32 whatever params_dtype is; the HF files use one dtype.
         torch_dtype = getattr(torch, _TORCH_NAMES.get(dtype, "bfloat16"))

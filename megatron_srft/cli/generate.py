@@ -3,8 +3,10 @@
 ``--ckpt`` is an HF directory (vLLM reads its weights), or a Megatron checkpoint in the converted layout
 (``DIR/config.json`` + tokenizer beside ``DIR/model/``, see checkpoint/convert.py), a training checkpoint or
 its ``model/`` directory: then the engine starts on the HF config with dummy weights, the Megatron model is
-loaded in this process (one rank, TP=1) and its weights are synced into the engine exactly as during
-training, which also exercises the sync path.
+loaded in this process (one rank, TP=1, on CPU: it computes nothing, so only the engine takes GPU memory) and its
+weights are synced into the engine exactly as during training, which also exercises the sync path. The engine
+runs at TP 1 on one GPU: a model whose weights exceed that GPU's share is refused in one line before anything
+starts (``srft eval`` under torchrun samples at any ``rollout.tensor_parallel_size``).
 
 Prompts: a ``.jsonl`` file with a ``"prompt"`` string per line, or any other text file with one prompt per
 line. Output: one JSON line per sample (``prompt_index, sample_index, prompt, text, token_ids, logprobs,
@@ -18,6 +20,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 from ..errors import UserError
 
@@ -71,6 +74,22 @@ def _tokenize(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]:
     return [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
 
 
+def check_engine_fits(source, dtype: str, cuda_available: bool, gpu_memory_bytes: Optional[int],
+                      memory_utilization: float) -> None:
+    """The one engine of `srft generate` (rollout TP 1) holds the whole model on one GPU: refuse, in one line naming
+    rollout.tensor_parallel_size, a model whose weights exceed the share of the GPU vLLM is given. CPU: no check."""
+    from ..checkpoint.convert import weights_bytes_per_rank
+    from ..config import ParallelConfig
+    from ..distributed.groups import check_fits
+
+    if not cuda_available or gpu_memory_bytes is None:
+        return
+    check_fits(weights_bytes_per_rank(source, ParallelConfig(), dtype), int(gpu_memory_bytes * memory_utilization),
+               field="--ckpt", memory=f"one GPU at rollout.gpu_memory_utilization {memory_utilization}",
+               fix="`srft generate` runs one engine at TP 1; sample from this model with `srft eval` under torchrun "
+                   "with rollout.tensor_parallel_size set")
+
+
 def main(args: argparse.Namespace) -> int:
     # stdout carries the JSONL samples: send vLLM's log lines (stdout by default) to stderr, and quiet them.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
@@ -107,6 +126,13 @@ def main(args: argparse.Namespace) -> int:
                                        max(len(t) for t in token_ids) + args.max_tokens,
                                        num_seqs=len(token_ids) * args.n)
     dtype, max_len = settings.dtype, settings.max_model_len
+    import torch
+
+    from ..distributed.layout import device_memory_bytes
+
+    cuda = torch.cuda.is_available()
+    check_engine_fits(source, dtype, cuda, device_memory_bytes(True) if cuda else None,
+                      rollout_cfg.gpu_memory_utilization)
 
     engine = handle = None
     started_dist = False
@@ -123,7 +149,7 @@ def main(args: argparse.Namespace) -> int:
             pcfg = ParallelConfig()
             groups = init_distributed(pcfg)
             started_dist = True
-            handle = build_and_load(source, pcfg, groups, params_dtype=dtype)
+            handle = build_and_load(source, pcfg, groups, params_dtype=dtype, purpose="generate")  # on CPU
             engine = VllmEngine(rollout_cfg, str(hf_dir), dtype=dtype, seed=args.seed, max_model_len=max_len,
                                 kv_cache_bytes=settings.kv_cache_bytes,
                                 load_format="dummy")

@@ -131,22 +131,41 @@ def score_sequences(chunks: list, sequences: list[list[int]], groups, vocab_size
 
 
 
+def score_device(source, pcfg, params_dtype: Optional[str], cuda_available: bool,
+                 gpu_memory_bytes: Optional[int], local_rank: int = 0) -> torch.device:
+    """Where this rank's model is scored: its GPU when CUDA is available, else CPU (groups.device_for). A model
+    whose weights at ``pcfg``'s TP/PP exceed one GPU (``gpu_memory_bytes``) is refused in one line naming --tp/--pp."""
+    from ..checkpoint.convert import weights_bytes_per_rank
+    from ..distributed.groups import device_for
+
+    tp, pp = pcfg.tensor_model_parallel_size, pcfg.pipeline_model_parallel_size
+    return device_for("score", cuda_available, local_rank,
+                      model_bytes=weights_bytes_per_rank(source, pcfg, params_dtype) if cuda_available else None,
+                      device_memory_bytes=gpu_memory_bytes, field="--tp/--pp",
+                      fix=f"that is at TP={tp} PP={pp}: split it over more GPUs, torchrun --nproc-per-node N -m "
+                          f"megatron_srft score ... --tp N")
+
+
 def main(args: argparse.Namespace) -> int:
     from ..checkpoint.convert import build_and_load, resolve_source
     from ..errors import UserError
     from ..config import ParallelConfig
     from ..distributed.groups import destroy, init_distributed
+    from ..distributed.layout import device_memory_bytes
 
     if args.tp < 1 or args.pp < 1:
         raise UserError(f"--tp/--pp: expected integers >= 1, got {args.tp}/{args.pp}")
     source = resolve_source(args.ckpt)  # bad paths fail before any process group exists
     check_output(Path(args.out), [Path(args.ckpt), source.root, Path(args.data)])
     pcfg = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
+    cuda = torch.cuda.is_available()
+    # a model too large for its GPUs is refused before any process group exists (build_and_load places it)
+    score_device(source, pcfg, args.dtype, cuda, device_memory_bytes(True) if cuda else None)
     groups = init_distributed(pcfg)
     try:
         tok_dir = source.root if (source.root / "tokenizer_config.json").is_file() else None
         rows = read_rows(args.data, tok_dir, source.arch.vocab_size)
-        handle = build_and_load(source, pcfg, groups, params_dtype=args.dtype)
+        handle = build_and_load(source, pcfg, groups, params_dtype=args.dtype, purpose="score")
         mine = list(range(groups.dp_rank, len(rows), groups.dp_size))
         scored = score_sequences(handle.chunks, [rows[i]["input_ids"] for i in mine], groups,
                                  source.arch.vocab_size)

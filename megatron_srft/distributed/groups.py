@@ -18,6 +18,7 @@ import torch.distributed as dist
 from . import cpu_compat
 from .layout import data_parallel_size
 from ..config import ConfigError, ParallelConfig
+from ..errors import UserError
 
 
 @dataclass
@@ -64,10 +65,41 @@ def _env_int(name: str, default: int) -> int:
         raise ConfigError(f"environment variable {name}: expected an integer, got {raw!r}") from None
 
 
+#: Where a command builds its Megatron model: True = this rank's GPU when CUDA is available (the model computes),
+#: False = CPU always (the model's tensors are only read or written: conversion, and the weight source that
+#: `srft generate` syncs into its engine). Conversion copies tensors without arithmetic, so on CPU it stays bit-exact
+#: and converts a model larger than any one GPU (a 70B model in bf16 is 141 GB).
+MODEL_RUNS_ON_GPU = {"train": True, "score": True, "convert": False, "generate": False}
+
+
+def check_fits(model_bytes: int, memory_bytes: int, field: str, fix: str, memory: str = "one GPU") -> None:
+    """A model whose weights alone exceed the memory it is given cannot start: a UserError, one line naming
+    ``field`` (what to set) and ending with ``fix``. Pure."""
+    if model_bytes > memory_bytes:
+        gib = 1024 ** 3
+        raise UserError(f"{field}: the model's weights alone need about {model_bytes / gib:.1f} GiB per GPU, more "
+                        f"than the {memory_bytes / gib:.1f} GiB of {memory}; {fix}")
+
+
+def device_for(purpose: str, cuda_available: bool, local_rank: int = 0, *, model_bytes: Optional[int] = None,
+               device_memory_bytes: Optional[int] = None, field: str = "", fix: str = "") -> torch.device:
+    """The device a model built for ``purpose`` (a :data:`MODEL_RUNS_ON_GPU` key) lives on; pure.
+
+    ``model_bytes`` (this rank's weights) and ``device_memory_bytes`` (one GPU's memory), when both are given, are
+    checked for a GPU placement (:func:`check_fits` with ``field`` and ``fix``).
+    """
+    if purpose not in MODEL_RUNS_ON_GPU:
+        raise ValueError(f"device_for: purpose must be one of {sorted(MODEL_RUNS_ON_GPU)}, got {purpose!r}")
+    if not (cuda_available and MODEL_RUNS_ON_GPU[purpose]):
+        return torch.device("cpu")
+    if model_bytes is not None and device_memory_bytes is not None:
+        check_fits(model_bytes, device_memory_bytes, field or purpose, fix)
+    return torch.device("cuda", local_rank)
+
+
 def device_for_rank() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", _env_int("LOCAL_RANK", 0))
-    return torch.device("cpu")
+    """This training rank's device: its GPU (LOCAL_RANK) when CUDA is available, else CPU."""
+    return device_for("train", torch.cuda.is_available(), _env_int("LOCAL_RANK", 0))
 
 
 def init_distributed(pcfg: ParallelConfig, seed: int = 1234) -> ParallelGroups:

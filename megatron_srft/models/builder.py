@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, ModelConfig, OptimizerConfig, ParallelConfig
+from ..distributed.groups import device_for_rank
 from .arch import ArchSpec, rope_inv_freq
 
 if TYPE_CHECKING:
@@ -27,10 +28,11 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def use_transformer_engine(mcfg: ModelConfig) -> bool:
+def use_transformer_engine(mcfg: ModelConfig, on_gpu: Optional[bool] = None) -> bool:
+    """Transformer Engine's layers for a model on the GPU (``on_gpu``; None = CUDA is available) when TE imports."""
     if mcfg.transformer_impl == "local":
         return False
-    te_ok = torch.cuda.is_available()
+    te_ok = torch.cuda.is_available() if on_gpu is None else on_gpu
     if te_ok:
         try:
             import transformer_engine  # noqa: F401
@@ -41,8 +43,10 @@ def use_transformer_engine(mcfg: ModelConfig) -> bool:
     return te_ok
 
 
-def transformer_config(arch: ArchSpec, mcfg: ModelConfig, pcfg: ParallelConfig):
-    """The Megatron ``TransformerConfig`` for an HF architecture. Checks the layout against the shapes."""
+def transformer_config(arch: ArchSpec, mcfg: ModelConfig, pcfg: ParallelConfig,
+                       device: Optional[torch.device] = None):
+    """The Megatron ``TransformerConfig`` for an HF architecture and the device the model will live on (None =
+    this rank's, :func:`~megatron_srft.distributed.groups.device_for_rank`). Checks the layout against the shapes."""
     from megatron.core.transformer import TransformerConfig
 
     from ..distributed.layout import check_model_split
@@ -50,7 +54,8 @@ def transformer_config(arch: ArchSpec, mcfg: ModelConfig, pcfg: ParallelConfig):
     check_model_split(arch, pcfg)
     tp, pp = pcfg.tensor_model_parallel_size, pcfg.pipeline_model_parallel_size
     dtype = torch_dtype(mcfg.params_dtype)
-    te = use_transformer_engine(mcfg)
+    on_gpu = (device or device_for_rank()).type == "cuda"
+    te = use_transformer_engine(mcfg, on_gpu)
     kw = {}
     if mcfg.fp8 is not None:
         kw.update(fp8=mcfg.fp8, fp8_recipe=mcfg.fp8_recipe, fp8_param=mcfg.fp8_param)
@@ -88,7 +93,7 @@ def transformer_config(arch: ArchSpec, mcfg: ModelConfig, pcfg: ParallelConfig):
         persist_layer_norm=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
-        use_cpu_initialization=not torch.cuda.is_available(),
+        use_cpu_initialization=not on_gpu,  # Megatron allocates parameters on the current GPU otherwise
         variable_seq_lengths=True,  # PP p2p shapes follow each packed micro-batch
         moe_token_dispatcher_type="alltoall",  # (dense models; allgather rejects variable lengths)
         init_method_std=float(arch.hf_config.get("initializer_range", 0.02)),
@@ -106,7 +111,8 @@ def layer_spec(arch: ArchSpec, mcfg: ModelConfig, tf_config=None, pp_rank: Optio
 
     from .local_spec import local_block_spec
 
-    if use_transformer_engine(mcfg):
+    te = tf_config.transformer_impl == "transformer_engine" if tf_config is not None else use_transformer_engine(mcfg)
+    if te:
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm, fp8=mcfg.fp8)
     return local_block_spec(tf_config, arch.qk_norm, pp_rank=pp_rank, core_attention=core_attention)
 
@@ -122,12 +128,17 @@ class ModelHandle:
 
 
 def build_gpt(arch: ArchSpec, mcfg: ModelConfig, pcfg: ParallelConfig, pre_process: bool, post_process: bool,
-              tf_config=None, pp_rank: Optional[int] = None, spec=None, core_attention=None):
-    """One ``GPTModel`` for this pipeline stage (``pre_process`` = holds the embedding, ``post_process`` = head).
+              tf_config=None, pp_rank: Optional[int] = None, spec=None, core_attention=None,
+              device: Optional[torch.device] = None):
+    """One ``GPTModel`` for this pipeline stage (``pre_process`` = holds the embedding, ``post_process`` = head),
+    on ``device`` (None = this rank's; ``tf_config`` must have been made for the same device).
     ``spec``: a layer or block spec instead of :func:`layer_spec`'s choice; ``core_attention``: see there."""
     from megatron.core.models.gpt import GPTModel
 
-    tf_config = tf_config or transformer_config(arch, mcfg, pcfg)
+    device = device or device_for_rank()
+    tf_config = tf_config or transformer_config(arch, mcfg, pcfg, device)
+    if tf_config.use_cpu_initialization != (device.type != "cuda"):
+        raise ValueError(f"build_gpt: tf_config was made for another device than {device}")
     model = GPTModel(
         config=tf_config,
         transformer_layer_spec=spec if spec is not None else layer_spec(arch, mcfg, tf_config, pp_rank=pp_rank,
@@ -144,8 +155,8 @@ def build_gpt(arch: ArchSpec, mcfg: ModelConfig, pcfg: ParallelConfig, pre_proce
     if arch.rope_scaling is not None or not float(arch.rope_theta).is_integer():
         # Megatron hard-codes the llama3 low/high factors and original length; use HF's exact formula.
         model.rotary_pos_emb.inv_freq = rope_inv_freq(arch).to(model.rotary_pos_emb.inv_freq.device)
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
+    if device.type == "cuda":
+        model.cuda(device)
     return model
 
 

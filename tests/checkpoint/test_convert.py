@@ -293,3 +293,44 @@ def test_converted_directories_carry_verified_manifests(tmp_path, trained_run):
     (problem,) = manifest.verify_part(damaged)
     assert "does not match the manifest" in problem and ".safetensors" in problem
     assert not (tmp_path / "mc2").exists()
+
+
+def test_models_that_only_move_tensors_stay_on_cpu_whatever_the_gpus():
+    from megatron_srft.distributed.groups import MODEL_RUNS_ON_GPU, device_for
+
+    assert set(MODEL_RUNS_ON_GPU) == {"train", "score", "convert", "generate"}
+    for purpose in ("convert", "generate"):  # conversion, and the weight source `srft generate` syncs from
+        assert device_for(purpose, cuda_available=True, local_rank=3) == torch.device("cpu")
+    for purpose in ("train", "score"):
+        assert device_for(purpose, cuda_available=True, local_rank=3) == torch.device("cuda", 3)
+        assert device_for(purpose, cuda_available=False, local_rank=3) == torch.device("cpu")
+    # the size check applies to a GPU placement only: conversion of any size is fine
+    assert device_for("convert", True, model_bytes=141 << 30, device_memory_bytes=80 << 30) == torch.device("cpu")
+    with pytest.raises(Exception, match="--tp: the model's weights alone need about 141.0 GiB per GPU, more than the "
+                                        "80.0 GiB of one GPU; use more"):
+        device_for("score", True, model_bytes=141 << 30, device_memory_bytes=80 << 30, field="--tp", fix="use more")
+    with pytest.raises(ValueError, match="purpose"):
+        device_for("eval", True)
+
+
+def _build_for_conversion_on_a_gpu_machine(hf):
+    import torch
+
+    from megatron_srft.checkpoint.convert import build_and_load, conversion_device, resolve_source
+    from megatron_srft.config import ParallelConfig
+    from megatron_srft.distributed.groups import groups_from_megatron, init_distributed
+
+    init_distributed(ParallelConfig(backend="gloo"))  # (the CPU layer is on: this machine has no GPU)
+    torch.cuda.is_available = lambda: True  # from here on the code asks a GPU machine (this process ends after)
+    device = conversion_device()
+    handle = build_and_load(resolve_source(hf), ParallelConfig(), groups_from_megatron(device), params_dtype="fp32",
+                            purpose="convert")
+    cfg = handle.tf_config
+    return str(device), cfg.use_cpu_initialization, cfg.transformer_impl
+
+
+def test_conversion_builds_on_cpu_when_cuda_is_available(hf_dir):
+    # Megatron allocates parameters on the current GPU unless use_cpu_initialization: a 70B bf16 model (141 GB)
+    # would not fit; conversion computes nothing and needs no GPU.
+    (got,) = run_ranks(_build_for_conversion_on_a_gpu_machine, 1, str(hf_dir))
+    assert got == ("cpu", True, "local")

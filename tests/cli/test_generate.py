@@ -71,3 +71,25 @@ def test_generate_input_errors(tmp_path, hf_dir, capsys):
     assert srft_main(["generate", "--ckpt", str(hf_dir), "--prompts", str(ok), "--n", "0"]) == 2
     err = capsys.readouterr().err
     assert "--n: expected >= 1" in err and err.count("\n") == 1
+
+
+def test_engine_too_large_for_one_gpu_is_refused_naming_the_field(hf_dir):
+    """`srft generate`'s one engine holds the whole model on one GPU; its Megatron model (a weight source) is on
+    CPU. A model beyond the GPU's share is refused in one line naming rollout.tensor_parallel_size."""
+    import torch
+
+    from megatron_srft.checkpoint.convert import resolve_source, weights_bytes_per_rank
+    from megatron_srft.cli.generate import check_engine_fits
+    from megatron_srft.config import ParallelConfig
+    from megatron_srft.distributed.groups import device_for
+    from megatron_srft.errors import UserError
+
+    assert device_for("generate", cuda_available=True) == torch.device("cpu")
+    source = resolve_source(hf_dir)
+    need = weights_bytes_per_rank(source, ParallelConfig(), "bf16")
+    check_engine_fits(source, "bf16", True, 2 * need + 1, 0.5)  # fits in half the GPU
+    with pytest.raises(UserError) as e:
+        check_engine_fits(source, "bf16", True, 2 * need - 2, 0.5)
+    assert str(e.value).startswith("--ckpt: the model's weights alone need") and "\n" not in str(e.value)
+    assert "rollout.tensor_parallel_size" in str(e.value) and "gpu_memory_utilization 0.5" in str(e.value)
+    check_engine_fits(source, "bf16", False, None, 0.5)  # CPU: no GPU to fit

@@ -73,3 +73,25 @@ def test_bad_rows_name_the_line(tmp_path):
             read_rows(data, None, 100)
     with pytest.raises(UserError, match="input file not found"):
         read_rows(tmp_path / "missing.jsonl", None, 100)
+
+
+def test_a_model_too_large_for_its_gpus_is_refused_naming_tp(tmp_path):
+    """On a GPU machine the scored model lives on the GPUs: weights beyond one GPU at --tp/--pp are refused in one
+    line before any process group exists (pure: the GPU's memory is an argument)."""
+    from megatron_srft.checkpoint.convert import resolve_source, weights_bytes_per_rank
+    from megatron_srft.cli.score import score_device
+    from megatron_srft.config import ParallelConfig
+
+    from megatron_srft.models.tiny import tiny_hf_config
+
+    tiny_hf_config(vocab_size=100, tie_word_embeddings=False).save_pretrained(tmp_path)  # the sizes are all it takes
+    source = resolve_source(tmp_path)
+    tp1, tp2 = ParallelConfig(), ParallelConfig(tensor_model_parallel_size=2)
+    one, half = weights_bytes_per_rank(source, tp1, "bf16"), weights_bytes_per_rank(source, tp2, "bf16")
+    gpu = (one + half) // 2  # holds half the model, not all of it
+    with pytest.raises(UserError) as e:
+        score_device(source, tp1, "bf16", True, gpu)
+    assert str(e.value).startswith("--tp/--pp: the model's weights alone need") and "TP=1 PP=1" in str(e.value)
+    assert "\n" not in str(e.value)
+    assert score_device(source, tp2, "bf16", True, gpu, local_rank=1) == torch.device("cuda", 1)
+    assert score_device(source, tp1, "bf16", False, None) == torch.device("cpu")
