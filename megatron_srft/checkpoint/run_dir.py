@@ -35,6 +35,7 @@ written, beyond ``keep_last``.
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import shutil
@@ -509,6 +510,12 @@ def rotate_checkpoints(run_dir: str | Path, run_id: Optional[str], keep_last: in
              if checkpoint_step(p) < newest_step and checkpoint_run_id(p) == run_id
              and (run_id is not None or checkpoint_run_id(p) is None)]
     doomed = older[:max(0, len(older) - (keep_last - 1))]
+    deleted = []
     for p in doomed:
+        if p.is_symlink():  # not ours to delete (nor what it points to): said, not silently skipped
+            _log(f"note: checkpoint rotation skips {p}: it is a symlink (to {os.readlink(p)}); remove it yourself "
+                 f"if it is no longer needed")
+            continue
         shutil.rmtree(p, ignore_errors=True)
-    return doomed
+        deleted.append(p)
+    return deleted

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -27,7 +26,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .atomic import replace_dir
+from .atomic import fresh_dir, replace_dir
 from .dist import _barrier
 
 _STEP_RE = re.compile(r"^step_(\d{6,})$")
@@ -122,8 +121,9 @@ def save_training_checkpoint(run_dir: str | Path, step: int, chunks, optimizer, 
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp-{metadata.get('run_id') or 'norun'}"  # another run's never collides
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "rng").mkdir(parents=True)
+        root.mkdir(parents=True, exist_ok=True)
+        fresh_dir(tmp)  # a leftover or a planted symlink is removed, never followed
+        (tmp / "rng").mkdir()
     _barrier()
     save_model(chunks, tmp / "model", metadata={**metadata, "step": step}, arch=arch, atomic=False)
     model_sd = unwrap(chunks[0]).sharded_state_dict()  # maps optimizer state to params by identity

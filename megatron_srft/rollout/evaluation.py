@@ -91,6 +91,11 @@ def summarise(records: list[dict]) -> dict[str, dict]:
     return out
 
 
+def _cell(text: str) -> str:
+    """A markdown table cell: ``|`` escaped, line breaks as spaces (a data_source comes from the data file)."""
+    return " ".join(str(text).replace("\\", "\\\\").replace("|", "\\|").split())
+
+
 def markdown_table(summary: dict[str, dict]) -> str:
     """The summary as a markdown table; rates in percent with one decimal."""
     if not summary:
@@ -114,7 +119,7 @@ def markdown_table(summary: dict[str, dict]) -> str:
                               for c in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in summary.items():
-        lines.append("| " + " | ".join([name] + [fmt(c, row.get(c)) for c in cols]) + " |")
+        lines.append("| " + " | ".join([_cell(name)] + [_cell(fmt(c, row.get(c))) for c in cols]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -530,9 +530,8 @@ def export_final_hf(policy: Policy, groups: ParallelGroups, out_dir: Path, param
     temporary sibling and renamed when complete. Tensors are cast to the run's dtype (Megatron's local spec
     keeps norm weights in fp32)."""
     import json
-    import shutil
 
-    from ..checkpoint.atomic import replace_dir
+    from ..checkpoint.atomic import atomic_dir
     from ..checkpoint.convert import copy_side_files, write_safetensors
     from ..checkpoint.manifest import write_manifest
     from ..models.builder import torch_dtype
@@ -540,17 +539,14 @@ def export_final_hf(policy: Policy, groups: ParallelGroups, out_dir: Path, param
     dtype = torch_dtype(params_dtype)
     items = policy.export()  # parameters made current first (overlapped param gather)
     if groups.rank == 0:
-        tmp = out_dir.parent / f".{out_dir.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        write_safetensors(((n, t.to(dtype)) for n, t in items), tmp, 2 << 30)
-        hf_cfg = dict(policy.handle.arch.hf_config)
-        hf_cfg.pop("torch_dtype", None)
-        hf_cfg["dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[params_dtype]
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-        copy_side_files(policy.model_dir, tmp)
-        write_manifest(tmp)  # last: sizes + CRC-32 of every file (checkpoint/manifest.py)
-        replace_dir(tmp, out_dir)
+        with atomic_dir(out_dir) as tmp:  # a failed export leaves no temporary directory behind
+            write_safetensors(((n, t.to(dtype)) for n, t in items), tmp, 2 << 30)
+            hf_cfg = dict(policy.handle.arch.hf_config)
+            hf_cfg.pop("torch_dtype", None)
+            hf_cfg["dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[params_dtype]
+            (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+            copy_side_files(policy.model_dir, tmp)
+            write_manifest(tmp)  # last: sizes + CRC-32 of every file (checkpoint/manifest.py)
     else:
         for _ in items:
             pass

@@ -185,14 +185,14 @@ def parse_metrics_lines(path: Path) -> list[dict]:
             continue
         try:
             row = json.loads(raw.decode("utf-8"))
-            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-                raise ValueError("no integer 'step'")
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # incomplete JSON: torn only when last
             if i == last:
                 print(f"[srft] warning: {path}:{i + 1}: dropping a torn last line (the run was stopped while "
                       f"writing it)", file=sys.stderr, flush=True)
                 break
-            raise UserError(f"{path}:{i + 1}: not a metrics row ({str(e).splitlines()[0]})") from None
+            raise UserError(f"{path}:{i + 1}: not a metrics row ({str(e).splitlines()[0][:120]})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):  # complete, but not ours: not torn
+            raise UserError(f"{path}:{i + 1}: not a metrics row (complete JSON without an integer 'step')")
         rows.append(row)  # (a complete last row without its newline is kept: the write got that far)
     return rows
 

@@ -39,3 +39,22 @@ def test_write_text_atomic_is_whole_or_nothing(tmp_path):
         write_text_atomic(path, None)  # fails inside the write: the old file stays, no temporary is left
     assert path.read_text() == '{"step": 1}'
     assert sorted(p.name for p in path.parent.iterdir()) == ["state.json"]
+
+
+def test_temporary_paths_are_created_fresh_never_followed(tmp_path):
+    import os
+
+    from megatron_srft.checkpoint.atomic import fresh_dir
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.txt").write_text("keep")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / f".state.json.{os.getpid()}.tmp").symlink_to(outside / "precious.txt")  # planted at the temp name
+    write_text_atomic(out / "state.json", "{}")
+    assert (out / "state.json").read_text() == "{}" and (outside / "precious.txt").read_text() == "keep"
+    (out / "step.tmp").symlink_to(outside)
+    fresh_dir(out / "step.tmp")
+    assert (out / "step.tmp").is_dir() and not (out / "step.tmp").is_symlink()
+    assert sorted(p.name for p in outside.iterdir()) == ["precious.txt"]

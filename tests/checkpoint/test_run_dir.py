@@ -317,3 +317,33 @@ def test_resume_on_changed_data_is_refused_unless_allowed(tmp_path, monkeypatch,
     plan = plan_run(run, "auto", cfg, ["data.train_files"])
     assert plan.resume_from == ckpt and "40 rows" in capsys.readouterr().out
     release_run_dir(run)
+
+
+def test_rotation_says_when_it_skips_a_symlinked_step_dir(tmp_path, capsys):
+    for s in (1, 2, 3):
+        _fake_ckpt(tmp_path, s, "r")
+    elsewhere = tmp_path / "elsewhere" / "step_000001"
+    elsewhere.parent.mkdir()
+    (tmp_path / "checkpoints" / "step_000001").rename(elsewhere)
+    (tmp_path / "checkpoints" / "step_000001").symlink_to(elsewhere)
+    deleted = rotate_checkpoints(tmp_path, "r", keep_last=1, newest=tmp_path / "checkpoints" / "step_000003")
+    assert [p.name for p in deleted] == ["step_000002"]
+    out = capsys.readouterr().out
+    assert "rotation skips" in out and "step_000001: it is a symlink" in out, out
+    assert (elsewhere / "state.json").is_file()
+
+
+def test_a_planted_tmp_symlink_never_takes_a_checkpoint_outside_the_run(run_copy, toy, tmp_path):
+    """A symlink at the name the next save writes to: the save replaces the link, never writes through it."""
+    from tests.dist import run_ranks
+    from tests.toy_run import toy_overrides, train_toy
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    planted = run_copy / "checkpoints" / f"step_000003.tmp-{_run_id(run_copy)}"
+    planted.symlink_to(outside)
+    run_ranks(train_toy, 1, toy_overrides(toy, run_copy, 3))
+    assert list(outside.iterdir()) == []
+    step3 = run_copy / "checkpoints" / "step_000003"
+    assert step3.is_dir() and not step3.is_symlink() and manifest.verify_part(step3) == []
+    assert not planted.exists() and not planted.is_symlink()

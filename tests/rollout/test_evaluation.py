@@ -53,6 +53,14 @@ def test_summarise_and_table():
         summarise([{"data_source": "a", "scores": [1.0]}, {"data_source": "a", "scores": [1.0, 0.0]}])
 
 
+def test_table_escapes_pipes_and_newlines_in_data_source():
+    recs = [{"data_source": "a|b\nc", "scores": [1.0]}, {"data_source": "plain", "scores": [0.0]}]
+    lines = markdown_table(summarise(recs)).splitlines()
+    assert len(lines) == 5  # header, rule, two sources, all
+    assert lines[2].startswith("| a\\|b c | 1 | 1 | 100.0 |"), lines[2]
+    assert all(line.count("|") - line.count("\\|") == lines[0].count("|") for line in lines)
+
+
 def test_cli_errors(tmp_path, capsys):
     assert cli_main(["eval", "--model", str(tmp_path / "none"), "--data", "x.jsonl", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err

@@ -151,3 +151,22 @@ def test_hpt_gate_routes_each_prompt(toy, tmp_path):
     if gated == 1.0:  # no rollout left to train on
         assert row["loss/rl_pos"] == row["loss/rl_neg"] == 0.0
     assert row["routing/rollout_accuracy_before"] <= 1 - gated  # a gated prompt had no correct rollout
+
+
+def test_a_failed_export_leaves_no_temporary_directory(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    from megatron_srft.training.loop import export_final_hf
+
+    def export():
+        yield "model.embed_tokens.weight", torch.zeros(4, 4)
+        raise RuntimeError("the export failed half way")
+
+    policy = SimpleNamespace(export=export, model_dir=tmp_path, handle=SimpleNamespace(arch=SimpleNamespace(
+        hf_config={})))
+    (tmp_path / "run").mkdir()
+    with pytest.raises(RuntimeError, match="half way"):
+        export_final_hf(policy, SimpleNamespace(rank=0), tmp_path / "run" / "hf", "fp32")
+    assert list((tmp_path / "run").iterdir()) == []  # no hf/, no .hf.tmp*

@@ -130,3 +130,15 @@ def test_a_missing_sink_package_is_a_config_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
     with pytest.raises(ConfigError, match=r"logging.wandb: needs the 'wandb' package"):
         MetricsLogger(tmp_path, enabled=True, total_steps=1, logging_cfg=_logging(wandb=True))
+
+
+def test_a_complete_last_line_without_a_step_is_an_error_not_torn(tmp_path, capsys):
+    import pytest
+
+    from megatron_srft.errors import UserError
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "reward/mean": 0.5}\n{"reward/mean": 0.7}\n')
+    with pytest.raises(UserError, match=r"metrics.jsonl:2: not a metrics row \(complete JSON without an integer "
+                                        r"'step'\)"):
+        read_metrics(tmp_path)
+    assert "torn" not in capsys.readouterr().err
