@@ -89,9 +89,9 @@ def _chord_theirs(preset: str, r: dict, advantages: torch.Tensor, step: int, row
     return loss * trinity_chord.actor_scale(pb, r["B"])
 
 
-@pytest.mark.parametrize("preset", ["chord_mu", "chord_phi"])
-@pytest.mark.parametrize("seed,step", [(0, 1), (1, 37), (2, 150), (3, 250)])
-def test_chord_equals_trinity_in_one_micro_batch(preset, seed, step):
+def check_chord(preset: str, seed: int):
+    """Trinity-RFT's MIXCHORDPolicyLossFn (its GRPO advantage, PPO loss, SFT / phi-SFT losses, mu schedule)."""
+    step = (1, 37, 150, 250)[seed]
     r = _rows(seed, num_rollout_groups=3, group_size=8, num_demos=5)
     # the advantage: Trinity's GRPO over the rollout groups (expert rows: reward 0, a group of one, unused)
     theirs_adv = trinity_chord.grpo_advantage(r["scores"], r["uid"])
@@ -161,9 +161,8 @@ def test_chord_dual_clip_intended_difference():
 # --------------------------------------------------------------------------------------------- HPT
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_hpt_equals_released_actor_in_one_micro_batch(seed):
-    """One micro-batch of S rows on one GPU, padded to L: HPT's loss is sft_mean + (token sum / L) - 0.001 mean H.
+def check_hpt(preset: str, seed: int):
+    """HPT's actor (mix_actor.py, offline_loss_type sft). One micro-batch of S rows on one GPU, padded to L: HPT's loss is sft_mean + (token sum / L) - 0.001 mean H.
     Ours is token_sum_norm with C: (1/S) sum / C. The same rule as LUFFY's (C = L x GPUs / S) makes them equal;
     the preset's 128 is that rule in the released layout (test_presets.py: 8192 x 8 / 512)."""
     r = _rows(seed, num_rollout_groups=3, group_size=8, num_demos=4)
@@ -219,8 +218,8 @@ def _dft_ours(logits, labels, mask):
                                                                    num_demo_tokens=int(mask.sum())))[0]
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_dft_equals_released_trainer_in_one_micro_batch(seed):
+def check_dft(preset: str, seed: int):
+    """DFT's fsdp_dft_trainer (loss and gradient with respect to the logits)."""
     g = torch.Generator().manual_seed(seed)
     T, V = 30, 11
     logits = (torch.randn(T, V, generator=g) * 2).requires_grad_()
@@ -267,10 +266,18 @@ def test_trinity_sft_is_is_dft():
     torch.testing.assert_close(ours, trinity_chord.sft_is_loss(lp, mask), rtol=RTOL, atol=ATOL)
 
 
-#: every preset of these methods has its oracle test above
-ORACLES = {"chord_mu": test_chord_equals_trinity_in_one_micro_batch, "chord_phi": test_chord_equals_trinity_in_one_micro_batch,
-           "hpt": test_hpt_equals_released_actor_in_one_micro_batch, "dft": test_dft_equals_released_trainer_in_one_micro_batch}
+#: preset -> its check against the released code (the layout where both compute the same loss)
+ORACLES = {"chord_mu": check_chord, "chord_phi": check_chord, "hpt": check_hpt, "dft": check_dft}
 
 
-def test_every_new_preset_has_an_oracle():
-    assert set(ORACLES) <= set(PRESETS)
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("preset", list(ORACLES))
+def test_preset_equals_released_code(preset, seed):
+    ORACLES[preset](preset, seed)
+
+
+def test_every_method_preset_has_an_oracle():
+    from tests.algorithms.test_presets import RELEASED
+
+    methods = {"chord_mu", "chord_phi", "hpt", "dft"}
+    assert set(ORACLES) == methods and methods <= set(RELEASED) and methods <= set(PRESETS)
