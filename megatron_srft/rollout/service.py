@@ -238,7 +238,7 @@ class RolloutService:
             "rollout/num_engines": float(sum(1 for s in shares if len(s) > 0)) if num_rollouts > 0 else 0.0,
             "rollout/tokens_per_engine_max": max(tokens),
             "rollout/tokens_per_engine_min": min(tokens),
-            "rollout/tokens_per_s": sum(tokens) / max(max(x[1] for x in extras), 1e-9),
+            "perf/rollout_tokens_per_s": sum(tokens) / max(max(x[1] for x in extras), 1e-9),  # a timing: perf/
             "reward/timeouts": float(sum(x[2] for x in extras)),
             "time/sync": sync_s, "time/generate": gen_s, "time/reward": score_s, "time/exchange": exchange_s,
             "time/rollout_total": time.perf_counter() - t0,

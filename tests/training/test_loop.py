@@ -137,6 +137,9 @@ def test_chord_mu_trains_expert_rows_beside_rollouts(toy, tmp_path):
     assert row["train/sft_mix"] == pytest.approx(PRESETS["chord_mu"]().at_step(1).sft_mix)
     assert row["loss/sft"] > 0 and row["loss/demo_rl"] == 0.0
     assert "accuracy/demo" not in row or row["accuracy/demo"] == row["accuracy/demo"]  # expert rows: not scored
+    # timing figures live in time/ and perf/ only (runs are compared without them)
+    assert row["perf/rollout_tokens_per_s"] > 0
+    assert [k for k in row if k.endswith("_per_s") and not k.startswith(("time/", "perf/"))] == []
 
 
 def test_hpt_gate_routes_each_prompt(toy, tmp_path):
