@@ -39,12 +39,14 @@ SRFT_BIN="${SRFT_BIN:-srft}"               # the `srft` entry point on the compu
 # Extra `srft launch` flags, e.g. "--shutdown-timeout 800 --rdzv-port 29600". The trainer checkpoints at the end
 # of the step it is in when SIGUSR1 arrives, so the --signal lead time (300 s in the sbatch headers) and
 # --shutdown-timeout (270 s by default) must cover one step plus one checkpoint save: raise both for long steps.
+# `srft launch --dry-run --config X.yaml` prints both for a config (docs/cluster.md, "Pre-emption").
 SRFT_LAUNCH_ARGS="${SRFT_LAUNCH_ARGS:-}"
 
 srft_on_usr1() {
     # SLURM sends SIGUSR1 to this batch shell (--signal=B:USR1@300). srun relays signals it receives to its
-    # tasks; each task is `srft launch`, which exec'd torchrun, and torchrun (--signals-to-handle) forwards
-    # it to the trainers, which checkpoint and exit (checkpoint.save_on_signal). Then requeue.
+    # tasks; each task is `srft launch`, which runs torchrun's agent in its own process, and torchrun
+    # (--signals-to-handle) forwards it to the trainers, which checkpoint and exit with status 75
+    # (checkpoint.save_on_signal; `srft launch` ends with their one "stopped at step N" line). Then requeue.
     echo "srft: $(date -Is) SIGUSR1: forwarding to the trainers for a checkpoint, then requeue" >&2
     SRFT_REQUEUE=1
     if [[ -n "${SRFT_SRUN_PID:-}" ]]; then
@@ -54,7 +56,7 @@ srft_on_usr1() {
 
 srft_run() {
     # usage: srft_run CONFIG.yaml [key.sub=value ...]
-    # One srun task per node; each runs `srft launch`, which execs that node's torchrun command.
+    # One srun task per node; each runs `srft launch`, which runs that node's torchrun command.
     local config="$1"
     shift
     local -a srun_args=(--ntasks-per-node=1 --kill-on-bad-exit=1 --cpu-bind=none)

@@ -236,15 +236,17 @@ def _stop_line(step: int, sig: str, ckpt: Path) -> str:
     return f"stopped at step {step} by {sig}; checkpoint at {ckpt} (a requeue resumes from it)"
 
 
-def test_sigusr1_to_srft_launch_after_a_save_checkpoints_and_resumes(toy, tmp_path, monkeypatch):
+def test_sigusr1_to_srft_launch_after_a_save_checkpoints_and_resumes(toy, run_copy, tmp_path, monkeypatch):
     """Pre-emption the way users launch, after the run has saved (so Megatron's checkpoint queue manager exists) and
     with rollouts (so the reward pool's workers exist): SIGUSR1 to `srft launch` reaches the trainer through
     torchrun, which signals the trainer's whole process group. Its children ignore it; the trainer finishes the
-    step, saves it, and the launch ends with one line and exit status 75. A resume continues from that checkpoint."""
+    step, saves it, and the launch ends with one line and exit status 75. A resume continues from that checkpoint.
+    The run starts with checkpoint.resume=fresh in a used run directory: the real loop moves the previous run aside
+    (not deleted)."""
     import signal
 
     from megatron_srft.checkpoint import manifest
-    from megatron_srft.checkpoint.run_dir import step_dirs
+    from megatron_srft.checkpoint.run_dir import ARCHIVE_DIR, RUN_FILE, step_dirs
     from megatron_srft.checkpoint.training_state import checkpoint_root, read_state
     from megatron_srft.signals import STOPPED_EXIT_CODE
     from megatron_srft.training.metrics import read_metrics
@@ -252,15 +254,18 @@ def test_sigusr1_to_srft_launch_after_a_save_checkpoints_and_resumes(toy, tmp_pa
     from tests.toy_run import toy_overrides, train_toy
 
     monkeypatch.setenv("PATH", SYSTEM_PATH)  # for the resume's rank
-    run = tmp_path / "run"
-    cfg = _toy_config(toy, run, tmp_path / "cfg.yaml", "srft", ["checkpoint.save_every=1"])
+    run = run_copy
+    old_run = json.loads((run / RUN_FILE).read_text())["run_id"]
+    cfg = _toy_config(toy, run, tmp_path / "cfg.yaml", "srft", ["checkpoint.save_every=1", "checkpoint.resume=fresh"])
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_", "MASTER_"))}
     env.update(PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
                OMP_NUM_THREADS="1", PATH=SYSTEM_PATH)
     proc = subprocess.Popen([sys.executable, "-m", "megatron_srft", "launch", "--gpus-per-node", "1",
                              "--rdzv-port", str(_free_port()), "--shutdown-timeout", "240", "--config", str(cfg)],
                             env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = _signal_when(proc, lambda: "step_000002" in [p.name for p in step_dirs(run)], signal.SIGUSR1)
+    # the old run was moved aside, and the new run saved step 2
+    out = _signal_when(proc, lambda: (run / ARCHIVE_DIR).is_dir() and "step_000002" in [p.name for p in step_dirs(run)],
+                       signal.SIGUSR1)
 
     ckpt = step_dirs(run)[-1]
     step = read_state(ckpt)["step"]
@@ -271,6 +276,9 @@ def test_sigusr1_to_srft_launch_after_a_save_checkpoints_and_resumes(toy, tmp_pa
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == list(range(1, step + 1))  # no step after the signalled one began
     assert [r["reward/timeouts"] for r in rows] == [0.0] * step  # the reward workers survived the signal
+    assert read_state(ckpt)["run_id"] != old_run
+    (archived,) = (run / ARCHIVE_DIR).iterdir()
+    assert [p.name for p in step_dirs(archived)] == ["step_000001", "step_000002"]
 
     # the requeued job: the same config resumes from the signal's checkpoint and trains the next step
     run_ranks(train_toy, 1, toy_overrides(toy, run, 10_000, ["checkpoint.save_every=1", "checkpoint.resume=must"],
