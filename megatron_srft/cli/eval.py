@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -112,6 +113,7 @@ def _check_args(args, cfg) -> None:
 def main(args) -> int:
     """Under torchrun every rank builds one engine shard (rollout TP from the config or flags); the problems are
     split over the engines, each engine's leader grades its share, and global rank 0 writes the results."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # as `srft train`: vLLM's per-call INFO lines, quiet
     from ..config import ParallelConfig
     from ..data.dataset import load_problems, tokenize_problems
     from ..data.templates import THINKING_TEMPLATES, load_tokenizer

@@ -26,6 +26,9 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
+    # vLLM's INFO lines at every weight sync ("Reloading and processing weights", "Successfully reset prefix
+    # cache") would bury the progress on every rank; warnings stay. Set before vLLM is imported (it reads it then).
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from ..config import load_config
     from ..training.loop import train
 

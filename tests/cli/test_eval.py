@@ -55,3 +55,19 @@ def test_overwrite_replaces_only_the_results_files(work):
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "results.json", "results.md", "samples.jsonl"]
     assert (out / "keep.txt").read_text() == "mine" and (out / "results.md").read_text() == "| u |\n"
     assert sorted(p.name for p in work.iterdir()) == ["model", "notes", "test.jsonl"]  # no leftovers
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_vllm_info_lines_are_quiet_in_training_and_evaluation(tmp_path, monkeypatch, command):
+    """vLLM reads VLLM_LOGGING_LEVEL when imported: the commands set it (warnings only) before anything imports
+    vLLM, on every rank; a user's own setting wins."""
+    import os
+
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "placeholder")
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL")
+    argv = {"train": ["train", "--config", str(tmp_path / "missing.yaml")],
+            "eval": ["eval", "--model", str(tmp_path / "none"), "--data", "x.jsonl", "--out", str(tmp_path / "o")]}
+    assert cli_main(argv[command]) == 2
+    assert os.environ["VLLM_LOGGING_LEVEL"] == "WARNING"
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
+    assert cli_main(argv[command]) == 2 and os.environ["VLLM_LOGGING_LEVEL"] == "DEBUG"
