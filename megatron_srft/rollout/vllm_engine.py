@@ -28,9 +28,10 @@ records the sleeping tags) and its worker frees nothing.
 Closing a sleeping engine wakes it first. Sleep unmaps and releases the physical memory behind vLLM's pooled
 allocations (``CuMemAllocator.sleep``); shutting the engine down frees their tensors, and the allocator's free
 callback hands the full handle back for a second unmap and release, which it skips for sleeping allocations only on
-ROCm (``CuMemAllocator._python_free_callback``). On CUDA that double release fails inside the shutdown, so a second
-engine in the same process (the study, the demo) would never start. Waking maps the memory back, and the release
-is then an ordinary one.
+ROCm (``CuMemAllocator._python_free_callback``). On CUDA the C allocator's ``cuMemUnmap`` of the unmapped range
+fails and leaves its process-wide error flag set (vLLM's csrc/cumem_allocator.cpp), after which every pooled
+allocation fails: a second engine in the same process (the study, the demo) could not start. Waking maps the
+memory back, and the release is then an ordinary one.
 """
 
 from __future__ import annotations
