@@ -30,10 +30,12 @@ def test_only_the_collectives_module_imports_torch_distributed():
     offenders = {}
     for path in PACKAGE.rglob("*.py"):
         rel = path.relative_to(PACKAGE).as_posix()
-        # Not collectives: `torch.distributed.run` is torchrun's launcher (srft launch builds its command) and
-        # `torch.distributed.checkpoint` is the checkpoint file format (its exception type names a failed load).
+        # Not collectives: `torch.distributed.run` and `.elastic` are torchrun's launcher (srft launch runs its agent
+        # and catches its exceptions) and `torch.distributed.checkpoint` is the checkpoint file format (its
+        # exception type names a failed load).
         names = [n for n in _imports_torch_distributed(path)
-                 if n != "torch.distributed.run" and not n.startswith("torch.distributed.checkpoint")]
+                 if n != "torch.distributed.run" and not n.startswith(("torch.distributed.checkpoint",
+                                                                       "torch.distributed.elastic"))]
         if names and rel not in ALLOWED:
             offenders[rel] = names
     assert not offenders, offenders
