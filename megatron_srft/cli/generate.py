@@ -100,6 +100,10 @@ def main(args: argparse.Namespace) -> int:
     from ..rollout.base import resolve_engine_settings, sequential_seeds
     from ..rollout.vllm_engine import VllmEngine
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"srft generate: runs one engine in one process (TP 1), not under torchrun with "
+                        f"{os.environ['WORLD_SIZE']} processes; to sample on several GPUs use `srft eval` with "
+                        f"rollout.tensor_parallel_size")
     if args.n < 1:
         raise UserError(f"--n: expected >= 1, got {args.n}")
     if args.max_tokens < 1:

@@ -93,3 +93,14 @@ def test_engine_too_large_for_one_gpu_is_refused_naming_the_field(hf_dir):
     assert str(e.value).startswith("--ckpt: the model's weights alone need") and "\n" not in str(e.value)
     assert "rollout.tensor_parallel_size" in str(e.value) and "gpu_memory_utilization 0.5" in str(e.value)
     check_engine_fits(source, "bf16", False, None, 0.5)  # CPU: no GPU to fit
+
+
+
+def test_generate_under_torchrun_says_why_not(tmp_path, hf_dir, monkeypatch, capsys):
+    ok = tmp_path / "p.txt"
+    ok.write_text("1+1=\n")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert srft_main(["generate", "--ckpt", str(hf_dir), "--prompts", str(ok)]) == 2
+    err = capsys.readouterr().err
+    assert "not under torchrun with 2 processes" in err and "rollout.tensor_parallel_size" in err
+    assert err.count("\n") == 1
