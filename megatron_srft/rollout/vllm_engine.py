@@ -126,6 +126,35 @@ def _refresh_tied_output_layer(worker) -> bool:
     return True
 
 
+def _unlink_cpu_shm_names(worker) -> int:
+    """Remove the names of this rank's CPU shared-memory segments once the engine has started (runs on the vLLM
+    worker; CPU, rollout TP > 1). Returns how many names it removed.
+
+    vLLM's CPU communicator gives each rank of a TP / PP group one POSIX shared-memory segment, named after the
+    group alone (under external_launcher every engine on the machine gets the same names), and removes the names
+    only when its manager is destroyed at a normal interpreter exit. A process that ends otherwise (killed, or
+    ``os._exit`` as forked ranks do) leaves them in /dev/shm, and the next engine with those names on the machine
+    fails to start ("create shm in SHMManager failed. errno: 17"). Start-up ends after every rank has joined every
+    segment, so the names are no longer needed; the mapped memory lives on until the process ends.
+    """
+    import _posixshmem
+
+    from vllm.distributed import parallel_state
+
+    removed = 0
+    for group in (parallel_state.get_tp_group(), parallel_state.get_pp_group()):
+        comm = getattr(group, "device_communicator", None)
+        name = getattr(getattr(comm, "dist_module", None), "group_name", None)  # only vLLM's SHM module has one
+        if name is None:
+            continue
+        try:
+            _posixshmem.shm_unlink(f"/{name.lstrip('/')}_{comm.rank}")
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 class VllmEngine:
     """vLLM in the training process(es). See the module docstring for the design.
 
@@ -184,6 +213,7 @@ class VllmEngine:
         ExpectedReloadWarnings.install(tied_lm_head=load_arch(self.model_dir).tie_word_embeddings)
         if not self.on_gpu:
             logging.getLogger(_CPU_WORKER_LOGGER).addFilter(_not_cpu_sleep_warning)  # added once per process
+            self.llm.collective_rpc(_unlink_cpu_shm_names)
 
     # ------------------------------------------------------------------------------------------ set-up
 
