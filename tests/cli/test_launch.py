@@ -176,6 +176,29 @@ def test_launch_runs_this_nodes_torchrun(capsys, monkeypatch):
     assert "node 1: torchrun " in err and not Path(stop_file).parent.exists()  # its temporary directory is gone
 
 
+def test_launch_status_after_a_forwarded_signal(capsys, monkeypatch):
+    """The trainers' stop line (left in the stop file) is the launch's last line with status 75; a signal after
+    which no trainer left one is an error line with 128 + the signal's number, never torchrun's traceback."""
+    import signal
+
+    from megatron_srft.cli import launch
+    from megatron_srft.signals import STOP_FILE_ENV, STOPPED_EXIT_CODE
+
+    def stopped(argv):
+        Path(os.environ[STOP_FILE_ENV]).write_text("stopped at step 3 by SIGUSR1; checkpoint at /r/step_000003 "
+                                                   "(a requeue resumes from it)\n")
+        return signal.SIGUSR1
+
+    monkeypatch.setattr(launch, "run_torchrun", stopped)
+    assert launch.run_node(["torchrun", "-m", "megatron_srft", "train"]) == STOPPED_EXIT_CODE == 75
+    assert capsys.readouterr().err.splitlines()[-1] == ("srft launch: stopped at step 3 by SIGUSR1; checkpoint at "
+                                                        "/r/step_000003 (a requeue resumes from it)")
+    monkeypatch.setattr(launch, "run_torchrun", lambda argv: signal.SIGUSR1)
+    assert launch.run_node(["torchrun", "-m", "megatron_srft", "train"]) == 128 + signal.SIGUSR1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("srft launch: error: torchrun received SIGUSR1")
+
+
 def test_dry_run_estimates_the_preemption_lead(capsys, tmp_path):
     """The lead follows from the checkpoint's size at an assumed bandwidth and the run's longest step/evaluation."""
     d = _model_dir(tmp_path, QWEN25_7B)
