@@ -46,7 +46,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         convert.preflight_mcore_to_hf(args.ckpt, args.out, args.overwrite)
     start = time.perf_counter()
-    init_distributed(ParallelConfig(backend="gloo"))
+    init_distributed(ParallelConfig(backend="gloo"), purpose="convert")  # on CPU even beside GPUs
     try:
         if args.direction == "hf-to-mcore":
             out = convert.hf_to_mcore(args.hf, args.out, dtype=args.dtype, overwrite=args.overwrite,

@@ -102,12 +102,13 @@ def device_for_rank() -> torch.device:
     return device_for("train", torch.cuda.is_available(), _env_int("LOCAL_RANK", 0))
 
 
-def init_distributed(pcfg: ParallelConfig, seed: int = 1234) -> ParallelGroups:
+def init_distributed(pcfg: ParallelConfig, seed: int = 1234, purpose: str = "train") -> ParallelGroups:
     """Start torch.distributed (NCCL on GPU, gloo on CPU) and Megatron's parallel state for TP/PP/DP.
 
     Reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT as torchrun sets them; a single process
     without them runs as world size 1 on a free local port. The world size must be divisible by TP x PP x CP:
-    that is checked before any group is created.
+    that is checked before any group is created. ``purpose`` places the model (:func:`device_for`): a CPU model on a
+    machine with GPUs (conversion) leaves CUDA untouched, no device set and no CUDA generator seeded.
     """
     from megatron.core import parallel_state as mpu
     from megatron.core import tensor_parallel
@@ -116,13 +117,15 @@ def init_distributed(pcfg: ParallelConfig, seed: int = 1234) -> ParallelGroups:
     rank = _env_int("RANK", 0)
     data_parallel_size(pcfg, world_size)
 
-    on_gpu = torch.cuda.is_available()
-    if not on_gpu:
+    cuda = torch.cuda.is_available()
+    if not cuda:
         cpu_compat.enable()
+    device = device_for(purpose, cuda, _env_int("LOCAL_RANK", 0))
+    on_gpu = device.type == "cuda"
     backend = pcfg.backend if pcfg.backend != "auto" else ("nccl" if on_gpu else "gloo")
     if backend == "nccl" and not on_gpu:
-        raise ConfigError("parallel.backend: 'nccl' needs CUDA GPUs; use 'gloo' or 'auto' on CPU")
-    device = device_for_rank()
+        raise ConfigError("parallel.backend: 'nccl' needs CUDA GPUs (and a model on them); use 'gloo' or 'auto' "
+                          "on CPU")
     if on_gpu:
         torch.cuda.set_device(device)
 
@@ -138,7 +141,10 @@ def init_distributed(pcfg: ParallelConfig, seed: int = 1234) -> ParallelGroups:
             expert_model_parallel_size=pcfg.expert_model_parallel_size,
             distributed_timeout_minutes=pcfg.timeout_minutes,
         )
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    if on_gpu or not cuda:  # (without CUDA the CPU layer maps Megatron's CUDA generators onto the CPU one)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:  # a CPU model beside GPUs is filled from a checkpoint, never initialised at random nor run with dropout
+        torch.manual_seed(seed)
     return groups_from_megatron(device)
 
 

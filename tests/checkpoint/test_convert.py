@@ -313,24 +313,30 @@ def test_models_that_only_move_tensors_stay_on_cpu_whatever_the_gpus():
         device_for("eval", True)
 
 
-def _build_for_conversion_on_a_gpu_machine(hf):
+def _convert_on_a_gpu_machine(hf, mc, back):
+    """Both conversions in a process where CUDA reports itself available: any use of it for the model (a device
+    set, the model built or moved there, a CUDA generator seeded) reaches this CPU build of torch and fails. Only
+    what megatron-core's checkpoint save does with any model is answered: a synchronize and one flag tensor on the
+    current device (bytes, not the model)."""
     import torch
 
-    from megatron_srft.checkpoint.convert import build_and_load, conversion_device, resolve_source
-    from megatron_srft.config import ParallelConfig
-    from megatron_srft.distributed.groups import groups_from_megatron, init_distributed
-
-    init_distributed(ParallelConfig(backend="gloo"))  # (the CPU layer is on: this machine has no GPU)
-    torch.cuda.is_available = lambda: True  # from here on the code asks a GPU machine (this process ends after)
-    device = conversion_device()
-    handle = build_and_load(resolve_source(hf), ParallelConfig(), groups_from_megatron(device), params_dtype="fp32",
-                            purpose="convert")
-    cfg = handle.tf_config
-    return str(device), cfg.use_cpu_initialization, cfg.transformer_impl
+    torch.cuda.is_available = lambda: True  # this process ends after the call
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    return [cli.main(["convert", "hf-to-mcore", "--hf", hf, "--out", mc, "--dtype", "fp32"]),
+            cli.main(["convert", "mcore-to-hf", "--ckpt", mc, "--out", back])]
 
 
-def test_conversion_builds_on_cpu_when_cuda_is_available(hf_dir):
+def test_conversion_needs_no_gpu_when_one_is_available(tmp_path, hf_dir):
     # Megatron allocates parameters on the current GPU unless use_cpu_initialization: a 70B bf16 model (141 GB)
-    # would not fit; conversion computes nothing and needs no GPU.
-    (got,) = run_ranks(_build_for_conversion_on_a_gpu_machine, 1, str(hf_dir))
-    assert got == ("cpu", True, "local")
+    # would not fit one; conversion computes nothing and stays on CPU, bit-exact.
+    from safetensors.torch import load_file
+
+    (codes,) = run_ranks(_convert_on_a_gpu_machine, 1, str(hf_dir), str(tmp_path / "mc"), str(tmp_path / "back"))
+    assert codes == [0, 0]
+    ref = load_file(f"{hf_dir}/model.safetensors")
+    index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
+    got = {}
+    for fname in sorted(set(index["weight_map"].values())):
+        got.update(load_file(str(tmp_path / "back" / fname)))
+    assert set(got) == set(ref) and all(torch.equal(got[n], ref[n]) for n in ref)
