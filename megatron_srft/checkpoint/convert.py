@@ -425,7 +425,8 @@ def mcore_to_hf(ckpt: str | Path, out_dir: str | Path, overwrite: bool = False,
         groups = groups_from_megatron(conversion_device())
         handle = build_and_load(source, ParallelConfig(), groups, purpose="convert")
         dtype = source.meta.get("params_dtype") or "bf16"
-        # Megatron's local-spec norms stay fp32 whatever params_dtype is; the HF files use one dtype.
+        # the HF files use one dtype (checkpoints written before the local spec's norms followed params_dtype
+        # hold those norms in fp32)
         torch_dtype = getattr(torch, _TORCH_NAMES.get(dtype, "bfloat16"))
         from ..models.mapping import check_weight_values
 

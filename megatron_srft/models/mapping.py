@@ -435,7 +435,7 @@ def export_hf_weights(chunks: list, arch: ArchSpec, groups) -> Iterator[tuple[st
     full Megatron tensor over ``groups.pp_group``; every rank converts it to HF tensors (vocab padding trimmed).
     At most one full tensor (plus its shards) is alive per step: consume each yielded tensor before the next.
     Tied models yield no ``lm_head.weight`` (HF ties it to ``model.embed_tokens.weight``). Tensors keep the
-    parameters' dtypes (the local spec keeps norms in fp32 even for bf16 models): cast as the consumer needs.
+    parameters' dtypes: the consumer casts (the weight sync to the engine's dtype, the HF export to the run's).
     """
     from .builder import unwrap
 
