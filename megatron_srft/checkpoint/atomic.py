@@ -14,7 +14,9 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -170,3 +172,40 @@ def release_lock(path: Path, remove: bool = False) -> None:
         if remove:
             Path(path).unlink(missing_ok=True)
         os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------- children die with us
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_FORKING_PID: Optional[int] = None
+_FORK_HOOK_SET = False
+
+
+def die_with_parent(parent_pid: Optional[int] = None) -> None:
+    """In a child process: the kernel kills it (SIGKILL) when its parent ends, however the parent ends (kill -9
+    included), so a checkpoint writer never outlives its trainer holding files open. ``parent_pid``: exit at once
+    if the parent is already gone. Linux only (elsewhere a no-op)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if parent_pid is not None and os.getppid() != parent_pid:  # the parent died before the prctl
+        os._exit(1)
+
+
+def _record_forking_pid() -> None:
+    global _FORKING_PID
+    _FORKING_PID = os.getpid()
+
+
+def forked_children_die_with_this_process() -> None:
+    """From now on every child this process forks (Megatron's checkpoint writers, their helpers) is killed by the
+    kernel when this process ends: after a kill -9 of a trainer no writer is left waiting forever. Idempotent."""
+    global _FORK_HOOK_SET
+    if not _FORK_HOOK_SET and hasattr(os, "register_at_fork"):
+        os.register_at_fork(before=_record_forking_pid, after_in_child=lambda: die_with_parent(_FORKING_PID))
+        _FORK_HOOK_SET = True

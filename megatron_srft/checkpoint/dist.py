@@ -17,6 +17,7 @@ docs/architecture.md), so Megatron reshards on load: save at TP=2, load at PP=2.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -110,7 +111,17 @@ def start_checkpoint_writer() -> None:
     if get_queue is None or getattr(filesystem_async, "_results_queue", None) is not None:
         return
     with children_ignore_stop_signals():
-        get_queue()
+        if hasattr(filesystem_async, "_results_queue"):  # ctx.Manager() as megatron-core's, dying with us
+            import multiprocessing as mp
+            from multiprocessing.managers import SyncManager
+
+            from .atomic import die_with_parent
+
+            manager = SyncManager(ctx=mp.get_context("spawn"))
+            manager.start(initializer=die_with_parent, initargs=(os.getpid(),))  # no orphan after a kill -9
+            filesystem_async._results_queue = manager.Queue()
+        else:
+            get_queue()
 
 
 def save_model(chunks: list, path: str | Path, metadata: Optional[dict] = None, *, arch=None,
