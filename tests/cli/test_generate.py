@@ -96,11 +96,14 @@ def test_engine_too_large_for_one_gpu_is_refused_naming_the_field(hf_dir):
 
 
 
-def test_generate_under_torchrun_says_why_not(tmp_path, hf_dir, monkeypatch, capsys):
-    ok = tmp_path / "p.txt"
-    ok.write_text("1+1=\n")
+def test_generate_under_torchrun_says_why_not(monkeypatch):
+    import argparse
+
+    from megatron_srft.cli import generate
+    from megatron_srft.errors import UserError
+
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert srft_main(["generate", "--ckpt", str(hf_dir), "--prompts", str(ok)]) == 2
-    err = capsys.readouterr().err
-    assert "not under torchrun with 2 processes" in err and "rollout.tensor_parallel_size" in err
-    assert err.count("\n") == 1
+    with pytest.raises(UserError) as e:
+        generate.main(argparse.Namespace())  # refused before any argument is read
+    assert "not under torchrun with 2 processes" in str(e.value) and "rollout.tensor_parallel_size" in str(e.value)
+    assert "\n" not in str(e.value)
