@@ -158,11 +158,12 @@ def main(args: argparse.Namespace) -> int:
     source = resolve_source(args.ckpt)  # bad paths fail before any process group exists
     check_output(Path(args.out), [Path(args.ckpt), source.root, Path(args.data)])
     pcfg = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
-    cuda = torch.cuda.is_available()
-    # a model too large for its GPUs is refused before any process group exists (build_and_load places it)
-    score_device(source, pcfg, args.dtype, cuda, device_memory_bytes(True) if cuda else None)
     groups = init_distributed(pcfg)
     try:
+        cuda = torch.cuda.is_available()
+        # a model too large for its GPUs is refused before it is built (build_and_load places it); after the start-up,
+        # which made this rank's GPU the current device
+        score_device(source, pcfg, args.dtype, cuda, device_memory_bytes(True) if cuda else None)
         tok_dir = source.root if (source.root / "tokenizer_config.json").is_file() else None
         rows = read_rows(args.data, tok_dir, source.arch.vocab_size)
         handle = build_and_load(source, pcfg, groups, params_dtype=args.dtype, purpose="score")

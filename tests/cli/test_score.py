@@ -77,7 +77,7 @@ def test_bad_rows_name_the_line(tmp_path):
 
 def test_a_model_too_large_for_its_gpus_is_refused_naming_tp(tmp_path):
     """On a GPU machine the scored model lives on the GPUs: weights beyond one GPU at --tp/--pp are refused in one
-    line before any process group exists (pure: the GPU's memory is an argument)."""
+    line before the model is built (pure: the GPU's memory is an argument)."""
     from megatron_srft.checkpoint.convert import resolve_source, weights_bytes_per_rank
     from megatron_srft.cli.score import score_device
     from megatron_srft.config import ParallelConfig
