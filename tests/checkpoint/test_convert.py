@@ -297,6 +297,7 @@ def test_converted_directories_carry_verified_manifests(tmp_path, trained_run):
 
 def test_models_that_only_move_tensors_stay_on_cpu_whatever_the_gpus():
     from megatron_srft.distributed.groups import MODEL_RUNS_ON_GPU, device_for
+    from megatron_srft.errors import UserError
 
     assert set(MODEL_RUNS_ON_GPU) == {"train", "score", "convert", "generate"}
     for purpose in ("convert", "generate"):  # conversion, and the weight source `srft generate` syncs from
@@ -306,7 +307,7 @@ def test_models_that_only_move_tensors_stay_on_cpu_whatever_the_gpus():
         assert device_for(purpose, cuda_available=False, local_rank=3) == torch.device("cpu")
     # the size check applies to a GPU placement only: conversion of any size is fine
     assert device_for("convert", True, model_bytes=141 << 30, device_memory_bytes=80 << 30) == torch.device("cpu")
-    with pytest.raises(Exception, match="--tp: the model's weights alone need about 141.0 GiB per GPU, more than the "
+    with pytest.raises(UserError, match="--tp: the model's weights alone need about 141.0 GiB per GPU, more than the "
                                         "80.0 GiB of one GPU; use more"):
         device_for("score", True, model_bytes=141 << 30, device_memory_bytes=80 << 30, field="--tp", fix="use more")
     with pytest.raises(ValueError, match="purpose"):
