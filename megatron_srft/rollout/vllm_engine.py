@@ -137,9 +137,9 @@ def _unlink_cpu_shm_names(worker) -> int:
     fails to start ("create shm in SHMManager failed. errno: 17"). Start-up ends after every rank has joined every
     segment, so the names are no longer needed; the mapped memory lives on until the process ends.
     """
-    import _posixshmem
+    import _posixshmem  # multiprocessing.shared_memory's shm_unlink: the name rules of vLLM's shm_open
 
-    from vllm.distributed import parallel_state
+    from vllm.distributed import parallel_state  # lazy, as vLLM is everywhere in this module
 
     removed = 0
     for group in (parallel_state.get_tp_group(), parallel_state.get_pp_group()):
