@@ -215,6 +215,11 @@ def make_toy(out_dir: str | Path, settings: ToySettings = ToySettings(), overwri
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
+    if out.exists() and any(out.iterdir()) and not (out / "toy.json").is_file():  # never remove what we did not write
+        from ..errors import UserError
+
+        raise UserError(f"--out {out}: exists and is not a toy written by make-toy (no toy.json); --overwrite "
+                        f"replaces only that: choose a new directory")
     from ..checkpoint.atomic import atomic_dir
 
     with atomic_dir(out) as tmp:

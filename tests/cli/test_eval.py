@@ -71,3 +71,12 @@ def test_vllm_info_lines_are_quiet_in_training_and_evaluation(tmp_path, monkeypa
     assert os.environ["VLLM_LOGGING_LEVEL"] == "WARNING"
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
     assert cli_main(argv[command]) == 2 and os.environ["VLLM_LOGGING_LEVEL"] == "DEBUG"
+
+
+def test_make_toy_overwrite_never_removes_a_directory_it_did_not_write(tmp_path, capsys):
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's")
+    assert cli_main(["make-toy", "--out", str(mine), "--overwrite"]) == 2
+    assert "not a toy written by make-toy" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
