@@ -122,6 +122,7 @@ def write_files_atomic(out_dir: Path, files: dict[str, str]) -> None:
 # --------------------------------------------------------------------------------------------- exclusive locks
 
 _HELD_LOCKS: dict[str, int] = {}  # realpath of a lock file -> the open descriptor holding its lock
+_UNLOCKABLE: set[str] = set()  # lock files on a file system without locks (warned once)
 
 
 def lock_holder(path: Path) -> str:
@@ -144,6 +145,8 @@ def acquire_lock(path: Path, what: str, **info) -> None:
     path = Path(path)
     key = os.path.realpath(path)
     fd = _HELD_LOCKS.get(key)
+    if key in _UNLOCKABLE:
+        return
     if fd is None:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
@@ -155,6 +158,11 @@ def acquire_lock(path: Path, what: str, **info) -> None:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             os.close(fd)
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # e.g. NFS without a lock daemon
+                print(f"[srft] warning: {path}: this file system cannot lock files ({e.strerror}); another "
+                      f"process using {what.rstrip(':;')} at the same time would not be detected", flush=True)
+                _UNLOCKABLE.add(key)
+                return
             if e.errno not in (errno.EACCES, errno.EAGAIN):
                 raise
             raise UserError(f"{what} in use by another process ({lock_holder(path)}); wait for it to end") from None

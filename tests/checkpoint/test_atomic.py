@@ -58,3 +58,19 @@ def test_temporary_paths_are_created_fresh_never_followed(tmp_path):
     fresh_dir(out / "step.tmp")
     assert (out / "step.tmp").is_dir() and not (out / "step.tmp").is_symlink()
     assert sorted(p.name for p in outside.iterdir()) == ["precious.txt"]
+
+
+def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    from megatron_srft.checkpoint.atomic import acquire_lock, release_lock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    acquire_lock(tmp_path / ".lock", f"{tmp_path}:")
+    acquire_lock(tmp_path / ".lock", f"{tmp_path}:")  # warned once
+    assert capsys.readouterr().out.count("cannot lock files (No locks available)") == 1
+    release_lock(tmp_path / ".lock")
