@@ -386,6 +386,7 @@ def run_node(cmd: list[str]) -> int:
         stop_line = stop_file.read_text().strip() if stop_file.is_file() else ""
     finally:
         shutil.rmtree(stop_dir, ignore_errors=True)
+        os.environ.pop(STOP_FILE_ENV, None)
     if stop_line:
         print(f"srft launch: {stop_line}", file=sys.stderr, flush=True)
         return STOPPED_EXIT_CODE

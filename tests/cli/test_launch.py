@@ -190,6 +190,7 @@ def test_launch_status_after_a_forwarded_signal(capsys, monkeypatch):
         return signal.SIGUSR1
 
     monkeypatch.setattr(launch, "run_torchrun", stopped)
+    monkeypatch.delenv(STOP_FILE_ENV, raising=False)
     assert launch.run_node(["torchrun", "-m", "megatron_srft", "train"]) == STOPPED_EXIT_CODE == 75
     assert capsys.readouterr().err.splitlines()[-1] == ("srft launch: stopped at step 3 by SIGUSR1; checkpoint at "
                                                         "/r/step_000003 (a requeue resumes from it)")
@@ -197,6 +198,7 @@ def test_launch_status_after_a_forwarded_signal(capsys, monkeypatch):
     assert launch.run_node(["torchrun", "-m", "megatron_srft", "train"]) == 128 + signal.SIGUSR1
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("srft launch: error: torchrun received SIGUSR1")
+    assert STOP_FILE_ENV not in os.environ  # nothing of the launch is left in this process's environment
 
 
 def test_dry_run_estimates_the_preemption_lead(capsys, tmp_path):
@@ -322,7 +324,8 @@ def test_sigterm_to_srft_train_exits_75_with_one_line(toy, tmp_path):
 
     run = tmp_path / "run"
     cfg = _toy_config(toy, run, tmp_path / "cfg.yaml", "sft", ["checkpoint.save_every=0"])
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_", "MASTER_", "RANK"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "TORCHELASTIC_", "MASTER_", "RANK", "SRFT_STOP"))}
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PATH=SYSTEM_PATH)
     proc = subprocess.Popen([sys.executable, "-m", "megatron_srft", "train", "--config", str(cfg)], env=env,
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -331,7 +334,8 @@ def test_sigterm_to_srft_train_exits_75_with_one_line(toy, tmp_path):
     (ckpt,) = step_dirs(run)
     step = read_state(ckpt)["step"]
     assert proc.returncode == STOPPED_EXIT_CODE, out[-3000:]
-    assert _last_line(out) == "srft train: " + _stop_line(step, "SIGTERM", ckpt) and '"loss/sft"' not in out
+    assert _last_line(out) == "srft train: " + _stop_line(step, "SIGTERM", ckpt) and '"loss/sft"' not in out, \
+        out[-3000:]
 
 
 class _SignalsDuringSecondEvaluation:
