@@ -106,7 +106,9 @@ def start_checkpoint_writer() -> None:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     from ..signals import children_ignore_stop_signals
+    from .atomic import die_with_parent, forked_children_die_with_this_process
 
+    forked_children_die_with_this_process()  # the writers forked at each save end with this process (kill -9)
     get_queue = getattr(filesystem_async, "_get_write_results_queue", None)
     if get_queue is None or getattr(filesystem_async, "_results_queue", None) is not None:
         return
@@ -114,8 +116,6 @@ def start_checkpoint_writer() -> None:
         if hasattr(filesystem_async, "_results_queue"):  # ctx.Manager() as megatron-core's, dying with us
             import multiprocessing as mp
             from multiprocessing.managers import SyncManager
-
-            from .atomic import die_with_parent
 
             manager = SyncManager(ctx=mp.get_context("spawn"))
             manager.start(initializer=die_with_parent, initargs=(os.getpid(),))  # no orphan after a kill -9

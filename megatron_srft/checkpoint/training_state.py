@@ -26,7 +26,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .atomic import forked_children_die_with_this_process, fresh_dir, replace_dir
+from .atomic import fresh_dir, replace_dir
 from .dist import _barrier
 
 _STEP_RE = re.compile(r"^step_(\d{6,})$")
@@ -117,7 +117,6 @@ def save_training_checkpoint(run_dir: str | Path, step: int, chunks, optimizer, 
     from .manifest import write_manifest_collective
     from .run_dir import rotate_checkpoints, set_aside
 
-    forked_children_die_with_this_process()  # Megatron forks its writers: none may outlive a killed trainer
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp-{metadata.get('run_id') or 'norun'}"  # another run's never collides
