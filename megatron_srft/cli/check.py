@@ -88,6 +88,11 @@ MODEL_SHAPES = {
 MISMATCH_LIMIT = {"fp32": 1e-3, "bf16": 0.1, "fp16": 0.1}
 
 
+def mismatch_limit(engine_dtype: str, trainer_dtype: str) -> float:
+    """The limit of the less precise side: an fp32 engine beside a bf16 trainer differs by bf16 rounding."""
+    return max(MISMATCH_LIMIT.get(engine_dtype, 0.1), MISMATCH_LIMIT.get(trainer_dtype, 0.1))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config: check its model (shapes from model.path) and layout.")
     parser.add_argument("--quick", action="store_true",
@@ -997,7 +1002,7 @@ def check_vllm(ctx: Context) -> Iterator[Result]:
 
         st = together(mismatch)
         dtype = _engine_dtype(cfg)
-        limit = MISMATCH_LIMIT.get(dtype, 0.1)
+        limit = mismatch_limit(dtype, cfg.model.params_dtype)
         worst = float(cx.all_reduce(torch.tensor([st["abs_diff_mean"]], dtype=torch.float64), "max")[0])
         text = (f"{dtype} engine vs {cfg.model.params_dtype} trainer: mean |d logp| {st['abs_diff_mean']:.2g}, "
                 f"max {st['abs_diff_max']:.2g}, k3 KL {st['kl_k3']:.2g} over {int(st['num_tokens'])} sampled tokens")

@@ -277,3 +277,12 @@ def test_fp8_config_on_a_card_without_fp8_runs_step_3_without_it(tmp_path, tiny_
     args = argparse.Namespace(config=str(fp8), overrides=[], quick=True)
     cfg = check.load_check_config(args, 1, True, True, tmp_path, "tiny", A100)
     assert cfg.model.fp8 is None and cfg.model.fp8_recipe == "tensorwise"
+
+
+def test_mismatch_limit_is_the_less_precise_sides():
+    """An fp32 engine beside a bf16 trainer (rollout.dtype auto on CPU) differs by bf16 rounding (~1e-3 measured),
+    which the fp32 limit alone would call a failed sync."""
+    from megatron_srft.cli.check import MISMATCH_LIMIT, mismatch_limit
+
+    assert mismatch_limit("fp32", "fp32") == MISMATCH_LIMIT["fp32"]
+    assert mismatch_limit("fp32", "bf16") == mismatch_limit("bf16", "fp32") == MISMATCH_LIMIT["bf16"]

@@ -89,7 +89,7 @@ GPU_TWINS = _gpu_twins() if torch.cuda.is_available() else []
 def test_twin_on_nccl(name, path, layout, toy, tmp_path):
     """tests/test_example_twins.py's twins with NCCL between the ranks and the engines on the GPUs; the
     engine/trainer mismatch within `srft check`'s bound for the engine's dtype."""
-    from megatron_srft.cli.check import MISMATCH_LIMIT
+    from megatron_srft.cli.check import mismatch_limit
     from megatron_srft.rollout.base import resolve_dtype
     from tests.test_example_twins import _run_twin, twin_config
 
@@ -97,7 +97,7 @@ def test_twin_on_nccl(name, path, layout, toy, tmp_path):
     cfg = twin_config(path, layout, toy, tmp_path / "run")
     cfg.parallel.backend = "nccl"
     cfg.rollout.gpu_memory_utilization = 0.3 if world == 1 else 0.5
-    limit = MISMATCH_LIMIT[resolve_dtype(cfg.rollout.dtype, cfg.model.params_dtype)]
+    limit = mismatch_limit(resolve_dtype(cfg.rollout.dtype, cfg.model.params_dtype), cfg.model.params_dtype)
     res = run_ranks(_run_twin, world, cfg, None)[0]
     rows = [r for r in res["rows"] if "loss/total" in r]
     assert [r["step"] for r in rows] == [1, 2]
