@@ -75,7 +75,7 @@ def _worker(model_dir: str) -> dict:
     from megatron_srft.config import ModelConfig, ParallelConfig, RolloutConfig
     from megatron_srft.models import builder
     from megatron_srft.models.arch import load_arch
-    from megatron_srft.models.tiny import make_char_tokenizer, tiny_hf_config
+    from megatron_srft.experiments.tiny import make_char_tokenizer, tiny_hf_config
     from megatron_srft.distributed.groups import destroy, init_distributed
     from megatron_srft.rollout.vllm_engine import VllmEngine
     from megatron_srft.rollout.sync import sync_weights

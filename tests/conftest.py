@@ -26,7 +26,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory):
     """A tiny random Qwen2 HF directory (fp32, tied embeddings, head_dim 32) shared by a test session."""
-    from megatron_srft.models.tiny import make_tiny_hf_model
+    from megatron_srft.experiments.tiny import make_tiny_hf_model
 
     path = tmp_path_factory.mktemp("tiny_qwen2")
     make_tiny_hf_model(path, "qwen2", seed=0)

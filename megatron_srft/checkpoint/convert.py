@@ -101,11 +101,11 @@ def model_settings(source: ModelSource, params_dtype: Optional[str] = None,
 
 def weights_bytes_per_rank(source: ModelSource, pcfg: ParallelConfig, params_dtype: Optional[str] = None) -> int:
     """This rank's share of the model's weights at ``pcfg``'s TP/PP (the most loaded pipeline stage)."""
-    from ..distributed.layout import DTYPE_BYTES, params_per_gpu
+    from ..distributed.layout import DTYPE_BYTES
 
     dtype, divisible = model_settings(source, params_dtype)
     tp, pp = pcfg.tensor_model_parallel_size, pcfg.pipeline_model_parallel_size
-    return params_per_gpu(source.arch, tp, pp, source.arch.padded_vocab_size(divisible, tp)) * DTYPE_BYTES[dtype]
+    return source.arch.num_params(tp, pp, source.arch.padded_vocab_size(divisible, tp)) * DTYPE_BYTES[dtype]
 
 
 def build_and_load(source: ModelSource, pcfg: ParallelConfig, groups, params_dtype: Optional[str] = None,

@@ -652,7 +652,7 @@ def _generate(engine, prompts: list[list[int]], max_tokens: int, seed: int) -> l
 
 def synthesize_model_dir(shape: str, out_dir: Path) -> Path:
     """A Qwen2 HF directory (config.json + a character tokenizer padded to the vocabulary), no weights."""
-    from ..models.tiny import make_char_tokenizer, tiny_hf_config
+    from ..experiments.tiny import make_char_tokenizer, tiny_hf_config
 
     kw = dict(MODEL_SHAPES[shape])
     out_dir.mkdir(parents=True, exist_ok=True)

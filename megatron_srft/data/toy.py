@@ -188,7 +188,7 @@ def write_toy_model(out_dir: str | Path, settings: ToySettings):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..models.tiny import make_char_tokenizer, tiny_hf_config
+    from ..experiments.tiny import make_char_tokenizer, tiny_hf_config
 
     out = Path(out_dir)
     tok = make_char_tokenizer(out, vocab_size=settings.vocab_size)

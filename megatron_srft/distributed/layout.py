@@ -1,9 +1,11 @@
 """Check a parallel layout against a model's shapes, and estimate its memory, without building the model.
 
 ``validate_layout`` runs every divisibility rule that Megatron and vLLM would otherwise hit minutes into a
-multi-node job (or silently work around): it needs only the config, the :class:`ArchSpec` read from the
+multi-node job (or silently work around): it needs only the config, the ``ArchSpec`` read from the
 model's ``config.json`` and the world size. ``memory_per_gpu`` is the arithmetic behind the memory budgets
-written in ``examples/configs/*.yaml``; it is an estimate from shapes, not a measurement.
+written in ``examples/configs/*.yaml``; it is an estimate from shapes, not a measurement. An ``arch`` argument is
+always that spec, passed in: this module sits below models/ and never imports it (parameter counts come from
+``arch.num_params``).
 
 Device defaults: settings left null resolve here for the device a run is on, as pure functions of the config,
 the model's shapes and the device's memory: ``resolve_micro_batch_tokens`` (``train.micro_batch_tokens``),
@@ -19,7 +21,6 @@ from typing import Optional
 
 from ..config import ParallelConfig, SRFTConfig
 from ..errors import ConfigError
-from ..models.arch import ArchSpec
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -138,7 +139,7 @@ def check_fp8_recipe(recipe: str, capability: Optional[tuple[int, int]]) -> None
         raise ConfigError(f"{'model.fp8' if capability is None else 'model.fp8_recipe'}: {reason}")
 
 
-def check_model_split(arch: ArchSpec, pcfg: ParallelConfig) -> None:
+def check_model_split(arch, pcfg: ParallelConfig) -> None:
     """TP divides attention heads, KV heads and the FFN width; PP (x virtual stages) divides the layers.
 
     The part of the layout that the model's shapes decide: the model builder checks it for every model it builds
@@ -157,7 +158,7 @@ def check_model_split(arch: ArchSpec, pcfg: ParallelConfig) -> None:
           + f") do not divide the model's num_hidden_layers ({arch.num_layers})")
 
 
-def check_rollout_split(arch: ArchSpec, rollout_tp: int) -> None:
+def check_rollout_split(arch, rollout_tp: int) -> None:
     """vLLM splits attention heads over its TP ranks, and KV heads too when TP <= KV heads; when TP is a multiple
     of the KV heads it replicates each KV head. Anything else it refuses at engine start."""
     path = "rollout.tensor_parallel_size"
@@ -168,7 +169,7 @@ def check_rollout_split(arch: ArchSpec, rollout_tp: int) -> None:
           f"{rollout_tp} neither divides nor is a multiple of the model's num_key_value_heads ({kv})")
 
 
-def validate_layout(cfg: SRFTConfig, world_size: int, arch: Optional[ArchSpec] = None) -> int:
+def validate_layout(cfg: SRFTConfig, world_size: int, arch=None) -> int:
     """Every rule of how ``cfg`` fits ``world_size`` ranks, this machine and (when given) the model ``arch``.
 
     The one home of the layout rules: `srft train` runs it once at start-up before anything is built, `srft
@@ -242,27 +243,7 @@ class MemoryEstimate:
         return {n: round(getattr(self, n) / GIB, 1) for n in names} | {"params_per_gpu_b": self.params_per_gpu / 1e9}
 
 
-def params_per_gpu(arch: ArchSpec, tp: int, pp: int, padded_vocab: int) -> int:
-    """Parameters on one GPU of the most loaded pipeline stage (the first holds the embedding, the last the head).
-
-    Per layer: QKV h*(q+2kv) (+ biases q+2kv), output q*h, SwiGLU 3*h*f, two norms 2h (+ q/k norms 2*head_dim);
-    all split by TP except the norms, which we count whole (they are tiny).
-    """
-    h, f = arch.hidden_size, arch.ffn_hidden_size
-    q, kv = arch.num_attention_heads * arch.head_dim, arch.num_query_groups * arch.head_dim
-    split = h * (q + 2 * kv) + q * h + 3 * h * f + ((q + 2 * kv) if arch.qkv_bias else 0)
-    whole = 2 * h + (2 * arch.head_dim if arch.qk_norm else 0)
-    layer = split // tp + whole
-    layers = (arch.num_layers // pp) * layer
-    emb = padded_vocab * h // tp
-    if pp == 1:
-        return layers + emb + h + (0 if arch.tie_word_embeddings else emb)
-    # Last stage: its layers, the final norm and the output layer (Megatron keeps a copy of a tied
-    # embedding there under PP); the first stage has only layers + embedding, so the last is the larger.
-    return layers + h + emb
-
-
-def memory_per_gpu(cfg: SRFTConfig, arch: ArchSpec, world_size: int, gpu_memory_gib: float = 80.0) -> MemoryEstimate:
+def memory_per_gpu(cfg: SRFTConfig, arch, world_size: int, gpu_memory_gib: float = 80.0) -> MemoryEstimate:
     """Estimate one GPU's memory for ``cfg`` (call :func:`validate_layout` first).
 
     - weights: P x bytes(params_dtype); grads: P x 4 (Megatron DDP reduces grads in fp32 here);
@@ -283,7 +264,7 @@ def memory_per_gpu(cfg: SRFTConfig, arch: ArchSpec, world_size: int, gpu_memory_
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     dp = world_size // (tp * pp * p.context_parallel_size)
     padded = arch.padded_vocab_size(m.make_vocab_size_divisible_by, tp)
-    n = params_per_gpu(arch, tp, pp, padded)
+    n = arch.num_params(tp, pp, padded)
     pbytes = DTYPE_BYTES[m.params_dtype]
     opt_per_param = 12 if pbytes != 4 else 8
     opt = n * opt_per_param // (dp if p.use_distributed_optimizer else 1)
@@ -294,7 +275,7 @@ def memory_per_gpu(cfg: SRFTConfig, arch: ArchSpec, world_size: int, gpu_memory_
                           logits=logits, vllm=vllm)
 
 
-def _activation_bytes(cfg: SRFTConfig, arch: ArchSpec, tokens: int) -> int:
+def _activation_bytes(cfg: SRFTConfig, arch, tokens: int) -> int:
     """Activations kept for backward on the most loaded stage (formulas in :func:`memory_per_gpu`)."""
     p, m = cfg.parallel, cfg.model
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
@@ -307,7 +288,7 @@ def _activation_bytes(cfg: SRFTConfig, arch: ArchSpec, tokens: int) -> int:
     return act_layer * layers * pp
 
 
-def _logit_bytes(cfg: SRFTConfig, arch: ArchSpec, tokens: int) -> int:
+def _logit_bytes(cfg: SRFTConfig, arch, tokens: int) -> int:
     tp = cfg.parallel.tensor_model_parallel_size
     return tokens * arch.padded_vocab_size(cfg.model.make_vocab_size_divisible_by, tp) // tp * 4
 
@@ -340,7 +321,7 @@ class MicroBatchMemory:
         return self.activations + self.logits + self.attention
 
 
-def micro_batch_memory(cfg: SRFTConfig, arch: ArchSpec, tokens: int) -> MicroBatchMemory:
+def micro_batch_memory(cfg: SRFTConfig, arch, tokens: int) -> MicroBatchMemory:
     """What a micro-batch of ``tokens`` packed tokens costs on the most loaded rank, from shapes.
 
     activations and logits: :func:`memory_per_gpu`'s formulas at T = ``tokens``. attention: packed rows are
@@ -357,13 +338,13 @@ def micro_batch_memory(cfg: SRFTConfig, arch: ArchSpec, tokens: int) -> MicroBat
                             logits=_logit_bytes(cfg, arch, tokens), attention=attention)
 
 
-def model_state_bytes(cfg: SRFTConfig, arch: ArchSpec, world_size: int) -> int:
+def model_state_bytes(cfg: SRFTConfig, arch, world_size: int) -> int:
     """Weights + grads + optimizer state on the most loaded rank (:func:`memory_per_gpu`'s formulas)."""
     est = memory_per_gpu(cfg, arch, world_size)
     return est.weights + est.grads + est.optimizer
 
 
-def engine_bytes(cfg: SRFTConfig, arch: ArchSpec, on_gpu: bool, world_size: int = 1, *, memory_bytes: int) -> int:
+def engine_bytes(cfg: SRFTConfig, arch, on_gpu: bool, world_size: int = 1, *, memory_bytes: int) -> int:
     """Memory the colocated rollout engine holds next to training on one rank (``memory_bytes``: this rank's
     device memory). GPU: at ``rollout.sleep_level`` 0 vLLM stays resident with its whole budget,
     ``rollout.gpu_memory_utilization`` x ``memory_bytes`` (weights, KV cache, activations); at 1 and 2 it sleeps
@@ -373,7 +354,7 @@ def engine_bytes(cfg: SRFTConfig, arch: ArchSpec, on_gpu: bool, world_size: int 
         return 0 if cfg.rollout.sleep_level > 0 else int(cfg.rollout.gpu_memory_utilization * memory_bytes)
     tp = cfg.rollout.tensor_parallel_size
     padded = arch.padded_vocab_size(1, 1)
-    weights = params_per_gpu(arch, tp, 1, padded) * _rollout_dtype_bytes(cfg, on_gpu)
+    weights = arch.num_params(tp, 1, padded) * _rollout_dtype_bytes(cfg, on_gpu)
     return weights + (engine_kv_cache_bytes(cfg, arch, on_gpu, world_size) or 0)
 
 
@@ -387,12 +368,12 @@ def device_memory_bytes(on_gpu: bool, ranks_per_node: int = 1) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) // max(1, ranks_per_node)
 
 
-def _free_for_micro_batch(cfg: SRFTConfig, arch: ArchSpec, on_gpu: bool, memory_bytes: int, world_size: int) -> int:
+def _free_for_micro_batch(cfg: SRFTConfig, arch, on_gpu: bool, memory_bytes: int, world_size: int) -> int:
     return (memory_bytes - model_state_bytes(cfg, arch, world_size)
             - engine_bytes(cfg, arch, on_gpu, world_size, memory_bytes=memory_bytes))
 
 
-def resolve_micro_batch_tokens(cfg: SRFTConfig, arch: ArchSpec, on_gpu: bool, memory_bytes: Optional[int] = None,
+def resolve_micro_batch_tokens(cfg: SRFTConfig, arch, on_gpu: bool, memory_bytes: Optional[int] = None,
                                world_size: int = 1) -> int:
     """``train.micro_batch_tokens``, with null resolved for the device.
 
@@ -414,7 +395,7 @@ def resolve_micro_batch_tokens(cfg: SRFTConfig, arch: ArchSpec, on_gpu: bool, me
     return tokens
 
 
-def check_micro_batch_memory(cfg: SRFTConfig, arch: ArchSpec, tokens: int, on_gpu: bool, memory_bytes: int,
+def check_micro_batch_memory(cfg: SRFTConfig, arch, tokens: int, on_gpu: bool, memory_bytes: int,
                              world_size: int = 1) -> Optional[str]:
     """Before the first step: does a micro-batch of ``tokens`` fit next to the model states and the engine?
 
@@ -454,7 +435,7 @@ def _rollout_dtype_bytes(cfg: SRFTConfig, on_gpu: bool) -> int:
     return DTYPE_BYTES[dtype]
 
 
-def kv_cache_bytes_per_token(arch: ArchSpec, dtype_bytes: int, rollout_tp: int = 1) -> int:
+def kv_cache_bytes_per_token(arch, dtype_bytes: int, rollout_tp: int = 1) -> int:
     """K and V of every layer for one token on one engine rank: 2 x layers x kv_heads / TP x head_dim x bytes
     (vLLM replicates KV heads when TP exceeds them)."""
     kv_heads = max(1, arch.num_query_groups // rollout_tp)
@@ -478,7 +459,7 @@ def cpu_kv_cache_bytes(num_seqs: int, max_model_len: int, bytes_per_token: int) 
     return max(_MIN_CPU_KV_CACHE_BYTES, -(-need // mib) * mib)
 
 
-def resolve_cpu_kv_cache_bytes(rollout_cfg, arch: ArchSpec, dtype_bytes: int, max_model_len: int,
+def resolve_cpu_kv_cache_bytes(rollout_cfg, arch, dtype_bytes: int, max_model_len: int,
                                num_seqs: int) -> int:
     """One CPU engine rank's KV cache: ``rollout.cpu_kvcache_space_gib`` when set, else :func:`cpu_kv_cache_bytes`
     for ``num_seqs`` sequences at once (capped at vLLM's CPU max_num_seqs)."""
@@ -488,7 +469,7 @@ def resolve_cpu_kv_cache_bytes(rollout_cfg, arch: ArchSpec, dtype_bytes: int, ma
     return cpu_kv_cache_bytes(min(_CPU_MAX_NUM_SEQS, max(1, int(num_seqs))), max_model_len, per_token)
 
 
-def engine_kv_cache_bytes(cfg: SRFTConfig, arch: ArchSpec, on_gpu: bool, world_size: int = 1) -> Optional[int]:
+def engine_kv_cache_bytes(cfg: SRFTConfig, arch, on_gpu: bool, world_size: int = 1) -> Optional[int]:
     """The KV cache one engine rank allocates in a training run: None on GPU (vLLM sizes it from
     ``rollout.gpu_memory_utilization``); on CPU ``rollout.cpu_kvcache_space_gib`` when set, else
     :func:`cpu_kv_cache_bytes` for one step's rollouts (:func:`rollout_sequences_per_engine`)."""
@@ -506,17 +487,15 @@ def engine_kv_cache_bytes(cfg: SRFTConfig, arch: ArchSpec, on_gpu: bool, world_s
 H100_SXM_BF16_DENSE_TFLOPS = 989.0
 
 
-def matmul_params(arch: ArchSpec) -> int:
+def matmul_params(arch) -> int:
     """N in 6*N: the weights every token multiplies through (all layers + the output layer).
 
     The input embedding is a lookup, not a matmul, so it is left out; norms and biases are negligible.
     """
-    h, f = arch.hidden_size, arch.ffn_hidden_size
-    q, kv = arch.num_attention_heads * arch.head_dim, arch.num_query_groups * arch.head_dim
-    return arch.num_layers * (h * (q + 2 * kv) + q * h + 3 * h * f) + arch.vocab_size * h
+    return arch.num_params(matmul_only=True)
 
 
-def model_flops(arch: ArchSpec, seq_lens: list[int], forward_only: bool = False) -> float:
+def model_flops(arch, seq_lens: list[int], forward_only: bool = False) -> float:
     """Model FLOPs of one pass over sequences of these lengths, in PaLM's convention (arXiv 2204.02311, App. B).
 
     Training (forward + backward): 6*N per token plus attention 12*L*(H*Q)*T per token of a length-T sequence,

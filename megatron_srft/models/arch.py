@@ -13,13 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import ConfigError
-
-#: HF ``architectures[0]`` -> our family name. Qwen2.5 uses Qwen2ForCausalLM.
-SUPPORTED_ARCHITECTURES = {
-    "Qwen2ForCausalLM": "qwen2",
-    "LlamaForCausalLM": "llama",
-    "Qwen3ForCausalLM": "qwen3",
-}
+from .families import FAMILIES, architecture_families
 
 
 @dataclass
@@ -53,13 +47,35 @@ class ArchSpec:
                               f"tensor_model_parallel_size ({tp_size})")
         return int(math.ceil(self.vocab_size / divisible_by) * divisible_by)
 
-    def num_params(self) -> int:
-        h, f, v = self.hidden_size, self.ffn_hidden_size, self.vocab_size
-        q = self.num_attention_heads * self.head_dim
-        kv = self.num_query_groups * self.head_dim
-        per_layer = h * (q + 2 * kv) + q * h + 3 * h * f + 2 * h
-        emb = v * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + emb + h
+    def num_params(self, tp: int = 1, pp: int = 1, padded_vocab: Optional[int] = None,
+                   matmul_only: bool = False) -> int:
+        """Parameter count: the whole model by default; with ``tp``/``pp``, what one GPU of the most loaded pipeline
+        stage holds (the first holds the embedding, the last the head); ``padded_vocab`` counts the embedding rows
+        Megatron allocates (default: the HF vocab).
+
+        Per layer: QKV h*(q+2kv) (+ biases q+2kv), output q*h, SwiGLU 3*h*f, two norms 2h (+ q/k norms 2*head_dim);
+        all split by TP except the norms, which we count whole (they are tiny).
+
+        ``matmul_only``: N in FLOPs = 6*N per token, the weights every token multiplies through (all layers' matrices
+        and the output layer, tied or not); the input embedding is a lookup, and norms and biases are negligible.
+        """
+        h, f = self.hidden_size, self.ffn_hidden_size
+        q, kv = self.num_attention_heads * self.head_dim, self.num_query_groups * self.head_dim
+        v = self.vocab_size if padded_vocab is None else padded_vocab
+        matrices = h * (q + 2 * kv) + q * h + 3 * h * f
+        if matmul_only:
+            if (tp, pp) != (1, 1):
+                raise ValueError("num_params: matmul_only counts the whole model (tp = pp = 1)")
+            return self.num_layers * matrices + v * h
+        split = matrices + ((q + 2 * kv) if self.qkv_bias else 0)
+        whole = 2 * h + (2 * self.head_dim if self.qk_norm else 0)
+        layers = (self.num_layers // pp) * (split // tp + whole)
+        emb = v * h // tp
+        if pp == 1:
+            return layers + emb + h + (0 if self.tie_word_embeddings else emb)
+        # Last stage: its layers, the final norm and the output layer (Megatron keeps a copy of a tied
+        # embedding there under PP); the first stage has only layers + embedding, so the last is the larger.
+        return layers + h + emb
 
 
 def _get(cfg: dict, key: str, source: str, default=None, required: bool = True):
@@ -73,15 +89,15 @@ def _get(cfg: dict, key: str, source: str, default=None, required: bool = True):
 def arch_from_hf_config(cfg: dict, source: str = "config.json") -> ArchSpec:
     archs = cfg.get("architectures") or []
     arch = archs[0] if archs else None
-    if arch is None:
-        by_type = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-        arch = by_type.get(cfg.get("model_type", ""))
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if arch is None and cfg.get("model_type") in FAMILIES:
+        arch = FAMILIES[cfg["model_type"]].architectures[0]
+    supported = architecture_families()
+    if arch not in supported:
         raise ConfigError(
             f"{source}: unsupported architecture {arch or cfg.get('model_type')!r}; supported: "
-            f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+            f"{', '.join(sorted(supported))}"
         )
-    family = SUPPORTED_ARCHITECTURES[arch]
+    fam = supported[arch]
     heads = int(_get(cfg, "num_attention_heads", source))
     hidden = int(_get(cfg, "hidden_size", source))
     head_dim = int(cfg.get("head_dim") or hidden // heads)
@@ -91,6 +107,8 @@ def arch_from_hf_config(cfg: dict, source: str = "config.json") -> ArchSpec:
         rope.update(legacy_scaling)
     theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in (*fam.rope_types, None):
+        raise ConfigError(f"{source}: rope type {rope_type!r} is not supported; supported: {', '.join(fam.rope_types)}")
     scaling = None
     if rope_type == "llama3":
         scaling = {
@@ -99,19 +117,17 @@ def arch_from_hf_config(cfg: dict, source: str = "config.json") -> ArchSpec:
             "high_freq_factor": float(rope.get("high_freq_factor", 4.0)),
             "original_max_position_embeddings": int(rope.get("original_max_position_embeddings", 8192)),
         }
-    elif rope_type not in ("default", None):
-        raise ConfigError(f"{source}: rope type {rope_type!r} is not supported; supported: default, llama3")
     if cfg.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{source}: hidden_act {cfg.get('hidden_act')!r} is not supported; expected 'silu'")
     if cfg.get("use_sliding_window"):
         raise ConfigError(f"{source}: use_sliding_window=true is not supported")
     if cfg.get("mlp_bias"):
         raise ConfigError(f"{source}: mlp_bias=true is not supported")
-    qkv_bias = family == "qwen2" or bool(cfg.get("attention_bias", False))
-    if family == "qwen3" and cfg.get("attention_bias"):
-        raise ConfigError(f"{source}: attention_bias=true is not supported for Qwen3")
+    qkv_bias = fam.qkv_bias == "always" or bool(cfg.get("attention_bias", False))
+    if fam.qkv_bias == "never" and cfg.get("attention_bias"):
+        raise ConfigError(f"{source}: attention_bias=true is not supported for {arch}")
     return ArchSpec(
-        family=family,
+        family=fam.name,
         architecture=arch,
         vocab_size=int(_get(cfg, "vocab_size", source)),
         hidden_size=hidden,
@@ -125,7 +141,7 @@ def arch_from_hf_config(cfg: dict, source: str = "config.json") -> ArchSpec:
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=qkv_bias,
-        qk_norm=family == "qwen3",
+        qk_norm=fam.qk_norm,
         rope_scaling=scaling,
         hf_config=cfg,
     )

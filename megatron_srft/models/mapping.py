@@ -1,10 +1,10 @@
-"""Hugging Face <-> Megatron ``GPTModel`` weight mapping: one declarative table per family.
+"""Hugging Face <-> Megatron ``GPTModel`` weight mapping: the rule table of each family (``families.py``) applied.
 
 The same table serves checkpoint conversion (``srft convert``), loading an HF directory straight into a
 model at any TP/PP layout, exporting weights to the rollout engine (vLLM takes HF names) and scoring.
 
-Each :class:`Rule` names a Megatron parameter (local-spec name, and the Transformer Engine spec name where it
-differs), the HF tensors it is made of, the transform between them and how tensor parallelism splits it:
+Each :class:`~megatron_srft.models.families.Rule` names a Megatron parameter (local-spec name, and the
+Transformer Engine spec name where it differs), the HF tensors it is made of, the transform between them and how tensor parallelism splits it:
 
 ``copy``   the same tensor on both sides.
 ``vocab``  embedding / output rows: HF has ``vocab_size`` rows, Megatron ``padded_vocab`` rows (zero rows
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -34,64 +33,15 @@ import torch
 from ..distributed import collectives
 from ..errors import ConfigError
 from .arch import ArchSpec
-
-
-@dataclass(frozen=True)
-class Rule:
-    mcore: str  # local-spec Megatron name ({i} = layer)
-    hf: tuple[str, ...]  # HF names ({i} = layer), in the order the transform takes them
-    kind: str  # copy | vocab | qkv | fc1
-    tp_dim: Optional[int]  # dimension TP splits; None = replicated on every TP rank
-    te: Optional[str] = None  # Transformer Engine spec name where it differs from the local spec
-    when: Optional[str] = None  # an ArchSpec attribute that must be true ("untied" = not tie_word_embeddings)
-
-    @property
-    def per_layer(self) -> bool:
-        return "{i}" in self.mcore
-
-
-_L = "decoder.layers.{i}."
-_H = "model.layers.{i}."
-
-_EMBED = Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab", 0)
-_FINAL_NORM = Rule("decoder.final_layernorm.weight", ("model.norm.weight",), "copy", None)
-_OUTPUT = Rule("output_layer.weight", ("lm_head.weight",), "vocab", 0, when="untied")
-_LAYER_COMMON = (
-    Rule(_L + "input_layernorm.weight", (_H + "input_layernorm.weight",), "copy", None,
-         te=_L + "self_attention.linear_qkv.layer_norm_weight"),
-    Rule(_L + "self_attention.linear_qkv.weight",
-         (_H + "self_attn.q_proj.weight", _H + "self_attn.k_proj.weight", _H + "self_attn.v_proj.weight"), "qkv", 0),
-    Rule(_L + "self_attention.linear_proj.weight", (_H + "self_attn.o_proj.weight",), "copy", 1),
-    Rule(_L + "pre_mlp_layernorm.weight", (_H + "post_attention_layernorm.weight",), "copy", None,
-         te=_L + "mlp.linear_fc1.layer_norm_weight"),
-    Rule(_L + "mlp.linear_fc1.weight", (_H + "mlp.gate_proj.weight", _H + "mlp.up_proj.weight"), "fc1", 0),
-    Rule(_L + "mlp.linear_fc2.weight", (_H + "mlp.down_proj.weight",), "copy", 1),
-)
-_QKV_BIAS = Rule(_L + "self_attention.linear_qkv.bias",
-                 (_H + "self_attn.q_proj.bias", _H + "self_attn.k_proj.bias", _H + "self_attn.v_proj.bias"),
-                 "qkv", 0, when="qkv_bias")
-_QK_NORM = (
-    Rule(_L + "self_attention.q_layernorm.weight", (_H + "self_attn.q_norm.weight",), "copy", None, when="qk_norm"),
-    Rule(_L + "self_attention.k_layernorm.weight", (_H + "self_attn.k_norm.weight",), "copy", None, when="qk_norm"),
-)
-
-#: family -> rules, in export order (embedding, layers, final norm, output). ``when`` drops optional rules.
-MAPPINGS: dict[str, tuple[Rule, ...]] = {
-    "qwen2": (_EMBED, *_LAYER_COMMON, _QKV_BIAS, _FINAL_NORM, _OUTPUT),
-    "llama": (_EMBED, *_LAYER_COMMON, _QKV_BIAS, _FINAL_NORM, _OUTPUT),  # bias only with attention_bias=true
-    "qwen3": (_EMBED, *_LAYER_COMMON, *_QK_NORM, _FINAL_NORM, _OUTPUT),
-}
-
-#: HF tensors that carry no weights we need (recomputed buffers).
-_IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
+from .families import EMBED, FAMILIES, IGNORED_HF_SUFFIXES, Rule
 
 
 def rules_for(arch: ArchSpec) -> list[Rule]:
     """The rules that apply to this architecture (optional ones filtered by ``when``)."""
-    if arch.family not in MAPPINGS:
-        raise ConfigError(f"model family {arch.family!r} has no weight mapping; supported: {', '.join(MAPPINGS)}")
+    if arch.family not in FAMILIES:
+        raise ConfigError(f"model family {arch.family!r} has no weight mapping; supported: {', '.join(FAMILIES)}")
     out = []
-    for r in MAPPINGS[arch.family]:
+    for r in FAMILIES[arch.family].rules:
         if r.when == "untied":
             if arch.tie_word_embeddings:
                 continue
@@ -214,7 +164,7 @@ def _convert_stream(arch: ArchSpec, items: Iterable[tuple[str, torch.Tensor]], p
     rule_ids = {id(r): n for n, r in enumerate(rules_for(arch))}
     for name, tensor in items:
         if name not in index:
-            if name.endswith(_IGNORED_HF_SUFFIXES) or (name == "lm_head.weight" and arch.tie_word_embeddings):
+            if name.endswith(IGNORED_HF_SUFFIXES) or (name == "lm_head.weight" and arch.tie_word_embeddings):
                 continue
             raise _unknown_tensor_error(arch, name)
         rule, layer = index[name]
@@ -238,7 +188,7 @@ def check_hf_names(arch: ArchSpec, names: Iterable[str]) -> None:
     seen = set()
     for name in names:
         if name not in index:
-            if name.endswith(_IGNORED_HF_SUFFIXES) or (name == "lm_head.weight" and arch.tie_word_embeddings):
+            if name.endswith(IGNORED_HF_SUFFIXES) or (name == "lm_head.weight" and arch.tie_word_embeddings):
                 continue
             raise _unknown_tensor_error(arch, name)
         seen.add(name)
@@ -389,7 +339,7 @@ def load_hf_into_model(chunks: list, arch: ArchSpec, hf_dir: str | Path, groups)
         tied_out = _tied_output_param(model, arch)
         wanted = {n for r, layer in expanded(arch) if (r.mcore, layer) in targets for n in hf_names(r, layer)}
         if tied_out is not None:
-            wanted.add(_EMBED.hf[0])
+            wanted.add(EMBED.hf[0])
         stream = _convert_stream(arch, weights.iter_tensors(wanted), padded_vocab, expected=wanted)
         filled = set()
         for rule, layer, full in stream:
@@ -397,7 +347,7 @@ def load_hf_into_model(chunks: list, arch: ArchSpec, hf_dir: str | Path, groups)
             dests = []
             if (rule.mcore, layer) in targets:
                 dests.append((targets[(rule.mcore, layer)], params[targets[(rule.mcore, layer)]]))
-            if tied_out is not None and rule is _EMBED:
+            if tied_out is not None and rule is EMBED:
                 dests.append(("output_layer.weight", tied_out))
             for pname, p in dests:
                 if tuple(p.shape) != tuple(local.shape):

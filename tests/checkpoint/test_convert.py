@@ -229,10 +229,11 @@ def test_vocab_size_below_the_embedding_rows_is_an_error(tmp_path, hf_dir, capsy
     assert "drop 10 rows" in err and not (tmp_path / "o").exists()
     # the same guard where the rows are converted (training straight from an HF directory)
     from megatron_srft.models.arch import load_arch
-    from megatron_srft.models.mapping import _EMBED, to_mcore
+    from megatron_srft.models.families import EMBED
+    from megatron_srft.models.mapping import to_mcore
 
     with pytest.raises(Exception, match=f"vocab_size={rows - 10} but model.embed_tokens.weight has {rows} rows"):
-        to_mcore(_EMBED, load_arch(bad), [torch.zeros(rows, 4)], 128)
+        to_mcore(EMBED, load_arch(bad), [torch.zeros(rows, 4)], 128)
 
 
 def _tensor_span(path, name):

@@ -24,7 +24,7 @@ def _srft(*argv, timeout=300):
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    from megatron_srft.models.tiny import make_tiny_hf_model
+    from megatron_srft.experiments.tiny import make_tiny_hf_model
 
     d = tmp_path_factory.mktemp("cli") / "hf"
     make_tiny_hf_model(d, family="qwen2", vocab_size=100, hidden_size=128, num_heads=4, num_kv_heads=2,

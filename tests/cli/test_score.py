@@ -82,7 +82,7 @@ def test_a_model_too_large_for_its_gpus_is_refused_naming_tp(tmp_path):
     from megatron_srft.cli.score import score_device
     from megatron_srft.config import ParallelConfig
 
-    from megatron_srft.models.tiny import tiny_hf_config
+    from megatron_srft.experiments.tiny import tiny_hf_config
 
     tiny_hf_config(vocab_size=100, tie_word_embeddings=False).save_pretrained(tmp_path)  # the sizes are all it takes
     source = resolve_source(tmp_path)

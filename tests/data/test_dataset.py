@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from megatron_srft.data.dataset import DataError, Problem, load_problems, tokenize_problems
-from megatron_srft.models.tiny import make_char_tokenizer
+from megatron_srft.experiments.tiny import make_char_tokenizer
 
 from tests.eval_data import EVAL_DATA
 

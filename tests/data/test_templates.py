@@ -4,7 +4,7 @@ from megatron_srft.errors import UserError
 from megatron_srft.data.dataset import Problem
 from megatron_srft.data.templates import (BOXED_INSTRUCTION, PAPER_SYSTEM_PROMPT, TEMPLATES, encode_prompt,
                                           render_prompt)
-from megatron_srft.models.tiny import make_char_tokenizer
+from megatron_srft.experiments.tiny import make_char_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from megatron_srft.config import ConfigError, SRFTConfig
-from megatron_srft.distributed.layout import memory_per_gpu, params_per_gpu, validate_layout
+from megatron_srft.distributed.layout import memory_per_gpu, validate_layout
 from megatron_srft.models.arch import arch_from_hf_config
 
 # Values from the models' public config.json files on the Hugging Face Hub.
@@ -136,11 +136,11 @@ def test_lengths_fit_positions_and_micro_batch():
 @pytest.mark.parametrize("spec,billions", [(QWEN25_7B, 7.62), (QWEN25_32B, 32.76), (LLAMA3_70B, 70.55)])
 def test_param_count_matches_published_sizes(spec, billions):
     a = arch(spec)
-    n = params_per_gpu(a, tp=1, pp=1, padded_vocab=a.vocab_size)
+    n = a.num_params(tp=1, pp=1, padded_vocab=a.vocab_size)
     assert abs(n / 1e9 - billions) / billions < 0.005, n
     # Splitting by TP x PP: every GPU holds about 1/(TP*PP) of it (plus the embedding on the last stage).
     tp, pp = (8 if a.num_query_groups >= 8 else 4), 2
-    n_split = params_per_gpu(a, tp=tp, pp=pp, padded_vocab=a.vocab_size)
+    n_split = a.num_params(tp=tp, pp=pp, padded_vocab=a.vocab_size)
     assert n / (tp * pp) < n_split < n / (tp * pp) + a.vocab_size * a.hidden_size / tp
 
 

@@ -10,7 +10,7 @@ from megatron_srft.config import ConfigError
 from megatron_srft.models.arch import arch_from_hf_config
 from megatron_srft.models.mapping import (check_hf_names, expanded, hf_to_megatron_full, megatron_full_to_hf, rules_for,
                                           shard, to_hf, to_mcore, unshard)
-from megatron_srft.models.tiny import tiny_hf_config
+from megatron_srft.experiments.tiny import tiny_hf_config
 from tests.dist import run_ranks
 from tests.models.tiny_cases import CASES, hf_logits, make_case
 
@@ -74,6 +74,7 @@ def test_full_round_trip_is_bit_exact(tmp_path, case):
     hf = make_case(tmp_path / "hf", case)
     sd = load_file(str(hf / "model.safetensors"))
     arch = _arch(case)
+    assert arch.num_params() == sum(t.numel() for t in sd.values())  # the one parameter count, to the weight
     mc = dict(hf_to_megatron_full(arch, sd.items(), 128))
     assert mc["embedding.word_embeddings.weight"].shape[0] == 128
     assert ("output_layer.weight" in mc) == (not arch.tie_word_embeddings)

@@ -20,7 +20,7 @@ CASES = {
 
 def make_case(out_dir: str | Path, name: str, seed: int = 0) -> Path:
     """Write the named tiny model (fp32 safetensors + char tokenizer) to ``out_dir``; returns the path."""
-    from megatron_srft.models.tiny import make_tiny_hf_model
+    from megatron_srft.experiments.tiny import make_tiny_hf_model
 
     out = Path(out_dir)
     make_tiny_hf_model(out, seed=seed, hidden_size=128, num_layers=2, intermediate_size=256,

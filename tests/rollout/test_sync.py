@@ -256,7 +256,7 @@ def _rank_fn(hf_dir):
 
 @pytest.mark.slow
 def test_sync_tp2_matches_transformers(tmp_path):
-    from megatron_srft.models.tiny import make_tiny_hf_model
+    from megatron_srft.experiments.tiny import make_tiny_hf_model
 
     hf_dir = tmp_path / "hf"
     make_tiny_hf_model(hf_dir, family="qwen2", vocab_size=100, hidden_size=128, num_heads=4, num_kv_heads=2,

@@ -18,7 +18,7 @@ MAX_MODEL_LEN = 48
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    from megatron_srft.models.tiny import make_tiny_hf_model
+    from megatron_srft.experiments.tiny import make_tiny_hf_model
 
     d = tmp_path_factory.mktemp("hf")
     make_tiny_hf_model(d, family="qwen2", vocab_size=100, hidden_size=128, num_heads=4, num_kv_heads=2,
@@ -133,7 +133,7 @@ def test_bad_prompts_give_one_line_errors(engine):
 
 
 def test_bad_settings_give_one_line_errors(tmp_path, hf_dir):
-    from megatron_srft.models.tiny import make_tiny_hf_model
+    from megatron_srft.experiments.tiny import make_tiny_hf_model
     from megatron_srft.rollout.vllm_engine import VllmEngine
 
     with pytest.raises(ConfigError, match="config.json"):

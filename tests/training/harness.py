@@ -17,7 +17,7 @@ VOCAB = 112  # padded to 128 by make_vocab_size_divisible_by=64: exercises the p
 
 
 def make_model_dir(path) -> str:
-    from megatron_srft.models.tiny import make_tiny_hf_model
+    from megatron_srft.experiments.tiny import make_tiny_hf_model
 
     make_tiny_hf_model(path, family="qwen2", seed=0, vocab_size=VOCAB, hidden_size=128, num_layers=2, num_heads=4,
                        num_kv_heads=2, intermediate_size=256, tie_word_embeddings=True)

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from ..models.families import FAMILIES
+
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 DEFAULT_CHARS = list("0123456789+-*/=()., ?:abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ\n<>_{}\\[]!;'\"#%&@^|~`$")
 
@@ -53,9 +55,9 @@ def tiny_hf_config(family: str = "qwen2", vocab_size: int = 128, hidden_size: in
                    tie_word_embeddings: bool = True, max_position_embeddings: int = 512,
                    rope_scaling: Optional[dict] = None, rope_theta: float = 10000.0):
     """A transformers config object for a tiny model of the given family (head_dim = hidden / heads)."""
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    import transformers  # slow to import: only the makers need it
 
-    cls = {"qwen2": Qwen2Config, "llama": LlamaConfig, "qwen3": Qwen3Config}[family]
+    fam = FAMILIES[family]
     kw = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
               num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, intermediate_size=intermediate_size,
               tie_word_embeddings=tie_word_embeddings, max_position_embeddings=max_position_embeddings,
@@ -64,13 +66,10 @@ def tiny_hf_config(family: str = "qwen2", vocab_size: int = 128, hidden_size: in
     if rope_scaling:
         rope = {"rope_theta": rope_theta, **rope_scaling}
     kw["rope_parameters"] = rope
-    if family == "qwen3":
+    if fam.tiny_sets_head_dim:
         kw["head_dim"] = hidden_size // num_heads
-    if family == "llama":
-        kw["head_dim"] = hidden_size // num_heads
-    cfg = cls(**kw)
-    cfg.architectures = [{"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
-                          "qwen3": "Qwen3ForCausalLM"}[family]]
+    cfg = getattr(transformers, fam.hf_config_class)(**kw)
+    cfg.architectures = [fam.architectures[0]]
     return cfg
 
 
