@@ -479,38 +479,3 @@ def engine_kv_cache_bytes(cfg: SRFTConfig, arch, on_gpu: bool, world_size: int =
     max_len = r.max_model_len or (cfg.data.max_prompt_length + cfg.data.max_response_length)
     return resolve_cpu_kv_cache_bytes(r, arch, _rollout_dtype_bytes(cfg, on_gpu), max_len,
                                       rollout_sequences_per_engine(cfg, world_size))
-
-
-# --------------------------------------------------------------------------------------------- FLOPs and MFU
-
-#: NVIDIA H100 SXM dense BF16 tensor-core peak (the datasheet's 1,979 TFLOP/s is with 2:4 sparsity).
-H100_SXM_BF16_DENSE_TFLOPS = 989.0
-
-
-def matmul_params(arch) -> int:
-    """N in 6*N: the weights every token multiplies through (all layers + the output layer).
-
-    The input embedding is a lookup, not a matmul, so it is left out; norms and biases are negligible.
-    """
-    return arch.num_params(matmul_only=True)
-
-
-def model_flops(arch, seq_lens: list[int], forward_only: bool = False) -> float:
-    """Model FLOPs of one pass over sequences of these lengths, in PaLM's convention (arXiv 2204.02311, App. B).
-
-    Training (forward + backward): 6*N per token plus attention 12*L*(H*Q)*T per token of a length-T sequence,
-    i.e. 12*L*H*Q*T^2 per sequence (packed sequences attend only within themselves, so T is each one's own
-    length). Forward only (e.g. old-policy log-probs): 2*N and 4*L*H*Q*T^2. Recomputation is not counted
-    (this is model FLOPs, not hardware FLOPs), and the causal mask is not halved, as in PaLM.
-    """
-    mult = 2 if forward_only else 6
-    tokens = sum(seq_lens)
-    hq = arch.num_attention_heads * arch.head_dim
-    return float(mult * matmul_params(arch) * tokens + 2 * mult * arch.num_layers * hq * sum(t * t for t in seq_lens))
-
-
-def mfu(flops: float, seconds: float, num_gpus: int, peak_tflops: float = H100_SXM_BF16_DENSE_TFLOPS) -> float:
-    """Model FLOPs utilisation: achieved model FLOP/s per GPU over the GPU's dense peak."""
-    if seconds <= 0 or num_gpus < 1:
-        raise ValueError(f"mfu: expected seconds > 0 and num_gpus >= 1, got {seconds}, {num_gpus}")
-    return flops / (seconds * num_gpus * peak_tflops * 1e12)

@@ -161,23 +161,6 @@ def test_memory_formula_distributed_optimizer():
     assert memory_per_gpu(c2, a, 64).activations > 5 * est.activations
 
 
-def test_model_flops_palm_convention():
-    from megatron_srft.distributed.layout import H100_SXM_BF16_DENSE_TFLOPS, matmul_params, mfu, model_flops
-
-    a = arch(QWEN25_7B)
-    n = matmul_params(a)
-    # 7.62e9 total minus the 0.545e9 input embedding
-    assert abs(n - (7.6156e9 - 152064 * 3584)) / n < 1e-3
-    lens = [1000, 3000]
-    attn = 12 * a.num_layers * a.num_attention_heads * a.head_dim * (1000 ** 2 + 3000 ** 2)
-    assert model_flops(a, lens) == 6 * n * 4000 + attn
-    assert model_flops(a, lens, forward_only=True) == 2 * n * 4000 + attn / 3
-    # 8 GPUs sustaining exactly the peak for one second do 8 x 989e12 FLOPs: MFU 1
-    assert mfu(8 * H100_SXM_BF16_DENSE_TFLOPS * 1e12, 1.0, 8) == pytest.approx(1.0)
-    with pytest.raises(ValueError):
-        mfu(1.0, 0.0, 8)
-
-
 def test_fp8_recipes_the_gpu_cannot_run_are_config_errors():
     from megatron_srft.distributed.layout import check_fp8_recipe
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cli.test_check import LINE
+from tests.check.test_check import LINE
 from tests.gpu.test_training_gpu import gpu_world
 
 pytestmark = pytest.mark.gpu
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_check_quick_on_gpu(tmp_path):
-    from megatron_srft.cli.check import skip_reason
+    from megatron_srft.check.context import skip_reason
 
     out = tmp_path / "check.json"
     world = gpu_world()

@@ -61,7 +61,7 @@ def _sleep_wake_sync(hf_dir: str) -> dict:
 
 
 def test_sleep_wake_and_weight_sync_on_cuda(tiny_qwen2):
-    from megatron_srft.cli.check import MISMATCH_LIMIT
+    from megatron_srft.check.vllm_engine import MISMATCH_LIMIT
 
     (res,) = run_ranks(_sleep_wake_sync, 1, str(tiny_qwen2))
     assert res["freed"] > 0, res  # level 2 released the weights and the KV cache

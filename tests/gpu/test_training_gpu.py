@@ -89,7 +89,7 @@ GPU_TWINS = _gpu_twins() if torch.cuda.is_available() else []
 def test_twin_on_nccl(name, path, layout, toy, tmp_path):
     """tests/test_example_twins.py's twins with NCCL between the ranks and the engines on the GPUs; the
     engine/trainer mismatch within `srft check`'s bound for the engine's dtype."""
-    from megatron_srft.cli.check import mismatch_limit
+    from megatron_srft.check.vllm_engine import mismatch_limit
     from megatron_srft.rollout.base import resolve_dtype
     from tests.test_example_twins import _run_twin, twin_config
 
@@ -179,7 +179,7 @@ def test_transformer_engine_spec_step(model_dir):
 @pytest.mark.parametrize("recipe", list(FP8_RECIPES))
 def test_fp8_step_on_capable_cards(model_dir, recipe):
     """One FP8 step per recipe this card runs (the rule `srft check` and layout validation share)."""
-    from megatron_srft.cli.check import skip_reason
+    from megatron_srft.check.context import skip_reason
 
     reason = skip_reason("6b", True, te=True, capability=tuple(torch.cuda.get_device_capability()),
                          fp8_recipe=recipe)

@@ -1,5 +1,5 @@
 """`srft check`: the whole command on CPU (one process, and 2 gloo ranks under torchrun), every check's line and
-status, the JSON it appends; the datasheet table; a failing check does not stop the others."""
+status, the JSON it appends; a failing check does not stop the others."""
 
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from megatron_srft.cli import check
+from megatron_srft.check.context import Context, choose_sizes, skip_reason
+from megatron_srft.check.results import FAIL, PASS, Result, Skip, append_results, read_results_file
+from megatron_srft.check.runner import default_shape, load_check_config, run_check
+from megatron_srft.check.train_step import pack
+from megatron_srft.check.transformer_engine import check_transformer_engine
 from megatron_srft.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -98,28 +102,11 @@ def test_check_quick_config_tp2(tmp_path, tiny_qwen2):
 # ----------------------------------------------------------------------------------------------- pieces
 
 
-@pytest.mark.parametrize("name,label,peak", [
-    ("NVIDIA H100 80GB HBM3", "H100 SXM", 989.0),
-    ("NVIDIA H100 PCIe", "H100 PCIe", 756.0),
-    ("NVIDIA H200", "H200", 989.0),
-    ("NVIDIA GH200 480GB", "H200", 989.0),
-    ("NVIDIA A100-SXM4-80GB", "A100", 312.0),
-    ("NVIDIA A100 80GB PCIe", "A100", 312.0),
-])
-def test_datasheet_peak_known_cards(name, label, peak):
-    assert check.datasheet_peak(name) == (label, peak)
-
-
-@pytest.mark.parametrize("name", ["NVIDIA H100 NVL", "NVIDIA H200 NVL", "NVIDIA GeForce RTX 4090", "cpu"])
-def test_datasheet_peak_unknown_cards(name):
-    assert check.datasheet_peak(name) is None
-
-
-def _ctx() -> check.Context:
+def _ctx() -> Context:
     import torch
 
-    sizes = check.choose_sizes(on_gpu=False, quick=True, pp_size=1)
-    return check.Context(args=argparse.Namespace(quick=True, config=None), cfg=None, sizes=sizes, on_gpu=False,
+    sizes = choose_sizes(on_gpu=False, quick=True, pp_size=1)
+    return Context(args=argparse.Namespace(quick=True, config=None), cfg=None, sizes=sizes, on_gpu=False,
                          device=torch.device("cpu"), workdir=Path("."))
 
 
@@ -127,19 +114,19 @@ def test_a_failing_check_prints_one_line_and_the_next_runs(capsys):
     ctx = _ctx()
 
     def partial(ctx):
-        yield check.Result("5a", "vllm engine", check.PASS, "ok")
+        yield Result("5a", "vllm engine", PASS, "ok")
         raise RuntimeError("engine fell over\nwith a long trace")
 
     def skipped(ctx):
-        raise check.Skip("not here")
+        raise Skip("not here")
         yield
 
     def fine(ctx):
-        yield check.Result("4", "logprob op", check.PASS, "fast")
+        yield Result("4", "logprob op", PASS, "fast")
 
-    check._run(ctx, partial, "5", "vllm", (("5a", "vllm engine"), ("5b", "weight sync"), ("5c", "mismatch")))
-    check._run(ctx, skipped, "6", "TE step", (("6a", "TE bf16 step"), ("6b", "TE FP8 step")))
-    check._run(ctx, fine, "4", "logprob op")
+    run_check(ctx, partial, "5", "vllm", (("5a", "vllm engine"), ("5b", "weight sync"), ("5c", "mismatch")))
+    run_check(ctx, skipped, "6", "TE step", (("6a", "TE bf16 step"), ("6b", "TE FP8 step")))
+    run_check(ctx, fine, "4", "logprob op")
     printed = capsys.readouterr().out.splitlines()
     assert [LINE.match(p).group(1, 3) for p in printed] == [("5a", "PASS"), ("5b", "FAIL"), ("6", "SKIP"),
                                                               ("4", "PASS")]
@@ -152,12 +139,12 @@ def test_append_results_list_and_benchmarks_file(tmp_path):
     entry = {"card": "NVIDIA H100 80GB HBM3", "date": "d", "machine": {}, "seconds": 1.0,
              "summary": {"PASS": 3, "FAIL": 0, "SKIP": 1}}
     listing = tmp_path / "out.json"
-    check.append_results(listing, entry)
-    check.append_results(listing, dict(entry, date="e"))
+    append_results(listing, entry)
+    append_results(listing, dict(entry, date="e"))
     assert [e["date"] for e in json.loads(listing.read_text())] == ["d", "e"]
     bench = tmp_path / "results.json"
     bench.write_text(json.dumps({"runs": {"logprob": {"status": "ok"}}}))
-    check.append_results(bench, entry)
+    append_results(bench, entry)
     runs = json.loads(bench.read_text())["runs"]
     assert runs["logprob"] == {"status": "ok"}
     assert runs["check/nvidia_h100_80gb_hbm3"]["status"] == "ok"
@@ -166,19 +153,19 @@ def test_append_results_list_and_benchmarks_file(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(UserError, match="bad.json: not valid JSON"):
-        check.append_results(bad, entry)
+        append_results(bad, entry)
     bad.write_text('{"a": 1}')
     with pytest.raises(UserError, match="expected a JSON list"):
-        check.read_results_file(bad)  # main() reads --out before running any check
+        read_results_file(bad)  # main() reads --out before running any check
 
 
 def test_sizes_cover_the_issue_shapes():
-    gpu = check.choose_sizes(on_gpu=True, quick=False, pp_size=1)
+    gpu = choose_sizes(on_gpu=True, quick=False, pp_size=1)
     assert (gpu.logprob_tokens, gpu.logprob_vocab) == (16384, 152064)
-    assert check.default_shape(True, False, 79.1) == "qwen2.5-1.5b"
-    assert check.default_shape(True, True, 79.1) == "qwen2.5-0.5b"
-    assert check.default_shape(False, False, 0.0) == "tiny"
-    assert check.choose_sizes(on_gpu=False, quick=True, pp_size=4).num_micro_batches == 4
+    assert default_shape(True, False, 79.1) == "qwen2.5-1.5b"
+    assert default_shape(True, True, 79.1) == "qwen2.5-0.5b"
+    assert default_shape(False, False, 0.0) == "tiny"
+    assert choose_sizes(on_gpu=False, quick=True, pp_size=4).num_micro_batches == 4
 
 
 def test_config_errors_are_one_line_and_fp8_configs_load_without_te(tmp_path, tiny_qwen2):
@@ -188,10 +175,10 @@ def test_config_errors_are_one_line_and_fp8_configs_load_without_te(tmp_path, ti
     bad.write_text(f"model: {{path: {tmp_path / 'missing'}}}\n")
     args = argparse.Namespace(config=str(bad), overrides=[], quick=True)
     with pytest.raises(ConfigError, match=r"^model.path: .*missing: not a directory$"):
-        check.load_check_config(args, 1, False, False, tmp_path, "tiny")
+        load_check_config(args, 1, False, False, tmp_path, "tiny")
     fp8 = tmp_path / "fp8.yaml"
     fp8.write_text(f"model: {{path: {tiny_qwen2}, fp8: hybrid, transformer_impl: transformer_engine}}\n")
-    cfg = check.load_check_config(argparse.Namespace(config=str(fp8), overrides=[], quick=True), 1,
+    cfg = load_check_config(argparse.Namespace(config=str(fp8), overrides=[], quick=True), 1,
                                   False, False, tmp_path, "tiny")
     assert cfg.model.fp8 is None and cfg.model.transformer_impl == "local"  # step 3 runs; check 6 says why not
 
@@ -220,11 +207,11 @@ H100 = (9, 0)
     ("6b", dict(on_gpu=True, te=True, capability=(10, 0), fp8_recipe="mxfp8"), None),
 ])
 def test_skip_rules_of_the_gpu_checks(check_id, kw, reason):
-    got = check.skip_reason(check_id, **kw)
+    got = skip_reason(check_id, **kw)
     assert got == reason if reason is None else got.startswith(reason), got
 
 
-def _gpu_ctx(capability, tp=1, sp=False) -> check.Context:
+def _gpu_ctx(capability, tp=1, sp=False) -> Context:
     """A context as a GPU rank with Transformer Engine sees it (the checks below build nothing)."""
     from megatron_srft.config import SRFTConfig
 
@@ -241,11 +228,11 @@ def test_fp8_step_skips_on_a_card_without_fp8(capsys):
     ctx = _gpu_ctx(A100)
     ctx.arch = object()  # step 3 read the shapes
     ctx.step3 = {"spec": "TE spec, bf16", "step_seconds": 1.0, "tokens_per_s_per_device": 1000.0}
-    check._run(ctx, check.check_transformer_engine, "6", "TE step", (("6a", "TE bf16 step"), ("6b", "TE FP8 step")))
+    run_check(ctx, check_transformer_engine, "6", "TE step", (("6a", "TE bf16 step"), ("6b", "TE FP8 step")))
     printed = capsys.readouterr().out.splitlines()
     assert [LINE.match(p).group(1, 3) for p in printed] == [("6a", "PASS"), ("6b", "SKIP")]
     assert "compute capability 8.0 has no FP8 tensor cores" in printed[1]
-    assert not [r for r in ctx.results if r.status == check.FAIL]
+    assert not [r for r in ctx.results if r.status == FAIL]
 
 
 def test_steps_pack_as_training_pads():
@@ -260,12 +247,12 @@ def test_steps_pack_as_training_pads():
     samples = [Sample(prompt_ids=[1] * 5, response_ids=[2] * (16 + k), advantage=1.0, is_demo=False, group=k,
                       reward=0.0) for k in range(3)]
     fp8 = dataclasses.replace(ctx.cfg.model, fp8="hybrid", fp8_recipe="delayed")
-    mbs = check._pack(ctx, samples, fp8, budget=4096)
+    mbs = pack(ctx, samples, fp8, budget=4096)
     assert mbs and all(mb.num_tokens % 64 == 0 for mb in mbs)
     assert config_token_pad_multiple(ctx.cfg.parallel, fp8) == 64
     mx = dataclasses.replace(fp8, fp8_recipe="mxfp8")
-    assert all(mb.num_tokens % 128 == 0 for mb in check._pack(ctx, samples, mx, budget=4096))
-    bf16 = check._pack(ctx, samples, ctx.cfg.model, budget=4096)  # FP8 off: TP only, as training
+    assert all(mb.num_tokens % 128 == 0 for mb in pack(ctx, samples, mx, budget=4096))
+    bf16 = pack(ctx, samples, ctx.cfg.model, budget=4096)  # FP8 off: TP only, as training
     assert [mb.num_tokens for mb in bf16] == [68]  # one row of 21 + 22 + 23 tokens
 
 
@@ -275,14 +262,14 @@ def test_fp8_config_on_a_card_without_fp8_runs_step_3_without_it(tmp_path, tiny_
     fp8 = tmp_path / "fp8.yaml"
     fp8.write_text(f"model: {{path: {tiny_qwen2}, fp8: hybrid, fp8_recipe: tensorwise}}\n")
     args = argparse.Namespace(config=str(fp8), overrides=[], quick=True)
-    cfg = check.load_check_config(args, 1, True, True, tmp_path, "tiny", A100)
+    cfg = load_check_config(args, 1, True, True, tmp_path, "tiny", A100)
     assert cfg.model.fp8 is None and cfg.model.fp8_recipe == "tensorwise"
 
 
 def test_mismatch_limit_is_the_less_precise_sides():
     """An fp32 engine beside a bf16 trainer (rollout.dtype auto on CPU) differs by bf16 rounding (~1e-3 measured),
     which the fp32 limit alone would call a failed sync."""
-    from megatron_srft.cli.check import MISMATCH_LIMIT, mismatch_limit
+    from megatron_srft.check.vllm_engine import MISMATCH_LIMIT, mismatch_limit
 
     assert mismatch_limit("fp32", "fp32") == MISMATCH_LIMIT["fp32"]
     assert mismatch_limit("fp32", "bf16") == mismatch_limit("bf16", "fp32") == MISMATCH_LIMIT["bf16"]
