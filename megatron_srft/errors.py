@@ -22,3 +22,12 @@ class UserError(SrftError):
 class CheckpointError(UserError):
     """A checkpoint or converted directory that cannot be read safely or completely (a file that is missing,
     truncated, fails its checksum, or holds something other than what the format allows); one line naming the file."""
+
+
+def first_line(exc: BaseException, limit: int | None = None, *, empty: str | None = None) -> str:
+    """How a library's error is quoted in our one-line messages: the first line of ``str(exc)`` (stripped), cut to
+    ``limit`` characters. An exception with no text gives ``empty``, or its class name when ``empty`` is None."""
+    text = str(exc).strip()
+    if not text:
+        return exc.__class__.__name__ if empty is None else empty
+    return text.splitlines()[0][:limit]

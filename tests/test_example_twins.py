@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from megatron_srft.config import SRFTConfig, load_config
-from megatron_srft.models.builder import torch_dtype
+from megatron_srft.dtypes import torch_dtype
 from tests.dist import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]

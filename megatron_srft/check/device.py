@@ -8,6 +8,7 @@ from typing import Iterator
 
 import torch
 
+from .. import dtypes
 from .context import MIB, Context, skip_reason
 from .measure import cpu_kernels, free_device_memory, sync
 from .results import PASS, Result, Skip
@@ -16,7 +17,7 @@ from .results import PASS, Result, Skip
 def measure_matmul(ctx: Context) -> Iterator[Result]:
     """1b: the best dense matmul rate over several square sizes, 2 n^3 FLOPs per product."""
     s, dev = ctx.sizes, ctx.device
-    dtype_name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[s.matmul_dtype]
+    dtype_name = dtypes.dtype_name(s.matmul_dtype)
     best, best_n = 0.0, None
     with cpu_kernels():
         for n in s.matmul_sizes:

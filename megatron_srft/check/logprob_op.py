@@ -8,6 +8,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from .. import dtypes
 from ..distributed import collectives as cx
 from ..ops.logprob import naive_logprob_entropy, vocab_parallel_logprob_entropy
 from .context import MIB, Context
@@ -35,7 +36,7 @@ def check_logprob_op(ctx: Context) -> Iterator[Result]:
     shard_gen = torch.Generator(device=dev).manual_seed(100 + tp_rank)  # on the device: [16384, 152064] is 10 GB
     logits = torch.randn(T, v_local, generator=shard_gen, device=dev, dtype=s.logprob_dtype).mul_(3).requires_grad_()
     logits_bytes = logits.numel() * logits.element_size()
-    dtype_name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[s.logprob_dtype]
+    dtype_name = dtypes.dtype_name(s.logprob_dtype)
 
     def run(x: torch.Tensor, fused: bool):
         x.grad = None

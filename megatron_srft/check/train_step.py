@@ -15,6 +15,7 @@ import torch
 from ..checkpoint.convert import resolve_source
 from ..distributed import collectives as cx
 from ..distributed.layout import config_token_pad_multiple, resolve_micro_batch_tokens
+from ..dtypes import dtype_name
 from ..experiments.tiny import make_char_tokenizer, tiny_hf_config
 from ..models.builder import build_model, build_optimizer
 from ..perf import KNOWN_CARDS, datasheet_peak, mfu, model_flops
@@ -86,7 +87,7 @@ def pack(ctx: Context, samples: list, mcfg, budget: Optional[int] = None) -> lis
 def spec_label(handle) -> str:
     tf = handle.tf_config
     spec = "TE spec" if getattr(tf, "transformer_impl", "local") == "transformer_engine" else "local spec"
-    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(tf.params_dtype, "?")
+    dtype = dtype_name(tf.params_dtype) or "?"
     if getattr(tf, "fp8", None):
         dtype = f"fp8 {tf.fp8}/{getattr(tf, 'fp8_recipe', '?')}"
     return f"{spec}, {dtype}"

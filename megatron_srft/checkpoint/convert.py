@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from ..config import ConfigError, ModelConfig, ParallelConfig
+from ..dtypes import DTYPES, dtype_name
 from ..errors import CheckpointError, UserError
 from ..models.arch import ArchSpec, arch_from_hf_config, load_arch
 from . import dist as dist_ckpt
@@ -40,11 +41,9 @@ from .atomic import acquire_lock, check_output, fresh_dir, release_lock
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
               "tokenizer.model", "added_tokens.json", "vocab.txt", "chat_template.jinja", "chat_template.json",
               "generation_config.json")
-_HF_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 _ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 _MAX_HEADER_BYTES = 100 << 20
-_TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass
@@ -84,7 +83,7 @@ def resolve_source(path: str | Path) -> ModelSource:
 
 def _hf_dtype(arch: ArchSpec) -> str:
     name = arch.hf_config.get("dtype") or arch.hf_config.get("torch_dtype") or "bfloat16"
-    return _HF_DTYPES.get(str(name), "bf16")
+    return dtype_name(name) or "bf16"
 
 
 def model_settings(source: ModelSource, params_dtype: Optional[str] = None,
@@ -101,11 +100,10 @@ def model_settings(source: ModelSource, params_dtype: Optional[str] = None,
 
 def weights_bytes_per_rank(source: ModelSource, pcfg: ParallelConfig, params_dtype: Optional[str] = None) -> int:
     """This rank's share of the model's weights at ``pcfg``'s TP/PP (the most loaded pipeline stage)."""
-    from ..distributed.layout import DTYPE_BYTES
 
     dtype, divisible = model_settings(source, params_dtype)
     tp, pp = pcfg.tensor_model_parallel_size, pcfg.pipeline_model_parallel_size
-    return source.arch.num_params(tp, pp, source.arch.padded_vocab_size(divisible, tp)) * DTYPE_BYTES[dtype]
+    return source.arch.num_params(tp, pp, source.arch.padded_vocab_size(divisible, tp)) * DTYPES[dtype].bytes
 
 
 def build_and_load(source: ModelSource, pcfg: ParallelConfig, groups, params_dtype: Optional[str] = None,
@@ -370,7 +368,7 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: Optional[str] = 
 
 def _hf_config_for_export(source: ModelSource, dtype: str) -> dict:
     cfg = dict(source.arch.hf_config)
-    cfg["dtype"] = _TORCH_NAMES.get(dtype, "bfloat16")
+    cfg["dtype"] = DTYPES.get(dtype, DTYPES["bf16"]).torch_name
     cfg.pop("torch_dtype", None)
     return cfg
 
@@ -427,7 +425,7 @@ def mcore_to_hf(ckpt: str | Path, out_dir: str | Path, overwrite: bool = False,
         dtype = source.meta.get("params_dtype") or "bf16"
         # the HF files use one dtype (checkpoints written before the local spec's norms followed params_dtype
         # hold those norms in fp32)
-        torch_dtype = getattr(torch, _TORCH_NAMES.get(dtype, "bfloat16"))
+        torch_dtype = getattr(torch, DTYPES.get(dtype, DTYPES["bf16"]).torch_name)
         from ..models.mapping import check_weight_values
 
         items = ((n, check_weight_values(n, t, source.model_dir).to(torch_dtype))

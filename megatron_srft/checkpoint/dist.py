@@ -25,10 +25,10 @@ from typing import Optional
 import torch
 
 from ..distributed import collectives
-from ..errors import ConfigError
+from ..dtypes import dtype_name
+from ..errors import ConfigError, first_line
 
 META_FILE = "srft_model.json"
-_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def _rank() -> int:
@@ -56,7 +56,7 @@ def model_metadata(chunks: list, arch=None) -> dict:
 
     model = unwrap(chunks[0])
     dtype = next(model.parameters()).dtype
-    meta = {"padded_vocab_size": int(model.vocab_size), "params_dtype": _DTYPE_NAMES.get(dtype, str(dtype)),
+    meta = {"padded_vocab_size": int(model.vocab_size), "params_dtype": dtype_name(dtype) or str(dtype),
             "num_layers": int(model.config.num_layers)}
     if arch is not None:
         meta.update(family=arch.family, architecture=arch.architecture, hf_config=arch.hf_config)
@@ -294,8 +294,7 @@ def _load_failure(e: BaseException) -> str:
             e = e[0]
     if isinstance(e, KeyError) and e.args:
         return f"the checkpoint has no tensor {e.args[0]!r}"
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else e.__class__.__name__)[:300]
+    return first_line(e, 300)
 
 
 def load_model(chunks: list, path: str | Path, *, in_place: bool = False, verified: bool = False) -> dict:

@@ -37,7 +37,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 
 # --------------------------------------------------------------------------------------------- allow-lists
 
@@ -133,7 +133,7 @@ def load_dcp_metadata(path: str | Path):
         raise
     except Exception as e:  # truncated or garbled pickles raise many types
         raise CheckpointError(f"{p}: not a readable checkpoint index ({e.__class__.__name__}: "
-                              f"{_first_line(e)})") from None
+                              f"{first_line(e)})") from None
     if not _is_dcp(md, "Metadata"):
         raise CheckpointError(f"{p}: expected torch checkpoint Metadata, found {type(md).__name__}")
     return md
@@ -197,7 +197,7 @@ def check_torch_pickle(data: bytes, source: str, allow: frozenset = TORCH_FILE_G
     except CheckpointError:
         raise
     except Exception as e:
-        raise CheckpointError(f"{source}: not a readable torch file ({e.__class__.__name__}: {_first_line(e)})") \
+        raise CheckpointError(f"{source}: not a readable torch file ({e.__class__.__name__}: {first_line(e)})") \
             from None
 
 
@@ -237,7 +237,7 @@ def read_json(path: Path, what: str):
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing ({what})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({_first_line(e)}; damaged)") from None
+        raise CheckpointError(f"{path}: not valid JSON ({first_line(e)}; damaged)") from None
 
 
 def check_dcp_dir(path: str | Path) -> None:
@@ -284,8 +284,3 @@ def check_dcp_dir(path: str | Path) -> None:
             f.close()
     for pt in sorted(root.rglob("*.pt")):
         check_torch_file(pt)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e)
-    return text.splitlines()[0] if text else e.__class__.__name__

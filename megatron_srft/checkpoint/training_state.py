@@ -26,6 +26,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..errors import first_line
 from .atomic import fresh_dir, replace_dir
 from .dist import _barrier
 
@@ -226,7 +227,7 @@ def load_training_checkpoint(path: str | Path, chunks, optimizer, *, rank: int, 
             f"it was saved with: tensor_model_parallel_size={saved.get('tensor_model_parallel_size', '?')}, "
             f"pipeline_model_parallel_size={saved.get('pipeline_model_parallel_size', '?')}, and the same model; "
             f"to change the layout start a new run from {path / 'model'}, which reshards) "
-            f"[{e.__class__.__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}]") from e
+            f"[{e.__class__.__name__}: {first_line(e, 200, empty='')}]") from e
     with torch.no_grad():  # Megatron copies into the fp32 master params (leaves that require grad) in place
         optimizer.load_state_dict(opt_sd)
     _restore_adam_steps(optimizer, opt_sd)

@@ -11,13 +11,15 @@ from __future__ import annotations
 import argparse
 import time
 
+from ..dtypes import DTYPES
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="direction", required=True, metavar="{hf-to-mcore,mcore-to-hf}")
     a = sub.add_parser("hf-to-mcore", help="HF safetensors dir -> Megatron torch_dist checkpoint dir.")
     a.add_argument("--hf", required=True, help="HF model directory (config.json, safetensors, tokenizer).")
     a.add_argument("--out", required=True, help="Output directory (written to a temp sibling, then renamed).")
-    a.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+    a.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="Parameter dtype of the checkpoint (default: the HF config's dtype, else bf16).")
     a.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="Embedding rows are padded to a multiple of this (model.make_vocab_size_divisible_by).")

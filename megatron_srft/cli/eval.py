@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from ..data.templates import TEMPLATES
+from ..dtypes import DTYPES
 from ..rewards import REWARDS
 from ..rollout.evaluation import markdown_table, summarise
 
@@ -41,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prompt-length", type=int, default=None,
                         help="Drop longer prompts (tokens); default: the config's data.max_prompt_length, else the "
                              "model's max positions minus --max-tokens.")
-    parser.add_argument("--dtype", default=None, choices=["auto", "fp32", "bf16", "fp16"],
+    parser.add_argument("--dtype", default=None, choices=["auto", *DTYPES],
                         help="Engine dtype; auto = fp32 on CPU, the model's dtype on GPU.")
     parser.add_argument("--tensor-parallel-size", type=int, default=None,
                         help="Ranks per engine (rollout TP); under torchrun every rank belongs to one engine.")

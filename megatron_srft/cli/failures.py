@@ -26,16 +26,12 @@ from pathlib import Path
 from typing import Optional
 
 from ..checkpoint.atomic import write_text_atomic
+from ..errors import first_line
 
 _START = time.time()
 #: Ranks other than 0 wait this long before claiming the message, so that an error every rank raises is
 #: reported once, by rank 0 (a rank that fails alone is reported this much later).
 RANK0_GRACE_S = 1.0
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -61,7 +57,7 @@ def describe(exc: BaseException) -> tuple[str, int, bool]:
 
     exc = unwrap(exc)
     if isinstance(exc, SrftError):  # complete as it is; a wrapped library error keeps its traceback in the log
-        return _first_line(exc) or exc.__class__.__name__, 2, exc.__cause__ is not None
+        return first_line(exc), 2, exc.__cause__ is not None
     if isinstance(exc, UnicodeDecodeError):
         return (f"invalid UTF-8 ({exc.reason} at byte {exc.start}); files must be UTF-8 encoded", 2, True)
     if isinstance(exc, OSError):
@@ -77,13 +73,13 @@ def describe(exc: BaseException) -> tuple[str, int, bool]:
         if code in (errno.EACCES, errno.EPERM):
             return f"permission denied{target}", 2, True
         if code is None:  # raised by our code with a complete message
-            return _first_line(exc) or exc.__class__.__name__, 2, False
+            return first_line(exc), 2, False
         if isinstance(exc, (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)):
             return f"{exc.strerror or exc.__class__.__name__}{target}", 2, False
         return f"{exc.strerror or exc.__class__.__name__}{target}", 1, True
     if isinstance(exc, MemoryError):
         return "out of memory", 1, True
-    text = _first_line(exc)
+    text = first_line(exc, empty="")
     if "No space left on device" in text or "file write failed" in text:  # torch's zip writer: RuntimeError
         return f"disk full while writing ({text})", 1, True
     return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__, 1, True

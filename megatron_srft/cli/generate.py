@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..errors import UserError
+from ..dtypes import DTYPES
+from ..errors import UserError, first_line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=256, help="Max new tokens per sample.")
     parser.add_argument("--seed", type=int, default=0, help="Sampling seed.")
     parser.add_argument("--chat", action="store_true", help="Wrap each prompt in the tokenizer's chat template.")
-    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                         help="Engine dtype; auto = fp32 on CPU, bf16 on GPU.")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="Engine context; default = longest prompt + max tokens (capped by the model).")
@@ -123,7 +124,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         tokenizer = load_tokenizer(hf_dir)
     except Exception as e:  # noqa: BLE001 - report the cause in one line
-        raise UserError(f"{hf_dir}: cannot load the tokenizer ({str(e).splitlines()[0] if str(e) else e})") from e
+        raise UserError(f"{hf_dir}: cannot load the tokenizer ({first_line(e, empty='')})") from e
     token_ids = _tokenize(tokenizer, prompts, args.chat)
     rollout_cfg = RolloutConfig(dtype=args.dtype, seed=args.seed, max_model_len=args.max_model_len)
     settings = resolve_engine_settings(rollout_cfg, "bf16", source.arch,

@@ -25,6 +25,7 @@ import torch
 
 from ..checkpoint.atomic import check_output, write_text_atomic
 from ..distributed import collectives
+from ..dtypes import DTYPES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="Output JSONL: {logprobs, entropy} per input row.")
     parser.add_argument("--tp", type=int, default=1, help="Tensor-parallel size.")
     parser.add_argument("--pp", type=int, default=1, help="Pipeline-parallel size.")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="Parameter dtype (default: the checkpoint's).")
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 Messages = list[dict[str, str]]
 PromptType = Union[str, Messages]
@@ -208,7 +208,7 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a file that is not Parquet
-        raise DataError(f"{path}: not a readable Parquet file ({e.__class__.__name__}: {str(e).splitlines()[0]})") \
+        raise DataError(f"{path}: not a readable Parquet file ({e.__class__.__name__}: {first_line(e, empty='')})") \
             from None
     row = 0
     for batch in pf.iter_batches(batch_size=1024):

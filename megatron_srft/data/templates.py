@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from jinja2 import TemplateError  # transformers renders chat templates with it; the sandbox's SecurityError is one
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 #: Our wording of the SRFT/LUFFY system instruction.
 PAPER_SYSTEM_PROMPT = (
@@ -82,7 +82,7 @@ def render_prompt(problem, tokenizer, template: str) -> str:
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     except TemplateError as e:
         raise UserError(f"{_template_file(tokenizer)}: the chat template failed ({e.__class__.__name__}: "
-                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); templates run sandboxed and may not "
+                        f"{first_line(e, 200, empty='')}); templates run sandboxed and may not "
                         f"call Python; fix the template or use data.template=plain") from None
 
 
@@ -116,7 +116,7 @@ def load_tokenizer(model_dir):
         try:
             tok_cfg = json.loads(cfg_path.read_bytes().decode("utf-8"))
         except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise UserError(f"{cfg_path}: not valid JSON ({str(e).splitlines()[0][:120] if str(e) else e}); "
+            raise UserError(f"{cfg_path}: not valid JSON ({first_line(e, 120, empty='')}); "
                             f"the tokenizer cannot be loaded") from None
         if not isinstance(tok_cfg, dict):
             raise UserError(f"{cfg_path}: expected a JSON object; the tokenizer cannot be loaded")
@@ -127,7 +127,7 @@ def load_tokenizer(model_dir):
         return AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError, TypeError, KeyError, RecursionError) as e:  # a damaged tokenizer.json and the like
         raise UserError(f"{model_dir}: cannot load the tokenizer ({e.__class__.__name__}: "
-                        f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
+                        f"{first_line(e, 200, empty='')})") from e
 
 
 def encode_prompt(problem, tokenizer, template: str) -> list[int]:

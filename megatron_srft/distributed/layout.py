@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..config import ParallelConfig, SRFTConfig
+from ..dtypes import DTYPES
 from ..errors import ConfigError
 
 GIB = 1024 ** 3
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 @dataclass(frozen=True)
@@ -265,7 +265,7 @@ def memory_per_gpu(cfg: SRFTConfig, arch, world_size: int, gpu_memory_gib: float
     dp = world_size // (tp * pp * p.context_parallel_size)
     padded = arch.padded_vocab_size(m.make_vocab_size_divisible_by, tp)
     n = arch.num_params(tp, pp, padded)
-    pbytes = DTYPE_BYTES[m.params_dtype]
+    pbytes = DTYPES[m.params_dtype].bytes
     opt_per_param = 12 if pbytes != 4 else 8
     opt = n * opt_per_param // (dp if p.use_distributed_optimizer else 1)
     tokens = resolve_micro_batch_tokens(cfg, arch, on_gpu=True)
@@ -279,7 +279,7 @@ def _activation_bytes(cfg: SRFTConfig, arch, tokens: int) -> int:
     """Activations kept for backward on the most loaded stage (formulas in :func:`memory_per_gpu`)."""
     p, m = cfg.parallel, cfg.model
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    pbytes = DTYPE_BYTES[m.params_dtype]
+    pbytes = DTYPES[m.params_dtype].bytes
     h, layers = arch.hidden_size, arch.num_layers // pp
     act_layer = 34 * tokens * h * pbytes // 2 // tp
     if m.recompute_granularity == "full":
@@ -432,7 +432,7 @@ def _rollout_dtype_bytes(cfg: SRFTConfig, on_gpu: bool) -> int:
     dtype = cfg.rollout.dtype
     if dtype == "auto":
         dtype = cfg.model.params_dtype if on_gpu else "fp32"
-    return DTYPE_BYTES[dtype]
+    return DTYPES[dtype].bytes
 
 
 def kv_cache_bytes_per_token(arch, dtype_bytes: int, rollout_tp: int = 1) -> int:

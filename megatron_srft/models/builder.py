@@ -16,17 +16,11 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, ModelConfig, OptimizerConfig, ParallelConfig
 from ..distributed.groups import device_for_rank
+from ..dtypes import torch_dtype
 from .arch import ArchSpec, rope_inv_freq
 
 if TYPE_CHECKING:
     from megatron.core.transformer import TransformerConfig
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return _DTYPES[name]
-
 
 def use_transformer_engine(mcfg: ModelConfig, on_gpu: Optional[bool] = None) -> bool:
     """Transformer Engine's layers for a model on the GPU (``on_gpu``; None = CUDA is available) when TE imports."""

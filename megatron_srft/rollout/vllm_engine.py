@@ -47,12 +47,9 @@ import torch
 from ..config import RolloutConfig
 from ..distributed import collectives, cpu_compat
 from ..distributed.groups import ensure_launcher_env
-from ..errors import ConfigError, UserError
+from ..dtypes import DTYPES, dtype_name
+from ..errors import ConfigError, UserError, first_line
 from .base import Completion
-
-#: our dtype names -> vLLM's
-_VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16",
-                "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 #: The CPU attention kernel supports these head sizes (16 is rejected at start-up with an obscure error).
 _MIN_CPU_HEAD_DIM = 32
@@ -68,11 +65,6 @@ _UNRELEASED: list = []
 
 def _not_cpu_sleep_warning(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith(_CPU_SLEEP_WARNING)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else exc.__class__.__name__)[:300]
 
 
 class ExpectedReloadWarnings(logging.Filter):
@@ -183,7 +175,7 @@ class VllmEngine:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.cpu_kvcache_space_gib or 1)
         kwargs = dict(
             model=self.model_dir,
-            dtype=_VLLM_DTYPES[dtype],
+            dtype=DTYPES[dtype_name(dtype)].torch_name,  # vLLM spells dtypes as torch does
             seed=seed,
             max_model_len=self.max_model_len,
             tensor_parallel_size=cfg.tensor_parallel_size,
@@ -204,7 +196,7 @@ class VllmEngine:
 
             self.llm = LLM(**kwargs)
         except Exception as e:  # vLLM's start-up errors are long multi-line traces: keep the cause, one line
-            raise UserError(f"rollout engine failed to start for {self.model_dir}: {_first_line(e)}") from e
+            raise UserError(f"rollout engine failed to start for {self.model_dir}: {first_line(e, 300)}") from e
         self.startup_seconds = time.perf_counter() - start
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
         self.weight_dtype = self.llm.llm_engine.model_config.dtype  # Engine.weight_dtype: the sync casts to it
@@ -221,7 +213,7 @@ class VllmEngine:
         cfg_path = Path(self.model_dir) / "config.json"
         if not cfg_path.is_file():
             raise ConfigError(f"{cfg_path}: not found (the rollout engine needs a Hugging Face config.json)")
-        if dtype not in _VLLM_DTYPES:
+        if dtype_name(dtype) is None:
             raise ConfigError(f"rollout.dtype: expected one of fp32, bf16, fp16, got {dtype!r}")
         if load_format not in ("auto", "dummy", "safetensors"):
             raise ConfigError(f"rollout engine load_format: expected auto | dummy | safetensors, got {load_format!r}")
@@ -309,7 +301,7 @@ class VllmEngine:
             with cpu_compat.suspended():
                 outputs = llm.generate(prompts, params, use_tqdm=False)
         except (ValueError, TypeError, VLLMValidationError) as e:
-            raise UserError(f"rollout generate: {_first_line(e)}") from e
+            raise UserError(f"rollout generate: {first_line(e, 300)}") from e
         result = []
         for out in outputs:
             samples = []
@@ -389,7 +381,7 @@ class VllmEngine:
                 self.llm = None
                 logging.getLogger(__name__).warning(
                     "rollout engine: could not wake the sleeping engine before closing it (%s); it stays in memory "
-                    "until the process exits", _first_line(e))
+                    "until the process exits", first_line(e, 300))
                 return
         self.llm = None
         try:

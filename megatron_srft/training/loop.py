@@ -534,7 +534,7 @@ def export_final_hf(policy: Policy, groups: ParallelGroups, out_dir: Path, param
     from ..checkpoint.atomic import atomic_dir
     from ..checkpoint.convert import copy_side_files, write_safetensors
     from ..checkpoint.manifest import write_manifest
-    from ..models.builder import torch_dtype
+    from ..dtypes import DTYPES, torch_dtype
 
     dtype = torch_dtype(params_dtype)
     items = policy.export()  # parameters made current first (overlapped param gather)
@@ -543,7 +543,7 @@ def export_final_hf(policy: Policy, groups: ParallelGroups, out_dir: Path, param
             write_safetensors(((n, t.to(dtype)) for n, t in items), tmp, 2 << 30)
             hf_cfg = dict(policy.handle.arch.hf_config)
             hf_cfg.pop("torch_dtype", None)
-            hf_cfg["dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[params_dtype]
+            hf_cfg["dtype"] = DTYPES[params_dtype].torch_name
             (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
             copy_side_files(policy.model_dir, tmp)
             write_manifest(tmp)  # last: sizes + CRC-32 of every file (checkpoint/manifest.py)

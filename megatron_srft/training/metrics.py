@@ -174,7 +174,7 @@ def _clean(v):
 def parse_metrics_lines(path: Path) -> list[dict]:
     """Rows of a metrics.jsonl. A torn LAST line (a kill mid-write: not complete JSON) is dropped with a warning;
     a bad line elsewhere is a one-line error naming the file and line."""
-    from ..errors import UserError
+    from ..errors import UserError, first_line
 
     data = path.read_bytes()
     lines = data.split(b"\n")
@@ -190,7 +190,7 @@ def parse_metrics_lines(path: Path) -> list[dict]:
                 print(f"[srft] warning: {path}:{i + 1}: dropping a torn last line (the run was stopped while "
                       f"writing it)", file=sys.stderr, flush=True)
                 break
-            raise UserError(f"{path}:{i + 1}: not a metrics row ({str(e).splitlines()[0][:120]})") from None
+            raise UserError(f"{path}:{i + 1}: not a metrics row ({first_line(e, 120)})") from None
         if not isinstance(row, dict) or not isinstance(row.get("step"), int):  # complete, but not ours: not torn
             raise UserError(f"{path}:{i + 1}: not a metrics row (complete JSON without an integer 'step')")
         rows.append(row)  # (a complete last row without its newline is kept: the write got that far)
