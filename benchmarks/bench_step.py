@@ -3,7 +3,7 @@
     python benchmarks/bench_step.py [--preset grpo] [--steps 8] [--warmup 2] [--threads N] [--root runs/demo]
                                     [--src DIR] [--set key=value ...] [--no-profile]
 
-The step is the demo's (``megatron_srft.cli.demo``): the warmed-up toy model (``make demo``'s SFT warm-up under
+The step is the demo's (``megatron_srft.experiments.demo``): the warmed-up toy model (``make demo``'s SFT warm-up under
 ``--root``, built on first use, ~10 min on 2 cores), 32 prompts x 7 rollouts, 64-token responses, temperature 1,
 lr 1e-4, one optimizer step per rollout step, no evaluation. Each measurement runs ``training.loop.train`` in a
 fresh subprocess (its own interpreter, so peak RSS is the training process's own: VmHWM):
@@ -89,7 +89,7 @@ def hwm():
 
 def toy_world(root):
     # (groups, toy dir, warm-start model) of the demo's toy, prepared once under root
-    from megatron_srft.cli.demo import prepare
+    from megatron_srft.experiments.demo import prepare
     from megatron_srft.config import ParallelConfig
     from megatron_srft.distributed import groups as parallel
     groups = parallel.init_distributed(ParallelConfig(), seed=1234)
@@ -117,7 +117,7 @@ def cpu_marks():
 
 _CHILD = CHILD_COMMON + r"""
 def main():
-    from megatron_srft.cli.demo import rl_config
+    from megatron_srft.experiments.demo import rl_config
     groups, toy, start = toy_world(args["root"])
     if args["mode"] == "prepare":
         Path(args["result"]).write_text("{}")

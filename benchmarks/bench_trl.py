@@ -132,7 +132,7 @@ open(args["result"], "w").write(json.dumps({"step_s": steps, "cpu_s": cpu, "gene
 
 _OURS_CHILD = CHILD_COMMON + r"""
 def main():
-    from megatron_srft.cli.demo import rl_config
+    from megatron_srft.experiments.demo import rl_config
     from megatron_srft.training.loop import train
     from megatron_srft.training.metrics import read_metrics
     root = Path(args["root"])

@@ -36,7 +36,7 @@ def tiny_qwen2(tmp_path_factory):
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory):
     """The toy task (char tokenizer, tiny random Qwen2, arithmetic chains with demonstrations), small."""
-    from megatron_srft.data.toy import ToySettings, make_toy
+    from megatron_srft.experiments.toy import ToySettings, make_toy
 
     return make_toy(tmp_path_factory.mktemp("toy") / "toy", ToySettings(num_train=64, num_test=8, max_ops=2))
 

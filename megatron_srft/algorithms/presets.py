@@ -5,10 +5,6 @@
 Code elsewhere branches on settings (``settings.clip``, ``settings.demo_ratio``, ...), never on preset names.
 Each preset's docstring names the source it follows (the paper's equation, or the released file and setting);
 tests/algorithms/test_presets.py holds those sources' settings in a table and checks every preset against it.
-
-``RECIPES`` is the table of training recipes: one or more presets run one after the other, each stage starting
-from the previous stage's exported model (``sft_then_rl``: the paper's two-stage SFT->RL baseline). Every
-preset is also a one-stage recipe of the same name.
 """
 
 from __future__ import annotations
@@ -278,17 +274,6 @@ PRESETS: dict[str, Callable[[], AlgoSettings]] = {
     "hpt": _hpt,
     "dft": _dft,
 }
-
-#: Multi-stage recipes: name -> presets run in order, each stage starting from the previous stage's exported
-#: model (fresh optimizer, the same step budget per stage). ``sft_then_rl`` is the paper's two-stage SFT->RL
-#: baseline (Table 2): SFT on the demonstrations, then GRPO from the SFT model.
-MULTI_STAGE: dict[str, tuple[str, ...]] = {
-    "sft_then_rl": ("sft", "grpo"),
-}
-
-#: Every recipe by name: each preset as one stage, plus the multi-stage ones.
-RECIPES: dict[str, tuple[str, ...]] = {**{name: (name,) for name in PRESETS}, **MULTI_STAGE}
-
 
 #: AlgorithmConfig field -> AlgoSettings field, for the fields whose names differ.
 _RENAMED = {"num_demos_per_prompt": "num_demos"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..data.toy import ToySettings, make_toy
+from ..experiments.toy import ToySettings, make_toy
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -137,15 +137,6 @@ def test_luffy_scale_is_the_scripts_and_does_not_follow_the_gpu_count():
     assert on_16 == 256.0 and resolve(AlgorithmConfig(preset="luffy")).aggregation_constant == 128.0
 
 
-def test_recipes_table():
-    from megatron_srft.algorithms.presets import MULTI_STAGE, RECIPES
-
-    assert RECIPES["sft_then_rl"] == ("sft", "grpo")
-    assert all(RECIPES[p] == (p,) for p in PRESETS)
-    assert not set(MULTI_STAGE) & set(PRESETS)
-    assert all(stage in PRESETS for stages in RECIPES.values() for stage in stages)
-
-
 def test_paper_and_code_presets():
     s = resolve(AlgorithmConfig())
     assert (s.sft_weight, s.sft_coef) == ("exp_neg_entropy", 0.5)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from megatron_srft.cli import main as cli_main
-from megatron_srft.cli.plot import mean_std_curve
+from megatron_srft.training.plots import mean_std_curve
 
 
 def _run(path, rows):
@@ -44,7 +44,7 @@ def test_mismatch_figure_draws_the_names_a_run_writes():
     import torch
 
     from megatron_srft.algorithms.mismatch import mismatch_sums
-    from megatron_srft.cli.plot import FIGURES
+    from megatron_srft.training.plots import FIGURES
     from megatron_srft.training.loop import _metric_name
 
     lp = torch.zeros(4)

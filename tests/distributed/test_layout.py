@@ -242,7 +242,7 @@ def test_impossible_rollout_placement_is_one_line():
 
 # --------------------------------------------------------------------------------------------- device defaults
 
-TOY = {  # megatron_srft/data/toy.py's model
+TOY = {  # megatron_srft/experiments/toy.py's model
     "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu", "hidden_size": 128,
     "intermediate_size": 256, "max_position_embeddings": 256, "num_attention_heads": 4, "num_hidden_layers": 2,
     "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": True,

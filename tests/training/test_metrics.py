@@ -1,6 +1,6 @@
 import json
 
-from megatron_srft.cli.plot import plot_run
+from megatron_srft.training.plots import plot_run
 from megatron_srft.training.metrics import MetricsLogger, read_metrics
 
 

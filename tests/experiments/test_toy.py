@@ -7,7 +7,7 @@ import pytest
 from megatron_srft.cli import main as cli_main
 from megatron_srft.data.dataset import load_problems, tokenize_problems
 from megatron_srft.data.templates import load_tokenizer
-from megatron_srft.data.toy import ToySettings, make_problem, make_problems
+from megatron_srft.experiments.toy import ToySettings, make_problem, make_problems
 from megatron_srft.rewards import exact_score, math_score
 
 
@@ -56,7 +56,7 @@ def _num_ops(prompt: str) -> int:
 
 
 def test_ood_problems_are_longer_chains_and_leave_train_test_unchanged():
-    from megatron_srft.data.toy import make_ood_problems
+    from megatron_srft.experiments.toy import make_ood_problems
 
     base = ToySettings(num_train=300, num_test=50)
     s = ToySettings(num_train=300, num_test=50, num_ood_test=40)
@@ -73,7 +73,7 @@ def test_ood_problems_are_longer_chains_and_leave_train_test_unchanged():
 
 
 def test_slipped_demonstrations_are_wrong_by_one_step():
-    from megatron_srft.data.toy import corrupt_demonstrations
+    from megatron_srft.experiments.toy import corrupt_demonstrations
 
     train, _ = make_problems(ToySettings(num_train=200, num_test=10))
     noisy = corrupt_demonstrations(train, 0.3, seed=0)

@@ -38,6 +38,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..checkpoint.atomic import atomic_dir
+from ..errors import UserError
+from .tiny import make_char_tokenizer, tiny_hf_config
+
 DATA_SOURCE = "toy_arith"
 
 
@@ -185,10 +189,9 @@ def corrupt_demonstrations(rows: list[dict], rate: float, seed: int) -> list[dic
 
 def write_toy_model(out_dir: str | Path, settings: ToySettings):
     """A randomly initialised tiny Qwen2 HF directory with the char tokenizer; returns (model, tokenizer)."""
+    # lazy: `srft make-toy --help` and the study's settings need neither torch nor transformers
     import torch
     from transformers import AutoModelForCausalLM
-
-    from ..experiments.tiny import make_char_tokenizer, tiny_hf_config
 
     out = Path(out_dir)
     tok = make_char_tokenizer(out, vocab_size=settings.vocab_size)
@@ -216,12 +219,8 @@ def make_toy(out_dir: str | Path, settings: ToySettings = ToySettings(), overwri
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
     if out.exists() and any(out.iterdir()) and not (out / "toy.json").is_file():  # never remove what we did not write
-        from ..errors import UserError
-
         raise UserError(f"--out {out}: exists and is not a toy written by make-toy (no toy.json); --overwrite "
                         f"replaces only that: choose a new directory")
-    from ..checkpoint.atomic import atomic_dir
-
     with atomic_dir(out) as tmp:
         train, test = make_problems(settings)
         if settings.demo_error_rate > 0:

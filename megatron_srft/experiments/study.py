@@ -5,7 +5,7 @@ generalises best out of distribution; (3) SRFT's rollout entropy stays flat whil
 
 Design (every number below is a :class:`StudySpec` field, written into the report):
 
-- Task: the toy arithmetic chains (data/toy.py). One toy, split once: the first half of its training problems
+- Task: the toy arithmetic chains (experiments/toy.py). One toy, split once: the first half of its training problems
   warms a random tiny model up with plain SFT (the "base model" every run starts from); the second half is the
   study's training set, with its demonstrations exact (condition ``exact``) or with a stated fraction carrying one
   arithmetic slip and a wrong final answer (condition ``noisy``: imperfect the way distilled traces are).
@@ -28,10 +28,14 @@ stopped and a changed setting re-runs exactly the stages that depend on it.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
+import hashlib
 import json
 import math
+import multiprocessing
 import os
+import resource
 import shutil
 import sys
 import time
@@ -39,8 +43,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
+from ..algorithms.presets import resolve
 from ..checkpoint.atomic import replace_dir, write_text_atomic
-from ..data.toy import ToySettings
+from ..config import AlgorithmConfig, ParallelConfig, RolloutConfig, load_config
+from ..data.dataset import load_problems, tokenize_problems
+from ..data.templates import load_tokenizer
+from ..distributed import groups as parallel
+from ..errors import UserError
+from ..models.arch import load_arch
+from ..rewards.pool import RewardPool
+from ..rollout.base import resolve_engine_settings
+from ..rollout.evaluation import evaluate
+from ..rollout.vllm_engine import VllmEngine
+from ..training.loop import train
+from ..training.metrics import read_metrics
+from ..training.plots import plot_compare
+from .recipes import RECIPES
+from .toy import ToySettings, corrupt_demonstrations, make_toy
 
 #: the paper's claims, as the report states them
 CLAIMS = {
@@ -79,9 +100,6 @@ class StudySpec:
     toy: ToySettings = field(default_factory=lambda: ToySettings(num_train=4000, num_test=200, num_ood_test=200))
 
     def check(self) -> None:
-        from ..algorithms.presets import RECIPES
-        from ..errors import UserError
-
         bad = [r for r in self.recipes if r not in RECIPES]
         if bad:
             raise UserError(f"--recipes: unknown {', '.join(bad)}; expected some of {', '.join(RECIPES)}")
@@ -122,8 +140,6 @@ def _read_jsonl(path: Path) -> list[dict]:
 def prepare_data(root: Path, spec: StudySpec) -> dict[str, Path]:
     """The toy (reused when its settings match) and the study's files: warm-up / train (exact, noisy) / test
     splits. Returns name -> path."""
-    from ..data.toy import corrupt_demonstrations, make_toy
-
     toy = root / "toy"
     want = dataclasses.asdict(spec.toy)
     if not (toy / "toy.json").is_file() or json.loads((toy / "toy.json").read_text()) != want:
@@ -154,8 +170,6 @@ def _common(spec: StudySpec, run_dir: Path, model: Path | str, train_file: Path)
 
 
 def _signature(*parts) -> str:
-    import hashlib
-
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -177,9 +191,6 @@ def warmup_job(spec: StudySpec, root: Path, files: dict[str, Path]) -> Job:
 def study_jobs(spec: StudySpec, root: Path, files: dict[str, Path]) -> list[Job]:
     """Every stage the spec's recipes need, deduplicated: a stage chain shared by two recipes (``sft`` and
     ``sft_then_rl``'s first stage) runs once; a chain that uses no demonstrations runs once per seed."""
-    from ..algorithms.presets import RECIPES, resolve
-    from ..config import AlgorithmConfig
-
     def uses_demos(preset: str) -> bool:
         return resolve(AlgorithmConfig(preset=preset)).num_demos > 0
 
@@ -220,9 +231,6 @@ def job_key(condition: str, chain: Sequence[str], seed: int) -> str:
 
 def recipe_run(spec: StudySpec, recipe: str, condition: str, seed: int) -> list[str]:
     """The job keys of a recipe's stages in a condition, first to last."""
-    from ..algorithms.presets import RECIPES, resolve
-    from ..config import AlgorithmConfig
-
     stages = RECIPES[recipe]
     keys = []
     for i in range(len(stages)):
@@ -240,9 +248,6 @@ _GROUPS = None  # this process's ParallelGroups (a world of one), made once
 def _groups():
     global _GROUPS
     if _GROUPS is None:
-        from ..config import ParallelConfig
-        from ..distributed import groups as parallel
-
         _GROUPS = parallel.init_distributed(ParallelConfig(), seed=1234)
     return _GROUPS
 
@@ -251,23 +256,12 @@ def _worker_init() -> None:
     """A worker process: one thread (two workers share two cores), its own free port for its world of one."""
     os.environ.pop("MASTER_PORT", None)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    import torch
-
     torch.set_num_threads(1)
     _groups()
 
 
 def evaluate_model(model_dir: Path, files: dict[str, Path], spec: StudySpec) -> dict[str, float]:
     """Greedy accuracy and mean response length of an HF model on each file (name -> path)."""
-    from ..config import RolloutConfig
-    from ..data.dataset import load_problems, tokenize_problems
-    from ..data.templates import load_tokenizer
-    from ..rewards.pool import RewardPool
-    from ..rollout.evaluation import evaluate
-    from ..models.arch import load_arch
-    from ..rollout.base import resolve_engine_settings
-    from ..rollout.vllm_engine import VllmEngine
-
     tok = load_tokenizer(model_dir)
     problems = {name: tokenize_problems(load_problems(f), tok, "chat", spec.max_prompt_length, sys.maxsize)
                 for name, f in files.items()}
@@ -289,17 +283,12 @@ def evaluate_model(model_dir: Path, files: dict[str, Path], spec: StudySpec) -> 
 
 def _cpu_seconds() -> float:
     """CPU time of this process and its finished children (reward workers), user + system."""
-    import resource
-
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def run_job(job: Job, root: str, spec: StudySpec) -> dict:
     """Train one stage and evaluate its export; ``RUN/result.json`` (reused when it records the same settings)."""
-    from ..config import load_config
-    from ..training.loop import train
-
     run_dir = Path(root) / "runs" / job.key
     result_path = run_dir / "result.json"
     if result_path.is_file():
@@ -349,9 +338,6 @@ def run_jobs(jobs: list[Job], root: Path, spec: StudySpec, log=print) -> dict[st
             done[job.key] = run_job(job, str(root), spec)
             report(done[job.key])
         return done
-
-    import concurrent.futures as cf
-    import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=spec.jobs, mp_context=ctx, initializer=_worker_init) as pool:
@@ -407,8 +393,6 @@ def _edge_mean(rows: list[dict], key: str, first: bool, k: int = EDGE_STEPS) -> 
 
 def summarise_cell(spec: StudySpec, root: Path, results: dict[str, dict], recipe: str, condition: str) -> dict:
     """Per-seed numbers of one (recipe, condition) cell, plus the run dirs its curves come from."""
-    from ..training.metrics import read_metrics
-
     cell = {"acc_id": [], "acc_ood": [], "ent_start": [], "ent_end": [], "len_start": [], "len_end": [],
             "seconds": [], "gen_tokens": [], "curve_runs": [], "stage_keys": []}
     for seed in spec.seeds:
@@ -475,8 +459,6 @@ def _timing(root: Path, results: dict[str, dict]) -> str:
 
 def write_report(spec: StudySpec, root: Path, results: dict[str, dict], doc: Path, *, warm: dict) -> Path:
     """docs/toy_results.md (and its PNGs beside it, in DOC_STEM/) from the study's results."""
-    from .plot import plot_compare
-
     cells = {(r, c): summarise_cell(spec, root, results, r, c) for c in spec.conditions for r in spec.recipes}
     img_dir = doc.parent / doc.stem
     tmp_img = doc.parent / f".{doc.stem}.tmp"
@@ -501,7 +483,7 @@ def write_report(spec: StudySpec, root: Path, results: dict[str, dict], doc: Pat
         "",
         "## What was run",
         "",
-        f"- **Model and task**: the toy (data/toy.py): a tiny Qwen2 (2 layers, hidden 128, character tokenizer) "
+        f"- **Model and task**: the toy (experiments/toy.py): a tiny Qwen2 (2 layers, hidden 128, character tokenizer) "
         f"on chains of additions and subtractions; operands 1..{spec.toy.max_operand}, every value in "
         f"[0, {spec.toy.max_value}).",
         f"- **Base model**: a random model warmed up with plain SFT for {spec.warmup_steps} steps "
