@@ -89,8 +89,8 @@ def _get(cfg: dict, key: str, source: str, default=None, required: bool = True):
 def arch_from_hf_config(cfg: dict, source: str = "config.json") -> ArchSpec:
     archs = cfg.get("architectures") or []
     arch = archs[0] if archs else None
-    if arch is None and cfg.get("model_type") in FAMILIES:
-        arch = FAMILIES[cfg["model_type"]].architectures[0]
+    if arch is None:  # an old config.json without ``architectures``: its model_type names the family
+        arch = next((f.architectures[0] for f in FAMILIES.values() if f.model_type == cfg.get("model_type")), None)
     supported = architecture_families()
     if arch not in supported:
         raise ConfigError(

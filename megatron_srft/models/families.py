@@ -75,6 +75,7 @@ class Family:
 
     @property
     def model_type(self) -> str:
+        """HF's ``model_type`` (read when a config.json names no architecture): our name."""
         return self.name
 
     @property

@@ -33,3 +33,11 @@ def test_a_record_added_at_run_time_is_read_by_arch_loading_mapping_and_the_tiny
     full = dict(hf_to_megatron_full(arch, hf.items(), arch.padded_vocab_size(128)))
     back = dict(megatron_full_to_hf(arch, full.items()))
     assert set(back) == set(hf) and all(torch.equal(back[n], hf[n]) for n in hf)
+
+
+def test_a_config_without_architectures_is_read_by_its_model_type():
+    from megatron_srft.models.arch import arch_from_hf_config
+
+    cfg = dict(hidden_size=64, num_attention_heads=4, vocab_size=10, intermediate_size=8, num_hidden_layers=1)
+    for fam in FAMILIES.values():
+        assert arch_from_hf_config(dict(cfg, model_type=fam.model_type)).family == fam.name
