@@ -13,7 +13,7 @@ import pytest
 
 from megatron_srft import cli
 from megatron_srft.errors import UserError
-from megatron_srft.cli.launch import expand_hostlist, plan_launch, slurm_hostnames, torchrun_forwards_signals
+from megatron_srft.training.launch import expand_hostlist, plan_launch, slurm_hostnames, torchrun_forwards_signals
 
 from tests.distributed.test_layout import QWEN25_7B
 
@@ -159,7 +159,7 @@ def test_dry_run_checks_layout_when_model_config_is_readable(capsys, tmp_path):
 def test_launch_runs_this_nodes_torchrun(capsys, monkeypatch):
     """Without --dry-run, `srft launch` runs this node's torchrun command (torchrun's agent in this process, so srun's
     signals reach it) and tells the trainers where to leave a stop line."""
-    from megatron_srft.cli import launch
+    from megatron_srft.training import launch
     from megatron_srft.signals import STOP_FILE_ENV
 
     seen = []
@@ -181,7 +181,7 @@ def test_launch_status_after_a_forwarded_signal(capsys, monkeypatch):
     which no trainer left one is an error line with 128 + the signal's number, never torchrun's traceback."""
     import signal
 
-    from megatron_srft.cli import launch
+    from megatron_srft.training import launch
     from megatron_srft.signals import STOP_FILE_ENV, STOPPED_EXIT_CODE
 
     def stopped(argv):
