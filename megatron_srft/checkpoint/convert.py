@@ -25,7 +25,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -100,7 +100,6 @@ def model_settings(source: ModelSource, params_dtype: Optional[str] = None,
 
 def weights_bytes_per_rank(source: ModelSource, pcfg: ParallelConfig, params_dtype: Optional[str] = None) -> int:
     """This rank's share of the model's weights at ``pcfg``'s TP/PP (the most loaded pipeline stage)."""
-
     dtype, divisible = model_settings(source, params_dtype)
     tp, pp = pcfg.tensor_model_parallel_size, pcfg.pipeline_model_parallel_size
     return source.arch.num_params(tp, pp, source.arch.padded_vocab_size(divisible, tp)) * DTYPES[dtype].bytes
@@ -366,13 +365,6 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: Optional[str] = 
     return out
 
 
-def _hf_config_for_export(source: ModelSource, dtype: str) -> dict:
-    cfg = dict(source.arch.hf_config)
-    cfg["dtype"] = DTYPES.get(dtype, DTYPES["bf16"]).torch_name
-    cfg.pop("torch_dtype", None)
-    return cfg
-
-
 def write_safetensors(items, out: Path, max_shard_bytes: int) -> dict:
     """Write (name, tensor) items as ``model-0000K-of-0000N.safetensors`` + index; returns the index."""
     from safetensors.torch import save_file
@@ -406,6 +398,30 @@ def write_safetensors(items, out: Path, max_shard_bytes: int) -> dict:
     return index
 
 
+def write_hf_model(out: Path, items: Iterable[tuple[str, torch.Tensor]], arch: ArchSpec, dtype: str,
+                   side_file_dirs: Sequence[Path], max_shard_bytes: int = 2 << 30) -> list[str]:
+    """The one HF export (``srft convert mcore-to-hf`` and a training run's final ``RUN/hf``).
+
+    Writes into ``out`` (a temporary directory its caller renames when complete, after the manifest): ``items``
+    ((HF name, full tensor), consumed lazily) cast to ``dtype`` as sharded safetensors + index (the files use one
+    dtype; checkpoints written before the local spec's norms followed params_dtype hold those norms in fp32),
+    config.json (the architecture's HF config with ``dtype``), and the tokenizer and generation files of the first
+    of ``side_file_dirs`` that has any. Returns the names of the side files copied.
+    """
+    torch_name = DTYPES.get(dtype, DTYPES["bf16"]).torch_name
+    cast = getattr(torch, torch_name)
+    write_safetensors(((n, t.to(cast)) for n, t in items), out, max_shard_bytes)
+    hf_cfg = dict(arch.hf_config)
+    hf_cfg.pop("torch_dtype", None)
+    hf_cfg["dtype"] = torch_name
+    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+    for src in side_file_dirs:
+        copied = copy_side_files(src, out)
+        if copied:
+            return copied
+    return []
+
+
 def mcore_to_hf(ckpt: str | Path, out_dir: str | Path, overwrite: bool = False,
                 max_shard_bytes: int = 2 << 30) -> Path:
     """Convert a Megatron checkpoint (converted dir, training checkpoint, or its ``model/``) to an HF directory.
@@ -422,20 +438,16 @@ def mcore_to_hf(ckpt: str | Path, out_dir: str | Path, overwrite: bool = False,
     try:
         groups = groups_from_megatron(conversion_device())
         handle = build_and_load(source, ParallelConfig(), groups, purpose="convert")
-        dtype = source.meta.get("params_dtype") or "bf16"
-        # the HF files use one dtype (checkpoints written before the local spec's norms followed params_dtype
-        # hold those norms in fp32)
-        torch_dtype = getattr(torch, DTYPES.get(dtype, DTYPES["bf16"]).torch_name)
         from ..models.mapping import check_weight_values
 
-        items = ((n, check_weight_values(n, t, source.model_dir).to(torch_dtype))
+        items = ((n, check_weight_values(n, t, source.model_dir))
                  for n, t in export_hf_weights(handle.chunks, source.arch, groups))
-        write_safetensors(items, tmp, max_shard_bytes)
+        side_dirs = [source.root]
+        if source.meta.get("source") and Path(source.meta["source"]).is_dir():
+            side_dirs.append(Path(source.meta["source"]))
+        copied = write_hf_model(tmp, items, source.arch, source.meta.get("params_dtype") or "bf16", side_dirs,
+                                max_shard_bytes)
         del handle
-        (tmp / "config.json").write_text(json.dumps(_hf_config_for_export(source, dtype), indent=2))
-        copied = copy_side_files(source.root, tmp)
-        if not copied and source.meta.get("source") and Path(source.meta["source"]).is_dir():
-            copied = copy_side_files(Path(source.meta["source"]), tmp)
         if not any(n.startswith("tokenizer") for n in copied):
             print(f"srft convert: warning: no tokenizer files next to {source.root}; copy them into {out}")
         _finish_out(tmp, out)

@@ -158,7 +158,7 @@ def main(args) -> int:
         with RolloutService(cfg, groups, cfg.model.path, tokenizer, None, need_engine=True,
                             arch=arch,
                             require_think=require_think) as service:
-            metrics, records = service.evaluate(problems, n_samples=cfg.train.eval_n_samples,
+            metrics, records = service.evaluate(problems, version=None, n_samples=cfg.train.eval_n_samples,
                                           temperature=cfg.train.eval_temperature, top_p=cfg.rollout.top_p,
                                           seed=cfg.rollout.seed, keep_records=True)
             engines = service.placement.num_engines

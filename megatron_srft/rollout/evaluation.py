@@ -16,6 +16,9 @@ The pure parts (:func:`pass_at_k`, :func:`avg_at_k`, :func:`summarise`, :func:`m
 
 from __future__ import annotations
 
+from typing import Sequence
+
+from .base import sequential_seeds
 
 # --------------------------------------------------------------------------------------------- pure metrics
 
@@ -151,22 +154,33 @@ def grade(problems: list, outs: list, tokenizer, pool, *, keep_text: bool = True
     return records, num_timeouts
 
 
+def sample(engine, problems: Sequence, tokenizer, *, first_index: int = 0, n_samples: int, temperature: float,
+           top_p: float = 1.0, max_tokens: int, seed: int, stop: Sequence[str] = ()) -> list:
+    """The one evaluation generation: ``n_samples`` completions per problem from one ``engine`` ([P][n]; [] for no
+    problems). A response ends at the tokenizer's EOS or after the token that completes one of the ``stop`` strings
+    (``rollout.stop``: the same stops as the training rollouts). Problem i is the ``first_index + i``-th of the
+    whole evaluation set, and its sample j uses seed ``seed + (first_index + i) * n_samples + j``: the samples do
+    not depend on how the set is split over engines."""
+    if not problems:
+        return []
+    return engine.generate([p.prompt_ids for p in problems], n=n_samples, temperature=temperature, top_p=top_p,
+                           max_tokens=max_tokens, stop_token_ids=[tokenizer.eos_token_id], stop=list(stop) or None,
+                           seeds=sequential_seeds(seed + first_index * n_samples, len(problems), n_samples))
+
+
 def evaluate(engine, problems: list, tokenizer, pool, *, n_samples: int, temperature: float, top_p: float = 1.0,
-             max_tokens: int, seed: int = 0) -> tuple[list[dict], dict]:
-    """Generate ``n_samples`` per problem with one ``engine``, grade with ``pool`` (a RewardPool).
+             max_tokens: int, seed: int = 0, stop: Sequence[str] = ()) -> tuple[list[dict], dict]:
+    """Sample ``n_samples`` per problem with one ``engine`` (:func:`sample`), grade with ``pool`` (a RewardPool).
 
     ``problems``: TokenizedProblem list (``prompt_ids``, ``answer``, ``data_source``, ``source``).
     Returns (records, summary): one record per problem (responses, scores, num_tokens, finish_reasons) and
     :func:`summarise` of them, plus ``num_reward_timeouts`` under ``summary["all"]``. Every engine of a world at
-    once: :meth:`megatron_srft.rollout.service.RolloutService.evaluate`.
+    once: :meth:`megatron_srft.rollout.service.RolloutService.evaluate` (the same :func:`sample` and :func:`grade`).
     """
-    from .base import sequential_seeds
-
     if not problems:
         raise ValueError("evaluate: no problems")
-    outs = engine.generate([p.prompt_ids for p in problems], n=n_samples, temperature=temperature, top_p=top_p,
-                           max_tokens=max_tokens, stop_token_ids=[tokenizer.eos_token_id],
-                           seeds=sequential_seeds(seed, len(problems), n_samples))
+    outs = sample(engine, problems, tokenizer, n_samples=n_samples, temperature=temperature, top_p=top_p,
+                  max_tokens=max_tokens, seed=seed, stop=stop)
     records, num_timeouts = grade(problems, outs, tokenizer, pool)
     summary = summarise(records)
     summary["all"]["num_reward_timeouts"] = num_timeouts

@@ -1,5 +1,6 @@
-"""The rollout service: what the training loop asks for ("rollouts for these prompts", "evaluate these problems"),
-and everything behind it: which ranks generate, weight sync, the GPU memory dance, scoring, and moving results.
+"""The colocated rollout service: the engines share the trainer's devices. It implements the rollout seam
+(rollout/seam.py: generate, sync, collect, evaluate) and holds everything behind it: which ranks generate, weight
+sync, the GPU memory dance, scoring, and moving results.
 
 Every method is a collective: every rank of the world calls it with the same arguments.
 
@@ -14,57 +15,31 @@ Every method is a collective: every rank of the world calls it with the same arg
 - **Exchange**: each leader packs its results into two flat tensors (ints: lengths, finish reasons, token ids;
   floats: log-probs, rewards) and broadcasts them over the world (NCCL on GPU: no pickling, no host staging); every
   rank keeps its replica's prompts, in order.
-- **Weights and memory**: the service knows the trainer weights' version. Before a generation it wakes the engine's
-  weights, syncs them when stale (every rank feeds its own engine shard the full HF tensors in buckets; vLLM shards
-  them), then wakes the KV cache; after it sleeps at ``rollout.sleep_level``. Level 2 drops the weights, so every
-  wake is followed by a sync. Nothing of this is the loop's business.
+- **Weights and memory**: ``sync`` offers the trainer's weights at a version; the service knows which version its
+  engines hold. Before a generation it wakes the engine's weights, streams the offered ones when they are stale
+  (every rank feeds its own engine shard the full HF tensors in buckets; vLLM shards them), then wakes the KV
+  cache; after it sleeps at ``rollout.sleep_level``. Level 2 drops the weights, so every wake is followed by a
+  sync. A generation or evaluation asked for another version than the one offered is an error.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Protocol, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from ..distributed import collectives
 from ..distributed.layout import rollout_sequences_per_engine
 from .base import Completion, engine_class, resolve_engine_settings
+from .evaluation import grade, sample
 from .placement import Placement
+from .seam import RolloutBatch, RolloutRequest, ScoredPrompt, WeightSource
 
 #: finish reasons as they travel in the exchange tensors
 _FINISH = ("stop", "length", "abort")
 #: seed stride per step: larger than any step's prompts x samples
 _STEP_SEED_STRIDE = 1_000_003
-
-
-class WeightSource(Protocol):
-    """The trainer's side of a weight sync."""
-
-    @property
-    def version(self) -> int:
-        """Changes whenever the weights change (the optimizer-step count)."""
-
-    def export(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, full tensor) for the whole model; a collective every rank iterates in lockstep."""
-
-
-@dataclass
-class ScoredPrompt:
-    """One prompt's results: its completions, their rewards, and the rewards of its demonstrations."""
-
-    completions: list[Completion]
-    rewards: list[float]
-    demo_rewards: list[float]
-
-
-@dataclass
-class RolloutBatch:
-    """This replica's prompts, in order, and the step's rollout metrics (the same on every rank)."""
-
-    prompts: list[ScoredPrompt]
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def step_seed(base_seed: int, step: int) -> int:
@@ -127,15 +102,17 @@ def decode(ints: torch.Tensor, floats: torch.Tensor) -> tuple[list[ScoredPrompt]
 
 
 class RolloutService:
-    """Engines on every rank, verifier pools on every engine leader, and the collectives between them.
+    """The colocated :class:`~megatron_srft.rollout.seam.Rollouts`: engines on every rank, verifier pools on every
+    engine leader, and the collectives between them.
 
     Args:
         cfg: the whole SRFTConfig (rollout, train.reward*, data lengths, model dtype).
         groups: ParallelGroups of the trainer.
         model_dir: HF config + tokenizer the engines start from (weights arrive through the first sync).
         tokenizer: decodes completions and demonstrations for the verifier.
-        weights: the trainer's :class:`WeightSource`; None = no trainer (`srft eval`): the engines load the weights
-            in ``model_dir`` themselves and are never synced.
+        weights: the trainer's :class:`~megatron_srft.rollout.seam.WeightSource` (:meth:`sync` offers it at each
+            version); None = no trainer (`srft eval`): the engines load the weights in ``model_dir`` themselves and
+            are never synced.
         need_engine: build engines (False: no rollouts and no evaluation; only the demos are scored).
         arch: the model's ArchSpec (caps the engine's context, sizes its CPU KV cache).
         require_think: the verifier grades only the text after </think>.
@@ -157,7 +134,10 @@ class RolloutService:
         # Without a trainer there is nobody to give the memory to, and level 2 would drop weights nobody reloads.
         self.sleep_level = int(cfg.rollout.sleep_level) if weights is not None else 0
         self.max_tokens = cfg.rollout.max_tokens or cfg.data.max_response_length
-        self._synced_version: Optional[int] = None
+        self._synced_version: Optional[int] = None  # the version the engines hold
+        self._offered: Optional[tuple[WeightSource, int]] = None  # the last sync's weights and version
+        self._request: Optional[RolloutRequest] = None  # generate()'s, until collect()
+        self._sync_s = 0.0
         self.engine = None
         if need_engine:
             settings = resolve_engine_settings(cfg.rollout, cfg.model.params_dtype, arch,
@@ -177,24 +157,41 @@ class RolloutService:
             self.pool = RewardPool(cfg.train.reward, timeout_s=cfg.train.reward_timeout_s,
                                    num_workers=cfg.train.reward_workers, require_think=require_think)
 
-    # ------------------------------------------------------------------------------------------ memory dance
+    # ------------------------------------------------------------------------------------------ weights and memory
 
-    def _ready(self) -> float:
-        """Weights current and everything awake before a generation. Collective (the sync is). Returns seconds
-        spent syncing."""
+    def sync(self, weights: WeightSource, version: int) -> None:
+        """Offer the trainer's weights at ``version``: the engines load them before their next generation (and not
+        at all when nothing generates before the next sync). Collective."""
+        if weights.version != version:
+            raise RuntimeError(f"rollout service: sync offered version {version}, the weights are at "
+                               f"{weights.version}")
+        self._offered = (weights, version)
+
+    def _ready(self, version: Optional[int]) -> None:
+        """The engines awake with the weights of ``version`` (None: their own, no trainer) before a generation.
+        Collective (streaming the weights is). Adds the seconds spent streaming to the step's ``time/sync``."""
         from .sync import stream_weights
 
         if self.engine is None:
-            return 0.0
+            return
+        if version is None and self.weights is not None:
+            raise RuntimeError("rollout service: a trainer's rollouts name the policy version they sample from")
         self.engine.wake_up(["weights"])  # the KV cache only after the update: never both beside the buckets
-        seconds = 0.0
-        if self.weights is not None and self._synced_version != self.weights.version:
-            start = time.perf_counter()
-            stream_weights(self.weights.export(), self.engine, self.cfg.rollout.sync_bucket_mb)
-            self._synced_version = self.weights.version
-            seconds = time.perf_counter() - start
+        if version is not None:
+            if self._offered is None or self._offered[1] != version:
+                offered = None if self._offered is None else self._offered[1]
+                raise RuntimeError(f"rollout service: asked to generate with policy version {version}, but the last "
+                                   f"sync offered {offered}")
+            weights = self._offered[0]
+            if weights.version != version:  # the trainer moved on between the sync and this generation
+                raise RuntimeError(f"rollout service: the weights offered at version {version} are now at "
+                                   f"{weights.version}; sync again before generating")
+            if self._synced_version != version:
+                start = time.perf_counter()
+                stream_weights(weights.export(), self.engine, self.cfg.rollout.sync_bucket_mb)
+                self._synced_version = version
+                self._sync_s += time.perf_counter() - start
         self.engine.wake_up(["kv_cache"])
-        return seconds
 
     def _rest(self) -> None:
         """After a generation: give the device memory back to training."""
@@ -206,17 +203,28 @@ class RolloutService:
 
     # ------------------------------------------------------------------------------------------ rollouts
 
-    def rollouts(self, problems: Sequence, step: int, *, num_rollouts: int, num_demos: int,
-                 replica_slice: slice) -> RolloutBatch:
-        """Collective. ``problems``: the step's GLOBAL prompt list (replica-major, the same on every rank);
-        ``replica_slice``: this rank's replica's part of it. Returns that part, scored, in order."""
+    def generate(self, request: RolloutRequest) -> None:
+        """Record the step's request; the engines generate in :meth:`collect`, after the step's :meth:`sync`."""
+        if self._request is not None:
+            raise RuntimeError(f"rollout service: step {self._request.step}'s results were never collected")
+        self._request = request
+        self._sync_s = 0.0
+
+    def collect(self, step: int) -> RolloutBatch:
+        """Collective. Every engine generates its share of the request's prompts with the policy at its version,
+        its leader scores them, and every rank receives its replica's part, in order."""
+        request = self._request
+        if request is None or request.step != step:
+            raise RuntimeError(f"rollout service: collect({step}) without generate() for that step")
+        self._request = None
+        problems, num_rollouts, num_demos = request.problems, request.num_rollouts, request.num_demos
         t0 = time.perf_counter()
         shares = self.placement.shares(len(problems))
         share = shares[self.engine_id]
         mine = [problems[g] for g in share]
-        sync_s, gen_s, outs = 0.0, 0.0, [[] for _ in mine]
+        gen_s, outs = 0.0, [[] for _ in mine]
         if num_rollouts > 0 and self.engine is not None:
-            sync_s = self._ready()
+            self._ready(request.version)
             t_gen = time.perf_counter()
             if mine:
                 outs = self.engine.generate(
@@ -230,7 +238,7 @@ class RolloutService:
         score_s = time.perf_counter() - t_score
         t_x = time.perf_counter()
         gen_tokens = float(sum(len(c.token_ids) for comps in outs for c in comps))
-        wanted = range(len(problems))[replica_slice]
+        wanted = range(len(problems))[request.replica_slice]
         results, extras = self._exchange(shares, items, [gen_tokens, gen_s, float(timeouts)], wanted)
         exchange_s = time.perf_counter() - t_x
         tokens = [x[0] for x in extras]
@@ -240,7 +248,7 @@ class RolloutService:
             "rollout/tokens_per_engine_min": min(tokens),
             "perf/rollout_tokens_per_s": sum(tokens) / max(max(x[1] for x in extras), 1e-9),  # a timing: perf/
             "reward/timeouts": float(sum(x[2] for x in extras)),
-            "time/sync": sync_s, "time/generate": gen_s, "time/reward": score_s, "time/exchange": exchange_s,
+            "time/sync": self._sync_s, "time/generate": gen_s, "time/reward": score_s, "time/exchange": exchange_s,
             "time/rollout_total": time.perf_counter() - t0,
         }
         return RolloutBatch(prompts=[results[g] for g in wanted], metrics=metrics)
@@ -294,30 +302,26 @@ class RolloutService:
 
     # ------------------------------------------------------------------------------------------ evaluation
 
-    def evaluate(self, problems: Sequence, *, n_samples: int, temperature: float, top_p: float = 1.0,
-                 seed: Optional[int] = None, keep_records: bool = False) -> tuple[dict[str, float], Optional[list]]:
-        """Collective: every engine generates and grades its share of ``problems`` (the same list on every rank).
+    def evaluate(self, problems: Sequence, *, version: Optional[int], n_samples: int, temperature: float,
+                 top_p: float = 1.0, seed: Optional[int] = None,
+                 keep_records: bool = False) -> tuple[dict[str, float], Optional[list]]:
+        """Collective: every engine samples (rollout/evaluation.py ``sample``: the one evaluation generation) and
+        grades its share of ``problems`` (the same list on every rank) with the policy at ``version`` (None: the
+        engines' own weights, no trainer).
 
         Returns (metrics, records): ``eval/accuracy`` (samples scoring >= 0.5), ``eval/response_length``,
         ``eval/num_engines``, ``eval/reward_timeouts`` on every rank; with ``keep_records`` the per-problem
         records of rollout.evaluation.grade, in problem order, on global rank 0 (None elsewhere).
         """
-        from .evaluation import grade
-
         if self.engine is None:
             raise RuntimeError("rollout service: evaluate() needs engines (built with need_engine=True)")
         shares = self.placement.shares(len(problems))
         share = shares[self.engine_id]
         mine = [problems[g] for g in share]
-        self._ready()
-        outs = []
-        if mine:
-            base = self.cfg.rollout.seed if seed is None else seed
-            outs = self.engine.generate([p.prompt_ids for p in mine], n=n_samples, temperature=temperature,
-                                        top_p=top_p, max_tokens=self.max_tokens,
-                                        seeds=[base + g * n_samples for g in share],
-                                        stop_token_ids=[self.tokenizer.eos_token_id],
-                                        stop=self.cfg.rollout.stop or None)
+        self._ready(version)
+        outs = sample(self.engine, mine, self.tokenizer, first_index=share.start if mine else 0, n_samples=n_samples,
+                      temperature=temperature, top_p=top_p, max_tokens=self.max_tokens,
+                      seed=self.cfg.rollout.seed if seed is None else seed, stop=self.cfg.rollout.stop)
         self._rest()
         records, timeouts = grade(mine, outs, self.tokenizer, self.pool, keep_text=keep_records) \
             if self.is_leader else ([], 0)
@@ -339,6 +343,11 @@ class RolloutService:
         return metrics, [by_index[g] for g in range(len(problems))]
 
     # ------------------------------------------------------------------------------------------ life cycle
+
+    def describe(self) -> str:
+        return (f"{self.placement.num_engines} engine(s) of rollout TP {self.cfg.rollout.tensor_parallel_size}"
+                f"{'' if self.engine is not None else ' (no generation: verifier only)'}; sleep level "
+                f"{self.cfg.rollout.sleep_level}")
 
     def close(self) -> None:
         if self.pool is not None:

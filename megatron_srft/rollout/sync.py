@@ -116,13 +116,14 @@ def sync_weights(chunks, arch, groups, engine, bucket_mb: int) -> dict:
 #   "ipc"  - same GPUs, other process: CUDA IPC handles of the trainer's tensors (packed into buffers),
 #   "nccl" - disaggregated GPUs: an NCCL group {trainer rank 0} + engine workers, packed broadcasts.
 # Both take a `WeightSource` (names/dtypes/shapes up front, then the tensors in the same order) and a client
-# with four control-plane calls. `MegatronWeightSource` and `EngineSyncClient` adapt ours to that API:
+# with four control-plane calls (vLLM's `VLLMWeightSyncClient`: `LLM.collective_rpc` of the worker methods of the
+# same names, then `reset_prefix_cache`). `megatron_weight_source` adapts ours to that API:
 #
 #   from vllm.config import WeightTransferConfig     # engine built with weight_transfer_config=...(backend=...)
 #   from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 #   from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
 #   sender = WeightTransferTrainerFactory.trainer_init(IPCTrainerInitInfo(rank=groups.rank, packed=True),
-#                                                      client=EngineSyncClient(llm), source=source)
+#                                                      client=<a VLLMWeightSyncClient over llm>, source=source)
 #   sender.send_weights()            # every trainer rank, every step (the export is a collective)
 #
 # (NCCLTrainerInitInfo(rank=..., master_address=..., master_port=..., world_size=1 + engine workers) for NCCL.)
@@ -160,23 +161,3 @@ def megatron_weight_source(chunks, arch, groups, dtype: torch.dtype | None = Non
                 yield from export()
 
     return MegatronWeightSource()
-
-
-class EngineSyncClient:
-    """vLLM's ``VLLMWeightSyncClient`` protocol over ``LLM.collective_rpc`` (the worker methods of the same names)."""
-
-    def __init__(self, llm):
-        self.llm = llm
-
-    def init_weight_transfer_engine(self, init_info: dict) -> None:
-        self.llm.collective_rpc("init_weight_transfer_engine", args=(init_info,))
-
-    def start_weight_update(self) -> None:
-        self.llm.collective_rpc("start_weight_update")
-
-    def update_weights(self, update_info) -> None:
-        self.llm.collective_rpc("update_weights", args=(update_info,))
-
-    def finish_weight_update(self, weight_version=None) -> None:
-        self.llm.collective_rpc("finish_weight_update")
-        self.llm.reset_prefix_cache()

@@ -29,8 +29,8 @@ import torch
 __all__ = [
     "Sample",
     "MicroBatch",
+    "MiniBatch",
     "pack_micro_batches",
-    "split_for_data_parallel",
     "empty_micro_batch",
     "block_causal_mask",
     "packed_seq_params",
@@ -112,6 +112,14 @@ class MicroBatch:
     def to(self, device: torch.device) -> "MicroBatch":
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         return MicroBatch(**moved)
+
+
+@dataclass
+class MiniBatch:
+    """The share of one optimizer step that this rank trains: whole groups of samples, packed into micro-batches
+    (training/loop.py ``split_minibatches``)."""
+
+    micro_batches: list[MicroBatch]
 
 
 def _build(samples: Sequence[Sample], indices: Sequence[int], pad_to: int) -> MicroBatch:
@@ -224,23 +232,6 @@ def pack_micro_batches(samples: Sequence[Sample], micro_batch_tokens: int, *, pa
             bins.append([i])
             loads.append(n)
     return [_build(samples, b, _round_up(load, pad_to_multiple)) for b, load in zip(bins, loads)]
-
-
-def split_for_data_parallel(samples: Sequence[Sample], dp_size: int) -> list[list[int]]:
-    """Indices of ``samples`` for each DP rank, balanced by tokens (longest first onto the lightest rank).
-
-    Every rank gets a sequence before any gets a second (empty ranks are the lightest); each list keeps the
-    input order. A rank may still get none when there are fewer samples than ranks (see empty_micro_batch).
-    """
-    if dp_size < 1:
-        raise ValueError(f"dp_size: expected >= 1, got {dp_size}")
-    loads = [0] * dp_size
-    shards: list[list[int]] = [[] for _ in range(dp_size)]
-    for i in sorted(range(len(samples)), key=lambda i: (-samples[i].num_tokens, i)):
-        r = min(range(dp_size), key=lambda r: (loads[r], r))
-        shards[r].append(i)
-        loads[r] += samples[i].num_tokens
-    return [sorted(s) for s in shards]
 
 
 def empty_micro_batch(num_tokens: int = 1) -> MicroBatch:

@@ -1,19 +1,20 @@
-"""The SRFT training loop. It reads like the algorithm:
+"""The SRFT training loop. :func:`train` reads like the algorithm, one line per phase:
 
     for each step:
-        problems = the step's prompts                   # a pure function of (seed, step); replica-major
-        batch    = rollouts(problems)                   # every engine generates its share; verifier rewards
-        samples  = build_groups(batch)                  # + demonstrations, group-normalised advantages
-        minibatches = split(samples)                    # whole groups, packed micro-batches
-        attach_old_logprobs(minibatches)                # pi_old only where it carries information
-        for minibatch in minibatches: update(minibatch) # the policy's version moves on
-        log / checkpoint / evaluate
-    checkpoint, evaluate, export
+        plan     = the step's prompts                   # a pure function of (seed, step); CHORD's expert rows
+        rollouts.generate(plan, version)                # sample them from the policy at its version
+        rollouts.sync(policy, version)                  # ... whose weights the rollouts receive
+        batch    = rollouts.collect(step)               # completions scored by the verifier
+        scored   = route(plan, batch)                   # HPT's gate: a prompt trains on its demo or its rollouts
+        samples  = build_groups(scored)                 # + demonstrations, group-normalised advantages
+        update(samples)                                 # mini-batches, pi_old, one optimizer step each
+        save / evaluate
+    export
 
-Who generates, weight sync and the GPU memory dance belong to the rollout service (rollout/service.py): the loop
-asks for "rollouts for these prompts" and "evaluate these problems", and the service brings the engines up to
-the policy's version first. Every random choice is a function of (seed, step), so a resumed run repeats the
-uninterrupted one exactly.
+Set-up (config, world, model and optimizer, problems, run directory, resume, logger, rollouts, stop signals) is
+one object, :class:`Run`, built by :func:`start_run`. Rollouts are reached through the rollout seam only
+(rollout/seam.py); the colocated service (rollout/service.py) is its implementation today. Every random choice is
+a function of (seed, step), so a resumed run repeats the uninterrupted one exactly.
 """
 
 from __future__ import annotations
@@ -25,16 +26,40 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+import yaml
 
+from ..algorithms.advantages import group_advantages
+from ..algorithms.metrics import all_reduce_metrics, finalize
+from ..algorithms.presets import AlgoSettings, resolve
+from ..checkpoint.atomic import atomic_dir
+from ..checkpoint.convert import write_hf_model
+from ..checkpoint.dist import start_checkpoint_writer
+from ..checkpoint.loading import load_initial_weights
+from ..checkpoint.manifest import write_manifest
+from ..checkpoint.run_dir import plan_run
+from ..checkpoint.training_state import load_training_checkpoint, save_training_checkpoint
 from ..config import SRFTConfig, to_dict
+from ..data.dataset import TokenizedProblem, load_problems, tokenize_problems
+from ..data.templates import THINKING_TEMPLATES, load_tokenizer
 from ..distributed import collectives
-from ..distributed.groups import ParallelGroups
+from ..distributed.groups import ParallelGroups, init_distributed
+from ..distributed.layout import (check_micro_batch_memory, config_token_pad_multiple, device_memory_bytes,
+                                  resolve_micro_batch_tokens, validate_layout)
 from ..errors import ConfigError, SrftError
+from ..models.arch import load_arch
+from ..models.builder import build_model, build_optimizer
+from ..models.mapping import export_hf_weights
+from ..rollout.seam import RolloutRequest, Rollouts, ScoredPrompt
+from ..rollout.service import RolloutService
 from ..signals import STOP_SIGNALS, RunStopped
+from .batch import MiniBatch, Sample, pack_micro_batches
+from .metrics import MetricsLogger, PhaseTimer
+from .routing import PromptPlan, plan_prompts, route_prompts
+from .step import forward_logprobs, sync_parameters, train_minibatch
 
 if TYPE_CHECKING:
     from megatron.core.optimizer import MegatronOptimizer
@@ -60,7 +85,7 @@ class Policy:
     model_dir: Path  # HF config + tokenizer (and initial weights) that the rollout engines start from
     groups: ParallelGroups
     micro_batch_tokens: int  # train.micro_batch_tokens with null resolved for this device (distributed/layout.py)
-    version: int = 0  # optimizer steps applied; the rollout service re-syncs engines when it changes
+    version: int = 0  # optimizer steps applied: the version the rollouts are asked to sample from
 
     @property
     def chunks(self) -> list:
@@ -72,9 +97,6 @@ class Policy:
 
     def export(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, full tensor) of the current weights; a collective every rank iterates in lockstep."""
-        from ..models.mapping import export_hf_weights
-        from .step import sync_parameters
-
         sync_parameters(self.chunks)
         with torch.no_grad():
             yield from export_hf_weights(self.chunks, self.handle.arch, self.groups)
@@ -82,8 +104,8 @@ class Policy:
 
 @dataclass
 class Problems:
-    train: list  # list[data.dataset.TokenizedProblem]
-    eval: list
+    train: list[TokenizedProblem]
+    eval: list[TokenizedProblem]
     num_filtered: int = 0
     num_eval_filtered: int = 0
     drop_notes: list = dataclasses.field(default_factory=list)  # one line per file that lost problems, and why
@@ -93,13 +115,6 @@ class Problems:
 
 
 def build_policy(cfg: SRFTConfig, groups: ParallelGroups) -> Policy:
-    from ..checkpoint.loading import load_initial_weights
-    from ..data.templates import load_tokenizer
-    from ..distributed.layout import (check_micro_batch_memory, device_memory_bytes, resolve_micro_batch_tokens,
-                                      validate_layout)
-    from ..models.arch import load_arch
-    from ..models.builder import build_model, build_optimizer
-
     model_dir = Path(cfg.model.path)
     if not cfg.model.path or not model_dir.is_dir():
         raise ConfigError(f"model.path: {cfg.model.path!r} is not a directory (an HF model or a converted checkpoint)")
@@ -122,8 +137,6 @@ def build_policy(cfg: SRFTConfig, groups: ParallelGroups) -> Policy:
 
 
 def load_problems_for(cfg: SRFTConfig, tokenizer, *, need_demos: bool) -> Problems:
-    from ..data.dataset import load_problems, tokenize_problems
-
     notes: list[str] = []
 
     def load(files, require_demo):
@@ -188,12 +201,10 @@ class PromptSampler:
 # --------------------------------------------------------------------------------------------- the steps
 
 
-def build_groups(problems: list, scored: list, settings, group_offset: int) -> tuple[list, dict]:
+def build_groups(problems: Sequence[TokenizedProblem], scored: Sequence[ScoredPrompt], settings: AlgoSettings,
+                 group_offset: int) -> tuple[list[Sample], dict]:
     """Samples of the augmented groups (rollouts + demos) with group-normalised advantages, and their metrics as
     (sum, count) pairs. ``scored[i]``: problem i's ScoredPrompt (completions, rewards, demo rewards)."""
-    from ..algorithms.advantages import group_advantages
-    from .batch import Sample
-
     samples, rewards, group_ids = [], [], []
     for g, (p, sp) in enumerate(zip(problems, scored)):
         gid = group_offset + g
@@ -239,18 +250,14 @@ def build_groups(problems: list, scored: list, settings, group_offset: int) -> t
 
 def reduce_stats(stats: dict, groups: ParallelGroups) -> dict[str, float]:
     """(sum, count) pairs -> values over all DP ranks, through the one metric reduction (algorithms/metrics.py)."""
-    from ..algorithms.metrics import all_reduce_metrics, finalize
-
     sums = {k: (torch.tensor(float(s)), torch.tensor(float(c))) for k, (s, c) in stats.items()}
     return finalize(all_reduce_metrics(sums, groups.dp_group if groups.dp_size > 1 else None))
 
 
-def split_minibatches(samples: list, num_minibatches: int, micro_batch_tokens: int, packing: bool,
-                      pad_to_multiple: int = 1) -> list:
-    """Groups stay whole; each minibatch is packed into micro-batches, every one padded to ``pad_to_multiple``
-    tokens (distributed.layout.token_pad_multiple): [(micro_batches, samples), ...]."""
-    from .batch import pack_micro_batches
-
+def split_minibatches(samples: Sequence[Sample], num_minibatches: int, micro_batch_tokens: int, packing: bool,
+                      pad_to_multiple: int = 1) -> list[MiniBatch]:
+    """Groups stay whole; each mini-batch is packed into micro-batches, every one padded to ``pad_to_multiple``
+    tokens (distributed.layout.token_pad_multiple)."""
     by_group: dict[int, list] = {}
     for s in samples:
         by_group.setdefault(s.group, []).append(s)
@@ -259,12 +266,13 @@ def split_minibatches(samples: list, num_minibatches: int, micro_batch_tokens: i
     out = []
     for i in range(0, len(gids), per):
         ss = [s for g in gids[i:i + per] for s in by_group[g]]
-        out.append((pack_micro_batches(ss, micro_batch_tokens, packing=packing, pad_to_multiple=pad_to_multiple),
-                    ss))
+        out.append(MiniBatch(pack_micro_batches(ss, micro_batch_tokens, packing=packing,
+                                                pad_to_multiple=pad_to_multiple)))
     return out
 
 
-def attach_old_logprobs(policy: Policy, minibatches: list, settings, source: str = "recompute") -> None:
+def attach_old_logprobs(policy: Policy, minibatches: Sequence[MiniBatch], settings: AlgoSettings,
+                        source: str = "recompute") -> None:
     """pi_old on every rollout token, computed where it carries information.
 
     ``recompute``: the first mini-batch is trained before any update of this rollout batch, so its pi_old is its
@@ -273,19 +281,17 @@ def attach_old_logprobs(policy: Policy, minibatches: list, settings, source: str
     one forward-only pass over them, now. ``engine``: pi_old is the engine's log-prob everywhere; no pass. Presets
     without rollouts have no ratio to compute: no pass.
     """
-    from .step import forward_logprobs
-
     if source == "engine":
-        for mbs, _ in minibatches:
-            for mb in mbs:
+        for minibatch in minibatches:
+            for mb in minibatch.micro_batches:
                 mb.old_logprob, mb.old_from_engine = mb.engine_logprob, mb.engine_logprob is not None
         return
-    for mbs, _ in minibatches[:1]:
-        for mb in mbs:
+    for minibatch in minibatches[:1]:
+        for mb in minibatch.micro_batches:
             mb.old_logprob = None
     if not settings.use_rollouts:
         return
-    later = [mb for mbs, _ in minibatches[1:] for mb in mbs]
+    later = [mb for minibatch in minibatches[1:] for mb in minibatch.micro_batches]
     for mb, (lp, _ent) in zip(later, forward_logprobs(policy.chunks, later, policy.groups, policy.vocab_size)):
         mb.old_logprob = lp.detach()
 
@@ -302,19 +308,19 @@ def lr_at(cfg: SRFTConfig, opt_step: int, total_opt_steps: int) -> float:
     return o.min_lr + (o.lr - o.min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
-def update_policy(policy: Policy, minibatches: list, settings, cfg: SRFTConfig, step: int) -> dict:
+def update_policy(policy: Policy, minibatches: Sequence[MiniBatch], settings: AlgoSettings, cfg: SRFTConfig,
+                  step: int) -> dict:
     """One optimizer step per mini-batch; the policy's version moves on with every applied step."""
-    from .step import train_minibatch
-
     settings = settings.at_step(step)  # the step's SFT mix (CHORD's mu), when the preset has one
     num_mb = len(minibatches)
     total = cfg.train.num_steps * num_mb
     merged: dict = {}
-    for i, (mbs, _samples) in enumerate(minibatches):
+    for i, minibatch in enumerate(minibatches):
         lr = lr_at(cfg, (step - 1) * num_mb + i, total)
         for g in policy.optimizer.param_groups:
             g["lr"] = lr
-        out = train_minibatch(policy.chunks, policy.optimizer, mbs, settings, policy.groups, policy.vocab_size)
+        out = train_minibatch(policy.chunks, policy.optimizer, minibatch.micro_batches, settings, policy.groups,
+                              policy.vocab_size)
         if not out["num_skipped"]:
             policy.version += 1
         for k, v in out.items():
@@ -335,7 +341,7 @@ def _metric_name(key: str) -> str:
             "num_skipped": "optim/num_skipped"}.get(key, f"train/{key}")
 
 
-# --------------------------------------------------------------------------------------------- the loop
+# --------------------------------------------------------------------------------------------- the run
 
 
 class _StopFlag:
@@ -362,21 +368,197 @@ class _StopFlag:
         return collectives.agree(self.requested)
 
 
-def _startup_summary(cfg: SRFTConfig, groups: ParallelGroups, problems: Problems, service, pad_multiple: int,
-                     micro_batch_tokens: int) -> str:
-    p = cfg.parallel
+@dataclass
+class Run:
+    """Everything a training run holds between its steps; built by :func:`start_run`, closed by ``with``."""
+
+    cfg: SRFTConfig
+    groups: ParallelGroups
+    settings: AlgoSettings
+    policy: Policy
+    problems: Problems
+    sampler: PromptSampler
+    rollouts: Rollouts
+    logger: MetricsLogger
+    stop: _StopFlag
+    run_dir: Path
+    run_id: str
+    start_step: int  # the checkpoint's step on a resume, else 0
+    pad_multiple: int  # every micro-batch's token multiple (distributed.layout.token_pad_multiple)
+    last_saved: Optional[Path] = None  # the newest checkpoint
+    saved_step: Optional[int] = None  # its step
+    stopped_at: Optional[int] = None  # the last finished step, once a stop signal ended the run
+    consecutive_skips: int = 0
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.rollouts.close()
+        self.logger.close()
+        return False
+
+    # -- the phases
+
+    def prompts(self, step: int) -> PromptPlan:
+        """The step's prompts (every replica's, replica-major) less CHORD's expert rows, which get no rollouts."""
+        step_problems = [self.problems.train[i] for i in self.sampler.step_indices(step)]
+        return plan_prompts(step_problems, self.sampler.replica_slice(), self.groups.dp_size, self.settings)
+
+    def request(self, step: int, plan: PromptPlan) -> RolloutRequest:
+        num_rollouts = self.cfg.rollout.num_rollouts_per_prompt if self.settings.use_rollouts else 0
+        return RolloutRequest(step=step, problems=plan.generate, replica_slice=plan.generate_slice,
+                              version=self.policy.version, num_rollouts=num_rollouts,
+                              num_demos=self.settings.num_demos)
+
+    def my_problems(self, step: int) -> list[TokenizedProblem]:
+        """This replica's prompts of the step, expert rows included, in order."""
+        return [self.problems.train[i] for i in self.sampler.indices(step)]
+
+    def advantages(self, step: int, scored: list[ScoredPrompt]) -> tuple[list[Sample], dict]:
+        mine = self.my_problems(step)
+        return build_groups(mine, scored, self.settings, group_offset=self.groups.dp_rank * len(mine))
+
+    def update(self, step: int, samples: list[Sample], timer: PhaseTimer) -> dict:
+        """Mini-batches of whole groups, their pi_old, one optimizer step each; stops the run after too many
+        consecutive skipped (non-finite) updates."""
+        cfg = self.cfg
+        minibatches = split_minibatches(samples, cfg.train.prompts_per_step // cfg.train.prompts_per_minibatch,
+                                        self.policy.micro_batch_tokens, cfg.train.sequence_packing, self.pad_multiple)
+        with timer("old_logprob"):
+            attach_old_logprobs(self.policy, minibatches, self.settings, cfg.train.old_logprobs)
+        with timer("train"):
+            metrics = update_policy(self.policy, minibatches, self.settings, cfg, step)
+        self.consecutive_skips = self.consecutive_skips + 1 if metrics["optim/num_skipped"] > 0 else 0
+        return metrics
+
+    def check_skips(self, step: int) -> None:
+        if self.consecutive_skips >= self.cfg.train.max_consecutive_skips:
+            raise TrainingError(f"step {step}: {self.consecutive_skips} consecutive steps had a non-finite loss or "
+                                f"gradient and were skipped (train.max_consecutive_skips); the last checkpoint "
+                                f"is {self.last_saved}")
+
+    def log(self, step: int, t0: float, timer: PhaseTimer, num_tokens: int, *parts: dict) -> dict:
+        metrics: dict = {}
+        for part in parts:
+            metrics.update(part)
+        metrics.update(timer.as_metrics())
+        metrics["perf/tokens_per_s"] = num_tokens * self.groups.dp_size / max(time.perf_counter() - t0, 1e-9)
+        metrics["time/step"] = time.perf_counter() - t0
+        self.logger.log(step, metrics)
+        return metrics
+
+    def save_due(self, step: int, last: bool) -> bool:
+        """On schedule, or at the end. A step whose update was skipped is not checkpointed on schedule (the next
+        good step is), only when the run ends."""
+        every = self.cfg.checkpoint.save_every
+        return last or bool(every and step % every == 0 and not self.consecutive_skips)
+
+    def save(self, step: int, *, rotate: bool = True) -> None:
+        """``rotate=False`` (the stop signal's save): older checkpoints stay until the next save's rotation, so
+        the shutdown window holds nothing but the write itself."""
+        sync_parameters(self.policy.chunks)  # every shard current before it is written
+        meta = {"params_dtype": self.cfg.model.params_dtype, "config": to_dict(self.cfg), "run_id": self.run_id}
+        self.last_saved = save_training_checkpoint(
+            self.run_dir, step, self.policy.chunks, self.policy.optimizer, data_cursor=self.sampler.cursor(step),
+            metadata=meta, keep_last=self.cfg.checkpoint.keep_last if rotate else 0, rank=self.groups.rank,
+            arch=self.policy.handle.arch)
+        self.saved_step = step
+
+    def stop_after(self, step: int) -> None:
+        """The stop signal's end: ``step`` (the last finished one) checkpointed unless it is already; no
+        evaluation, export or rotation in the shutdown window."""
+        if step > 0 and self.saved_step != step:
+            self.save(step, rotate=False)
+        self.stopped_at = step
+
+    def eval_due(self, step: int, last: bool) -> bool:
+        every = self.cfg.train.eval_every
+        if step == 0:
+            return bool(self.problems.eval and every)
+        return bool(self.problems.eval) and (bool(every and step % every == 0) or last)
+
+    def evaluate(self, step: int) -> dict:
+        """The rollouts receive the policy's weights and evaluate it; logged at ``step``."""
+        t0 = time.perf_counter()
+        self.rollouts.sync(self.policy, self.policy.version)
+        metrics, _ = self.rollouts.evaluate(self.problems.eval, version=self.policy.version,
+                                            n_samples=self.cfg.train.eval_n_samples,
+                                            temperature=self.cfg.train.eval_temperature)
+        self.logger.log(step, metrics if step == 0 else {**metrics, "time/eval": time.perf_counter() - t0})
+        return metrics
+
+    def finish(self, completed: bool) -> None:
+        """The final export, only after the last step (never inside a pre-emption's shutdown window: a signal
+        that came during the last evaluation leaves it to the requeued job, which finds the final checkpoint)."""
+        if not (completed and self.cfg.checkpoint.export_hf):
+            return
+        if self.stop.agreed():
+            self.stopped_at = self.cfg.train.num_steps
+        else:
+            export_final_hf(self.policy, self.run_dir / "hf", self.cfg.model.params_dtype)
+
+    def raise_if_stopped(self) -> None:
+        if self.stopped_at is not None:
+            raise RunStopped(self.stopped_at, self.stop.signal_name, self.last_saved)
+
+
+def start_run(cfg: SRFTConfig, groups: Optional[ParallelGroups] = None, engine_factory=None) -> Run:
+    """Everything before the first step: the world, the checked config, the algorithm's settings, the run
+    directory's plan (fresh or resumed), the policy (model, optimizer, tokenizer) and its checkpoint, the problems,
+    the logger, the rollouts, and the stop-signal handlers."""
+    groups = groups or init_distributed(cfg.parallel, seed=cfg.train.seed)
+    cfg.validate()  # evaluation settings included: checked now, not at the first evaluation hours later
+    settings = resolve(cfg.algorithm, tis_cap=cfg.rollout.tis_cap)
+    plan = plan_run(cfg.run_dir, cfg.checkpoint.resume, to_dict(cfg), cfg.checkpoint.allow_changes,
+                    rank=groups.rank, world=groups.world_size)
+    policy = build_policy(cfg, groups)
+    problems = load_problems_for(cfg, policy.tokenizer, need_demos=settings.num_demos > 0)
+    sampler = PromptSampler(len(problems.train), cfg.train.prompts_per_step, seed=cfg.data.seed,
+                            shuffle=cfg.data.shuffle, dp_rank=groups.dp_rank, dp_size=groups.dp_size)
+    run_dir = Path(cfg.run_dir)
+    logger = MetricsLogger(run_dir, enabled=groups.is_logging_rank, total_steps=cfg.train.num_steps,
+                           logging_cfg=cfg.logging, run_config=to_dict(cfg), run_id=plan.run_id)
+    start_step = 0
+    if plan.resume_from is not None:
+        start_step = load_training_checkpoint(plan.resume_from, policy.chunks, policy.optimizer, rank=groups.rank,
+                                              verified=True).step
+        policy.version = start_step  # any value that differs from the engines' (they start with dummy weights)
+    # A fresh start begins a fresh metrics.jsonl; a resume drops the lines of steps after its checkpoint.
+    logger.truncate_after(start_step if plan.resume_from is not None else -1)
+    if groups.is_logging_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    start_checkpoint_writer()  # its helper process ignores the stop signals; started before they have handlers
+    stop = _StopFlag(cfg.checkpoint.save_on_signal)
+    rollouts = RolloutService(cfg, groups, str(policy.model_dir), policy.tokenizer, policy,
+                              need_engine=settings.use_rollouts or bool(problems.eval), arch=policy.handle.arch,
+                              require_think=cfg.data.template in THINKING_TEMPLATES, engine_factory=engine_factory)
+    run = Run(cfg=cfg, groups=groups, settings=settings, policy=policy, problems=problems, sampler=sampler,
+              rollouts=rollouts, logger=logger, stop=stop, run_dir=run_dir, run_id=plan.run_id,
+              start_step=start_step, pad_multiple=config_token_pad_multiple(cfg.parallel, cfg.model),
+              last_saved=plan.resume_from, saved_step=start_step if plan.resume_from is not None else None)
+    if groups.is_logging_rank:
+        print(_startup_summary(run), flush=True)
+    return run
+
+
+def _startup_summary(run: Run) -> str:
+    cfg, groups, problems, p = run.cfg, run.groups, run.problems, run.cfg.parallel
     lines = [
         f"[srft] {len(problems.train)} training problems ({problems.num_filtered} dropped by the length filters), "
         f"{len(problems.eval)} eval problems ({problems.num_eval_filtered} dropped); preset {cfg.algorithm.preset}",
         f"[srft] world {groups.world_size}: TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size}"
-        f" x DP {groups.dp_size}{' + SP' if p.sequence_parallel else ''}; micro-batch {micro_batch_tokens} "
-        f"tokens{' (resolved for the device)' if cfg.train.micro_batch_tokens is None else ''} (padded to multiples of {pad_multiple})",
-        f"[srft] rollouts: {service.placement.num_engines} engine(s) of rollout TP {cfg.rollout.tensor_parallel_size}"
-        f"{'' if service.engine is not None else ' (no generation: verifier only)'}; sleep level "
-        f"{cfg.rollout.sleep_level}",
+        f" x DP {groups.dp_size}{' + SP' if p.sequence_parallel else ''}; micro-batch {run.policy.micro_batch_tokens} "
+        f"tokens{' (resolved for the device)' if cfg.train.micro_batch_tokens is None else ''} (padded to multiples "
+        f"of {run.pad_multiple})",
+        f"[srft] rollouts: {run.rollouts.describe()}",
     ]
     lines += [f"[srft] {note}" for note in problems.drop_notes]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- the loop
 
 
 def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_after: Optional[int] = None,
@@ -385,167 +567,49 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
     ``engine_factory`` builds the rollout engines (tests wrap the real one). A stop signal (``_StopFlag``) ends
     the run with :class:`~megatron_srft.signals.RunStopped` after its checkpoint: a stopped run never returns
     as if it had finished."""
-    from ..algorithms.presets import resolve
-    from ..checkpoint.run_dir import plan_run
-    from ..checkpoint.dist import start_checkpoint_writer
-    from ..checkpoint.training_state import load_training_checkpoint, save_training_checkpoint
-    from ..data.templates import THINKING_TEMPLATES
-    from ..distributed.groups import init_distributed
-    from ..distributed.layout import config_token_pad_multiple
-    from ..rollout.service import RolloutService
-    from .metrics import MetricsLogger, PhaseTimer
-    from .routing import plan_prompts, route_prompts
-    from .step import sync_parameters
-
-    groups = groups or init_distributed(cfg.parallel, seed=cfg.train.seed)
-    cfg.validate()  # evaluation settings included: checked now, not at the first evaluation hours later
-    settings = resolve(cfg.algorithm)
-    if cfg.rollout.tis_cap is not None:
-        settings = dataclasses.replace(settings, tis_cap=cfg.rollout.tis_cap)
-    run = plan_run(cfg.run_dir, cfg.checkpoint.resume, to_dict(cfg), cfg.checkpoint.allow_changes, rank=groups.rank,
-                   world=groups.world_size)
-    policy = build_policy(cfg, groups)
-    problems = load_problems_for(cfg, policy.tokenizer, need_demos=settings.num_demos > 0)
-    sampler = PromptSampler(len(problems.train), cfg.train.prompts_per_step, seed=cfg.data.seed,
-                            shuffle=cfg.data.shuffle, dp_rank=groups.dp_rank, dp_size=groups.dp_size)
-    pad_multiple = config_token_pad_multiple(cfg.parallel, cfg.model)
-    run_dir = Path(cfg.run_dir)
-    logger = MetricsLogger(run_dir, enabled=groups.is_logging_rank, total_steps=cfg.train.num_steps,
-                           logging_cfg=cfg.logging, run_config=to_dict(cfg), run_id=run.run_id)
-    start_step = 0
-    ckpt = run.resume_from
-    if ckpt is not None:
-        start_step = load_training_checkpoint(ckpt, policy.chunks, policy.optimizer, rank=groups.rank,
-                                              verified=True).step
-        policy.version = start_step  # any value that differs from the engines' (they start with dummy weights)
-    # A fresh start begins a fresh metrics.jsonl; a resume drops the lines of steps after its checkpoint.
-    logger.truncate_after(start_step if ckpt is not None else -1)
-    if groups.is_logging_rank:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(to_dict(cfg), sort_keys=False))
-
-    need_engine = settings.use_rollouts or bool(problems.eval)
-    num_rollouts = cfg.rollout.num_rollouts_per_prompt if settings.use_rollouts else 0
-    start_checkpoint_writer()  # its helper process ignores the stop signals; started before they have handlers
-    stop = _StopFlag(cfg.checkpoint.save_on_signal)
-    stopped_at: Optional[int] = None  # the last finished step, once a stop signal ended the run
     metrics: dict = {}
-    num_minibatches = cfg.train.prompts_per_step // cfg.train.prompts_per_minibatch
-    meta = {"params_dtype": cfg.model.params_dtype, "config": to_dict(cfg), "run_id": run.run_id}
-    completed = start_step == cfg.train.num_steps
-    consecutive_skips = 0
-    last_saved = ckpt
-    saved_step = start_step if ckpt is not None else None
-
-    def save(step: int, *, rotate: bool = True) -> None:
-        """``rotate=False`` (the stop signal's save): older checkpoints stay until the next save's rotation, so
-        the shutdown window holds nothing but the write itself."""
-        nonlocal last_saved, saved_step
-        sync_parameters(policy.chunks)  # every shard current before it is written
-        last_saved = save_training_checkpoint(run_dir, step, policy.chunks, policy.optimizer, data_cursor=sampler.cursor(step),
-                                 metadata=meta, keep_last=cfg.checkpoint.keep_last if rotate else 0,
-                                 rank=groups.rank, arch=policy.handle.arch)
-        saved_step = step
-
-    def evaluate() -> dict:
-        out, _ = rollouts.evaluate(problems.eval, n_samples=cfg.train.eval_n_samples,
-                                   temperature=cfg.train.eval_temperature)
-        return out
-
-    with RolloutService(cfg, groups, str(policy.model_dir), policy.tokenizer, policy, need_engine=need_engine,
-                        arch=policy.handle.arch,
-                        require_think=cfg.data.template in THINKING_TEMPLATES,
-                        engine_factory=engine_factory) as rollouts:
-        if groups.is_logging_rank:
-            print(_startup_summary(cfg, groups, problems, rollouts, pad_multiple, policy.micro_batch_tokens), flush=True)
-        if start_step == 0 and problems.eval and cfg.train.eval_every:
-            metrics = evaluate()
-            logger.log(0, metrics)
-        for step in range(start_step + 1, cfg.train.num_steps + 1):
-            if stop.agreed():  # the signal came during the previous step's save or evaluation: no new step
-                stopped_at = step - 1
-                if step - 1 > 0 and saved_step != step - 1:
-                    save(step - 1, rotate=False)
+    with start_run(cfg, groups, engine_factory) as run:
+        completed = run.start_step == cfg.train.num_steps
+        if run.start_step == 0 and run.eval_due(0, False):
+            metrics = run.evaluate(0)
+        for step in range(run.start_step + 1, cfg.train.num_steps + 1):
+            if run.stop.agreed():  # the signal came during the previous step's save or evaluation: no new step
+                run.stop_after(step - 1)
                 break
-            timer = PhaseTimer()
-            t0 = time.perf_counter()
-            step_problems = [problems.train[i] for i in sampler.step_indices(step)]
-            plan = plan_prompts(step_problems, sampler.replica_slice(), groups.dp_size, settings)  # expert rows
+            timer, t0, last = PhaseTimer(), time.perf_counter(), step == cfg.train.num_steps
+            plan = run.prompts(step)                                             # prompts
             with timer("rollout"):
-                batch = rollouts.rollouts(plan.generate, step, num_rollouts=num_rollouts,
-                                          num_demos=settings.num_demos, replica_slice=plan.generate_slice)
-            mine = step_problems[sampler.replica_slice()]
-            scored, route_stats = route_prompts(plan, batch.prompts, settings)  # expert rows, HPT's gate
-            samples, stats = build_groups(mine, scored, settings, group_offset=groups.dp_rank * len(mine))
-            minibatches = split_minibatches(samples, num_minibatches, policy.micro_batch_tokens,
-                                            cfg.train.sequence_packing, pad_multiple)
-            with timer("old_logprob"):
-                attach_old_logprobs(policy, minibatches, settings, cfg.train.old_logprobs)
-            with timer("train"):
-                train_metrics = update_policy(policy, minibatches, settings, cfg, step)
-            metrics = {**reduce_stats({**stats, **route_stats}, groups), **batch.metrics, **train_metrics, **timer.as_metrics()}
-            num_tokens = sum(s.num_tokens for s in samples)
-            metrics["perf/tokens_per_s"] = num_tokens * groups.dp_size / max(time.perf_counter() - t0, 1e-9)
-            metrics["time/step"] = time.perf_counter() - t0
-            logger.log(step, metrics)
-            skipped = train_metrics["optim/num_skipped"] > 0
-            consecutive_skips = consecutive_skips + 1 if skipped else 0
-            if consecutive_skips >= cfg.train.max_consecutive_skips:
-                raise TrainingError(f"step {step}: {consecutive_skips} consecutive steps had a non-finite loss or "
-                                    f"gradient and were skipped (train.max_consecutive_skips); the last checkpoint "
-                                    f"is {last_saved}")
-            last = step == cfg.train.num_steps
-            stopping = stop.agreed()
-            # Save, then evaluate: a failing evaluation never costs the step. A step whose update was skipped is
-            # not checkpointed on schedule (the next good step is), only when the run ends.
-            due = cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and not skipped
-            if stopping:  # the signal's save: no evaluation, export or rotation in the shutdown window
-                save(step, rotate=False)
-                stopped_at = step
+                run.rollouts.generate(run.request(step, plan))                   # generate (policy version)
+                run.rollouts.sync(run.policy, run.policy.version)                # sync the weights
+                batch = run.rollouts.collect(step)                               # score (verifier rewards)
+            scored, route_stats = route_prompts(plan, batch.prompts, run.settings)  # route (CHORD, HPT)
+            samples, stats = run.advantages(step, scored)                        # groups + advantages
+            train_metrics = run.update(step, samples, timer)                     # update
+            metrics = run.log(step, t0, timer, sum(s.num_tokens for s in samples),
+                              reduce_stats({**stats, **route_stats}, run.groups), batch.metrics, train_metrics)
+            run.check_skips(step)
+            if run.stop.agreed():  # the signal's save: no evaluation, export or rotation in the shutdown window
+                run.stop_after(step)
                 break
-            if last or due:
-                save(step)
+            if run.save_due(step, last):
+                run.save(step)                                                   # save
             if stop_after is not None and step >= stop_after:
                 break
-            if problems.eval and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or last):
-                with timer("eval"):
-                    eval_metrics = evaluate()
-                metrics.update(eval_metrics)
-                logger.log(step, {**eval_metrics, "time/eval": timer.seconds["eval"]})
+            if run.eval_due(step, last):
+                metrics.update(run.evaluate(step))                               # evaluate
             completed = last
-        # The final export runs only after the last step (never inside a pre-emption's shutdown window: a signal
-        # that came during the last evaluation leaves it to the requeued job, which finds the final checkpoint).
-        if completed and cfg.checkpoint.export_hf and stop.agreed():
-            stopped_at = cfg.train.num_steps
-        elif completed and cfg.checkpoint.export_hf:
-            export_final_hf(policy, groups, run_dir / "hf", cfg.model.params_dtype)
-    logger.close()
-    if stopped_at is not None:
-        raise RunStopped(stopped_at, stop.signal_name, last_saved)
+        run.finish(completed)                                                    # export
+    run.raise_if_stopped()
     return metrics
 
 
-def export_final_hf(policy: Policy, groups: ParallelGroups, out_dir: Path, params_dtype: str) -> None:
-    """Collective: the live model as an HF directory (safetensors, config, tokenizer), written by rank 0 into a
-    temporary sibling and renamed when complete. Tensors are cast to the run's dtype (Megatron's local spec
-    keeps norm weights in fp32)."""
-    import json
-
-    from ..checkpoint.atomic import atomic_dir
-    from ..checkpoint.convert import copy_side_files, write_safetensors
-    from ..checkpoint.manifest import write_manifest
-    from ..dtypes import DTYPES, torch_dtype
-
-    dtype = torch_dtype(params_dtype)
+def export_final_hf(policy: Policy, out_dir: Path, params_dtype: str) -> None:
+    """Collective: the live model as an HF directory through the one HF export (checkpoint/convert.py
+    ``write_hf_model``), written by rank 0 into a temporary sibling and renamed when complete."""
     items = policy.export()  # parameters made current first (overlapped param gather)
-    if groups.rank == 0:
+    if policy.groups.rank == 0:
         with atomic_dir(out_dir) as tmp:  # a failed export leaves no temporary directory behind
-            write_safetensors(((n, t.to(dtype)) for n, t in items), tmp, 2 << 30)
-            hf_cfg = dict(policy.handle.arch.hf_config)
-            hf_cfg.pop("torch_dtype", None)
-            hf_cfg["dtype"] = DTYPES[params_dtype].torch_name
-            (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-            copy_side_files(policy.model_dir, tmp)
+            write_hf_model(tmp, items, policy.handle.arch, params_dtype, [policy.model_dir])
             write_manifest(tmp)  # last: sizes + CRC-32 of every file (checkpoint/manifest.py)
     else:
         for _ in items:

@@ -19,6 +19,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..algorithms.presets import AlgoSettings
+from ..rollout.seam import ScoredPrompt
+
 __all__ = ["expert_mask", "PromptPlan", "plan_prompts", "route_prompts"]
 
 
@@ -40,7 +43,7 @@ class PromptPlan:
     expert: list[bool]
 
 
-def plan_prompts(step_problems: Sequence, replica: slice, dp_size: int, settings) -> PromptPlan:
+def plan_prompts(step_problems: Sequence, replica: slice, dp_size: int, settings: AlgoSettings) -> PromptPlan:
     """The step's prompts (global, replica-major, equal blocks) minus the expert rows of every replica."""
     share = len(step_problems) // dp_size
     expert = expert_mask(share, settings.expert_prompt_fraction)
@@ -50,7 +53,8 @@ def plan_prompts(step_problems: Sequence, replica: slice, dp_size: int, settings
     return PromptPlan(generate=generate, generate_slice=slice(d * keep, (d + 1) * keep), expert=expert)
 
 
-def route_prompts(plan: PromptPlan, scored: Sequence, settings) -> tuple[list, dict]:
+def route_prompts(plan: PromptPlan, scored: Sequence[ScoredPrompt], settings: AlgoSettings
+                  ) -> tuple[list[ScoredPrompt], dict]:
     """This replica's prompts in order, each routed, and the routing metrics as (sum, count) pairs.
 
     ``scored``: the rollout service's ScoredPrompt of each generated prompt of this replica, in order. Expert rows
@@ -58,8 +62,6 @@ def route_prompts(plan: PromptPlan, scored: Sequence, settings) -> tuple[list, d
     ``sft_gate_max_correct`` correct rollouts keeps its demonstration alone; when routing is on, every other
     prompt keeps its rollouts alone. Without routing, ``scored`` is returned as is.
     """
-    from ..rollout.service import ScoredPrompt
-
     if not settings.routes_prompts:
         return list(scored), {}
     it = iter(scored)

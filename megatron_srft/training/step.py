@@ -28,12 +28,17 @@ here uses the groups passed in as :class:`ParallelGroups`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
+from ..algorithms.losses import Normalizers, TokenBatch, srft_objective
+from ..algorithms.metrics import accumulate, all_reduce_metrics, finalize, is_max
+from ..algorithms.mismatch import mismatch_sums
+from ..algorithms.presets import AlgoSettings
 from ..distributed import collectives
 from ..distributed.groups import ParallelGroups
+from ..ops.logprob import vocab_parallel_logprob_entropy
 from .batch import MicroBatch, empty_micro_batch, model_forward
 
 __all__ = ["compute_normalizers", "forward_logprobs", "train_minibatch", "token_batch", "configure_schedule",
@@ -56,8 +61,8 @@ def sync_parameters(chunks: list) -> None:
             c.start_param_sync(force_sync=True)
 
 
-def compute_normalizers(micro_batches: Sequence[MicroBatch], settings, groups: ParallelGroups,
-                        entropies: Optional[Sequence[torch.Tensor]] = None):
+def compute_normalizers(micro_batches: Sequence[MicroBatch], settings: AlgoSettings, groups: ParallelGroups,
+                        entropies: Optional[Sequence[torch.Tensor]] = None) -> Normalizers:
     """The mini-batch-global denominators (``algorithms.losses.Normalizers``), computed once before the loop.
 
     Loss tokens and sequences are summed over this rank's micro-batches and all-reduced over DP (the ranks of one
@@ -65,8 +70,6 @@ def compute_normalizers(micro_batches: Sequence[MicroBatch], settings, groups: P
     entropy [T] (e.g. from :func:`forward_logprobs`), required when ``settings.entropy_granularity`` is
     'batch_mean': mean_entropy = sum(H * mask) / sum(mask) over the whole mini-batch.
     """
-    from ..algorithms.losses import Normalizers
-
     counts = torch.zeros(4, dtype=torch.float64)
     for i, mb in enumerate(micro_batches):
         mask = mb.loss_mask > 0
@@ -78,9 +81,6 @@ def compute_normalizers(micro_batches: Sequence[MicroBatch], settings, groups: P
     counts = collectives.all_reduce(counts, "sum", groups.dp_group)
     num_tokens, num_sequences, num_demo_tokens = float(counts[0]), float(counts[1]), float(counts[3])
     mean_entropy = float(counts[2]) / max(num_tokens, 1.0) if entropies is not None else None
-    if settings is None:  # a custom loss_fn that needs only the counts
-        return Normalizers(num_tokens=num_tokens, num_sequences=num_sequences, mean_entropy=mean_entropy,
-                           num_demo_tokens=num_demo_tokens)
     if settings.entropy_granularity == "batch_mean" and mean_entropy is None:
         raise ValueError("compute_normalizers: algorithm.entropy_granularity 'batch_mean' needs the per-token "
                          "entropies of the mini-batch (pass entropies= from forward_logprobs)")
@@ -88,10 +88,8 @@ def compute_normalizers(micro_batches: Sequence[MicroBatch], settings, groups: P
                                     mean_entropy=mean_entropy, num_demo_tokens=num_demo_tokens)
 
 
-def token_batch(mb: MicroBatch, logprob: torch.Tensor, entropy: torch.Tensor):
+def token_batch(mb: MicroBatch, logprob: torch.Tensor, entropy: torch.Tensor) -> TokenBatch:
     """The pure loss's input for one micro-batch: the model's per-token log-probs/entropies plus the batch."""
-    from ..algorithms.losses import TokenBatch
-
     dev = logprob.device
     # No stored pi_old: this forward runs before any update of the rollout batch, so pi_old = pi_theta (detached);
     # the ratio is exactly 1 in value and d ratio = d log pi. Saves the old-log-prob pass (training/loop.py).
@@ -166,8 +164,6 @@ def forward_logprobs(chunks: list, micro_batches: Sequence[MicroBatch], groups: 
     Values at position t are for target ``mb.targets[t]`` (meaningful where ``loss_mask`` is 1). Available on
     EVERY rank of the model-parallel group: TP ranks agree by construction, the last PP stage broadcasts.
     """
-    from ..ops.logprob import vocab_parallel_logprob_entropy
-
     if not micro_batches:
         return []
     configure_schedule(chunks)
@@ -210,8 +206,6 @@ def _reduce_metrics(metrics: dict, loss_sum: float, groups: ParallelGroups) -> t
     """The last stage's (sum, count) metrics and loss, broadcast over PP, then reduced over DP (SUM, and MAX for
     ``*_max`` names, per algorithms.metrics). Metric names may differ between DP ranks (e.g. a rank without
     engine log-probs): the union is used, a missing metric counting as (0, 0)."""
-    from ..algorithms.metrics import all_reduce_metrics, is_max
-
     if groups.pp_size > 1:
         metrics, loss_sum = collectives.broadcast_object((metrics, loss_sum) if groups.is_last_pp_stage else None,
                                                          _last_stage_rank(groups), groups.pp_group)
@@ -244,14 +238,12 @@ def grads_are_finite(chunks: list, groups: ParallelGroups) -> bool:
     return not collectives.agree(not finite_here)
 
 
-def train_minibatch(chunks: list, optimizer, micro_batches: Sequence[MicroBatch], settings, groups: ParallelGroups,
-                    vocab_size: int, *, loss_fn: Optional[Callable] = None, norm=None) -> dict[str, float]:
+def train_minibatch(chunks: list, optimizer, micro_batches: Sequence[MicroBatch], settings: AlgoSettings,
+                    groups: ParallelGroups, vocab_size: int) -> dict[str, float]:
     """One optimizer step on this rank's micro-batches of a mini-batch; returns metrics reduced over DP.
 
-    ``loss_fn(batch: TokenBatch, settings, norm) -> (loss_share, {name: (sum, count)})`` defaults to
-    ``srft_objective``; ``norm`` defaults to :func:`compute_normalizers` (pass it when the mini-batch was
-    counted elsewhere; with ``entropy_granularity='batch_mean'`` the default costs one extra forward pass).
-    Gradient = d(sum of loss shares over micro-batches and DP)/dtheta exactly (module doc).
+    The loss is ``algorithms.losses.srft_objective`` with the mini-batch's :func:`compute_normalizers` (with
+    ``entropy_granularity='batch_mean'`` they cost one extra forward pass). Gradient = d(sum of loss shares over micro-batches and DP)/dtheta exactly (module doc).
     A DP rank without micro-batches runs one empty micro-batch (loss 0) so the collectives line up.
     A micro-batch without stored ``old_logprob`` uses its own forward's log-prob as pi_old (see token_batch).
 
@@ -263,20 +255,12 @@ def train_minibatch(chunks: list, optimizer, micro_batches: Sequence[MicroBatch]
     log-probs are known), ``grad_norm`` (before clipping), ``num_skipped`` (1 when the update was not applied:
     a non-finite loss or gradient anywhere, or the fp16 scaler's inf/nan) and ``num_micro_batches`` (this rank's).
     """
-    from ..algorithms.metrics import accumulate, finalize
-    from ..algorithms.mismatch import mismatch_sums
-    from ..ops.logprob import vocab_parallel_logprob_entropy
-
-    if loss_fn is None:
-        from ..algorithms.losses import srft_objective as loss_fn
-
     mbs = list(micro_batches) or [empty_micro_batch(_pad_multiple(chunks))]
-    if norm is None:
-        entropies = None
-        if settings is not None and settings.entropy_granularity == "batch_mean":
-            # the mini-batch mean of H under the current weights: one extra forward pass
-            entropies = [ent for _, ent in forward_logprobs(chunks, micro_batches, groups, vocab_size)]
-        norm = compute_normalizers(list(micro_batches), settings, groups, entropies=entropies)
+    entropies = None
+    if settings.entropy_granularity == "batch_mean":
+        # the mini-batch mean of H under the current weights: one extra forward pass
+        entropies = [ent for _, ent in forward_logprobs(chunks, micro_batches, groups, vocab_size)]
+    norm = compute_normalizers(list(micro_batches), settings, groups, entropies=entropies)
     configure_schedule(chunks, optimizer)
     for c in chunks:
         if hasattr(c, "zero_grad_buffer"):
@@ -297,7 +281,7 @@ def train_minibatch(chunks: list, optimizer, micro_batches: Sequence[MicroBatch]
             lp, ent = vocab_parallel_logprob_entropy(logits, mb.targets.to(logits.device), tp_group=groups.tp_group,
                                                      vocab_size=vocab_size)
             batch = token_batch(mb, lp, ent)
-            loss, metrics = loss_fn(batch, settings, norm)
+            loss, metrics = srft_objective(batch, settings, norm)
             loss_sum = loss_sum + loss.detach().double().to(loss_sum.device)
             accumulate(metric_sums, metrics)
             if batch.engine_logprob is not None:

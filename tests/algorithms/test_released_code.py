@@ -182,7 +182,7 @@ def check_hpt(preset: str, seed: int):
 
 
 def test_hpt_gate_equals_select_on_off_ada_balance():
-    from megatron_srft.rollout.service import ScoredPrompt
+    from megatron_srft.rollout.seam import ScoredPrompt
     from megatron_srft.training.routing import plan_prompts, route_prompts
 
     g = torch.Generator().manual_seed(0)

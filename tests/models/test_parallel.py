@@ -1,6 +1,7 @@
 """Foundation: Megatron at TP=2 / PP=2 / DP=2 (distributed optimizer) computes what TP=PP=DP=1 computes.
 
-Plain next-token cross-entropy (token mean over the mini-batch) through ``training.step.train_minibatch``, fp32,
+Plain next-token cross-entropy (token mean over the mini-batch: the real objective with harness.CE's settings, every
+sample a demonstration) through ``training.step.train_minibatch``, fp32,
 weights loaded from the same tiny HF model at every layout, Adam with lr = eps = 1e4 and no clipping so that
 parameters after one step compare the gradients (see harness.setup_rank). Each layout runs on gloo ranks in spawned processes.
 """
@@ -21,7 +22,7 @@ def hf_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def samples():
-    return make_samples(8, seed=0)
+    return make_samples(8, seed=0, group_size=1)  # every sample a demonstration: the SFT term is plain CE
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def _dp2(hf_dir, samples):
 def _assert_same_step(ref, got, atol=1e-5):
     assert got["metrics"]["loss"] == pytest.approx(ref["metrics"]["loss"], rel=1e-5, abs=1e-6)
     assert got["metrics"]["grad_norm"] == pytest.approx(ref["metrics"]["grad_norm"], rel=1e-5, abs=1e-6)
-    assert got["metrics"]["nll"] == pytest.approx(ref["metrics"]["nll"], rel=1e-5)
+    assert got["metrics"]["loss_sft"] == pytest.approx(ref["metrics"]["loss_sft"], rel=1e-5)
     assert set(got["params"]) == set(ref["params"])
     for name, p in ref["params"].items():
         diff = float(np.abs(got["params"][name] - p).max())
@@ -77,7 +78,7 @@ def test_reference_step_changes_weights(reference, hf_dir):
 
     assert reference["metrics"]["grad_norm"] > 1e-3
     assert abs(reference["metrics"]["loss"] - math.log(112)) < 1.0
-    assert reference["metrics"]["loss"] == pytest.approx(reference["metrics"]["nll"], rel=1e-6)
+    assert reference["metrics"]["loss"] == pytest.approx(reference["metrics"]["loss_sft"], rel=1e-6)
 
 
 def test_tp2_logits_equal_tp1(reference, hf_dir, samples):

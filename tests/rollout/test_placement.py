@@ -6,7 +6,8 @@ import pytest
 
 from megatron_srft.rollout.base import Completion
 from megatron_srft.rollout.placement import Placement, megatron_replica_of_rank
-from megatron_srft.rollout.service import ScoredPrompt, decode, encode, step_seed
+from megatron_srft.rollout.seam import ScoredPrompt
+from megatron_srft.rollout.service import decode, encode, step_seed
 
 
 def test_every_rank_in_one_engine_and_balanced_shares():

@@ -3,12 +3,12 @@
 ``run_layout`` runs inside a rank (spawned by ``tests.dist.run_ranks``): it starts Megatron at the given TP/PP
 (DP = world / (TP * PP)), builds the model from the HF directory, splits the samples over DP, trains one
 mini-batch with ``train_minibatch`` and returns what the tests compare, as full (unsharded) HF-named tensors.
+Plain cross-entropy is the real objective with :data:`CE`'s settings, on samples that are all demonstrations.
 """
 
 from __future__ import annotations
 
 import random
-from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -42,13 +42,9 @@ def make_samples(n: int = 8, seed: int = 0, group_size: int = 4):
     return out
 
 
-def ce_loss(batch, settings, norm):
-    """Plain next-token NLL over loss tokens, token-mean over the whole mini-batch: sum(-logp * mask) / N."""
-    mask = batch.loss_mask.to(batch.logprob.dtype)
-    nll = -(batch.logprob * mask).sum()
-    loss = nll / norm.num_tokens
-    return loss, {"nll": (nll.detach(), mask.sum().detach()), "entropy": ((batch.entropy * mask).sum().detach(),
-                                                                          mask.sum().detach())}
+#: (preset, overrides) of plain next-token NLL, token-mean over the whole mini-batch, sum(-logp * mask) / N, when
+#: every sample is a demonstration: the SFT term with w = 1 and the verl token-mean aggregation
+CE = ("sft", {"aggregation": "token_mean"})
 
 
 def setup_rank(hf_dir: str, tp: int, pp: int, *, use_distributed_optimizer: bool = True,
@@ -83,18 +79,24 @@ def full_params(handle, arch, groups) -> dict[str, torch.Tensor]:
 
 
 def run_layout(hf_dir: str, tp: int, pp: int, samples, micro_batch_tokens: int, *, packing: bool = True,
-               loss: str = "ce", preset: Optional[str] = None, algo_overrides: Optional[dict] = None,
+               preset: str = CE[0], algo_overrides: Optional[dict] = None,
                want_logits: bool = False, sequence_parallel: bool = False) -> dict:
     """One mini-batch on this rank's layout. Returns loss, grad_norm, metrics, params after the step (rank 0 of
     each replica returns them; others return None for the tensors to keep pickles small), and ``norm_grads``:
     every norm weight's gradient after the step's reductions, on every rank (under sequence parallelism each
     TP rank's norm sees its slice of the sequence; the step must sum them over TP).
-    With ``sequence_parallel`` the rows are padded to a multiple of TP (the sequence is split over TP)."""
-    from megatron_srft.training.batch import pack_micro_batches, split_for_data_parallel
+    With ``sequence_parallel`` the rows are padded to a multiple of TP (the sequence is split over TP).
+    ``preset`` and ``algo_overrides``: the objective's settings (default :data:`CE`)."""
+    from megatron_srft.algorithms.presets import resolve
+    from megatron_srft.config import AlgorithmConfig
+    from megatron_srft.training.batch import pack_micro_batches
     from megatron_srft.training.step import forward_logprobs, train_minibatch
 
     groups, handle, opt, arch = setup_rank(hf_dir, tp, pp, sequence_parallel=sequence_parallel)
-    shards = split_for_data_parallel(samples, groups.dp_size)
+    if preset == CE[0] and algo_overrides is None:
+        algo_overrides = CE[1]
+    # every DP rank its strided share (the objective's normalisers are global, so any split gives the same step)
+    shards = [list(range(r, len(samples), groups.dp_size)) for r in range(groups.dp_size)]
     mine = [samples[i] for i in shards[groups.dp_rank]]
     mbs = pack_micro_batches(mine, micro_batch_tokens, packing=packing,
                              pad_to_multiple=tp if sequence_parallel else 1)
@@ -107,19 +109,8 @@ def run_layout(hf_dir: str, tp: int, pp: int, samples, micro_batch_tokens: int, 
     out["seq_logprobs"] = {shards[groups.dp_rank][k]: v for k, v in enumerate(per_seq)}
     if want_logits:
         out["logits"] = _full_logits(handle, mbs[0], groups)
-    if loss == "ce":
-        norm_counts = torch.tensor([float(sum(mb.num_loss_tokens for mb in mbs))])
-        if groups.dp_size > 1:
-            torch.distributed.all_reduce(norm_counts, group=groups.dp_group)
-        settings, norm, loss_fn = None, SimpleNamespace(num_tokens=float(norm_counts[0])), ce_loss
-    else:
-        from megatron_srft.algorithms.losses import srft_objective
-        from megatron_srft.algorithms.presets import resolve
-        from megatron_srft.config import AlgorithmConfig
-
-        settings = resolve(AlgorithmConfig(preset=preset or "srft", **(algo_overrides or {})))
-        norm, loss_fn = None, srft_objective  # train_minibatch's default: compute_normalizers
-    metrics = train_minibatch(handle.chunks, opt, mbs, settings, groups, arch.vocab_size, loss_fn=loss_fn, norm=norm)
+    settings = resolve(AlgorithmConfig(preset=preset, **(algo_overrides or {})))
+    metrics = train_minibatch(handle.chunks, opt, mbs, settings, groups, arch.vocab_size)
     out["metrics"] = metrics
     out["norm_grads"] = _norm_grads(handle)
     params = full_params(handle, arch, groups)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_srft.training.batch import (MicroBatch, Sample, block_causal_mask, empty_micro_batch,
-                                          pack_micro_batches, per_sequence_values, split_for_data_parallel)
+                                          pack_micro_batches, per_sequence_values)
 
 
 def _samples(n, seed=0, max_prompt=6, max_resp=9, with_logprobs=True):
@@ -116,12 +116,6 @@ def test_per_sequence_values_roundtrip():
         assert torch.allclose(vals[k], torch.tensor(s.old_logprobs))
 
 
-def test_split_for_data_parallel():
-    samples = _samples(11, 4)
-    shards = split_for_data_parallel(samples, 3)
-    assert sorted(i for s in shards for i in s) == list(range(11))
-    loads = [sum(samples[i].num_tokens for i in s) for s in shards]
-    assert max(loads) - min(loads) <= max(s.num_tokens for s in samples)
-    assert split_for_data_parallel(samples[:1], 2) == [[0], []]
+def test_empty_micro_batch():
     e = empty_micro_batch()
     assert e.num_tokens == 1 and e.num_loss_tokens == 0 and e.num_sequences == 0

@@ -167,9 +167,9 @@ def test_a_failed_export_leaves_no_temporary_directory(tmp_path):
         yield "model.embed_tokens.weight", torch.zeros(4, 4)
         raise RuntimeError("the export failed half way")
 
-    policy = SimpleNamespace(export=export, model_dir=tmp_path, handle=SimpleNamespace(arch=SimpleNamespace(
-        hf_config={})))
+    policy = SimpleNamespace(export=export, model_dir=tmp_path, groups=SimpleNamespace(rank=0),
+                             handle=SimpleNamespace(arch=SimpleNamespace(hf_config={})))
     (tmp_path / "run").mkdir()
     with pytest.raises(RuntimeError, match="half way"):
-        export_final_hf(policy, SimpleNamespace(rank=0), tmp_path / "run" / "hf", "fp32")
+        export_final_hf(policy, tmp_path / "run" / "hf", "fp32")
     assert list((tmp_path / "run").iterdir()) == []  # no hf/, no .hf.tmp*

@@ -6,7 +6,7 @@ import dataclasses
 import math
 
 from megatron_srft.algorithms.presets import PRESETS
-from megatron_srft.rollout.service import ScoredPrompt
+from megatron_srft.rollout.seam import ScoredPrompt
 from megatron_srft.training.routing import expert_mask, plan_prompts, route_prompts
 
 

@@ -24,8 +24,7 @@ def samples():
 
 
 def _run(hf_dir, samples, tp, pp, packing=True, preset="srft", algo_overrides=None):
-    return run_layout(hf_dir, tp, pp, samples, BUDGET, packing=packing, loss="srft", preset=preset,
-                      algo_overrides=algo_overrides)
+    return run_layout(hf_dir, tp, pp, samples, BUDGET, packing=packing, preset=preset, algo_overrides=algo_overrides)
 
 
 def _full_and_single(hf_dir, samples, tp, pp):
@@ -112,10 +111,11 @@ def test_packed_equals_padded(reference, hf_dir, samples):
 
 def _old_logprob_saving_and_nonfinite(hf_dir, samples):
     """Single update per rollout batch: pi_old from a separate forward pass vs the training forward's own log-prob
-    (detached). Then a non-finite loss: the update is skipped and the weights stay as they were."""
+    (detached). Then a non-finite loss (NaN advantages): the update is skipped and the weights stay as they were."""
+    import dataclasses
+
     import torch
 
-    from megatron_srft.algorithms.losses import srft_objective
     from megatron_srft.algorithms.presets import resolve
     from megatron_srft.config import AlgorithmConfig
     from megatron_srft.training.batch import pack_micro_batches
@@ -139,14 +139,10 @@ def _old_logprob_saving_and_nonfinite(hf_dir, samples):
         metrics = train_minibatch(handle.chunks, opt, mbs, settings, groups, arch.vocab_size)
         out[mode] = {"metrics": metrics, "params": full_params(handle, arch, groups)}
 
-    def nan_loss(batch, settings, norm):
-        loss, metrics = srft_objective(batch, settings, norm)
-        return loss * float("nan"), metrics
-
     groups, handle, opt, arch = setup_rank(hf_dir, 1, 1)
     before = full_params(handle, arch, groups)
-    mbs = pack_micro_batches(samples, BUDGET)
-    metrics = train_minibatch(handle.chunks, opt, mbs, settings, groups, arch.vocab_size, loss_fn=nan_loss)
+    mbs = pack_micro_batches([dataclasses.replace(s, advantage=float("nan")) for s in samples], BUDGET)
+    metrics = train_minibatch(handle.chunks, opt, mbs, settings, groups, arch.vocab_size)
     after = full_params(handle, arch, groups)
     out["nonfinite"] = {"metrics": metrics, "unchanged": all(torch.equal(before[n], after[n]) for n in before)}
     return to_numpy(out)
@@ -167,7 +163,7 @@ def test_old_logprob_saving_and_nonfinite_guard(hf_dir, samples):
 
 
 def _sp_on_and_off(hf_dir, samples):
-    return [run_layout(hf_dir, 2, 1, samples, BUDGET, loss="srft", preset="srft", sequence_parallel=sp)
+    return [run_layout(hf_dir, 2, 1, samples, BUDGET, preset="srft", sequence_parallel=sp)
             for sp in (True, False)]
 
 
