@@ -1,4 +1,5 @@
 import json
+import time
 
 from megatron_srft.training.plots import plot_run
 from megatron_srft.training.metrics import MetricsLogger, read_metrics
@@ -84,6 +85,13 @@ def _wandb_records(run_file):
             partial += chunk
 
 
+def _has_exit_record(run_file) -> bool:
+    try:
+        return any(kind == "exit" for kind, _ in _wandb_records(run_file))
+    except Exception:  # a record still being written
+        return False
+
+
 def _logging(**kw):
     from megatron_srft.config import LoggingConfig
 
@@ -109,6 +117,10 @@ def test_tensorboard_and_wandb_offline_runs_read_back(tmp_path, monkeypatch):
     assert [(e.step, round(e.value, 6)) for e in events.Scalars("loss/total")] == [(1, 1.0), (2, 0.5), (3, 0.333333)]
 
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*-abc123/run-abc123.wandb")
+    # wandb-core (its own process) may still be appending when finish() returns: read once its exit record is there.
+    deadline = time.monotonic() + 60
+    while not _has_exit_record(run_file) and time.monotonic() < deadline:
+        time.sleep(0.1)
     history = []
     for kind, record in _wandb_records(run_file):
         if kind == "history":
