@@ -43,7 +43,7 @@ OURS = [
     ("rollout: vLLM model runner execute_model", "vllm/v1/worker/cpu_model_runner.py", "execute_model"),
     ("rollout: vLLM model runner execute_model", "vllm/v1/worker/gpu_model_runner.py", "execute_model"),
     ("rollout: vLLM sample_tokens", "vllm/v1/worker/gpu_model_runner.py", "sample_tokens"),
-    ("reward: score_rollouts", "megatron_srft/training/loop.py", "score_rollouts"),
+    ("reward: verifier scoring", "megatron_srft/rollout/service.py", "_score"),
     ("groups: build_groups (advantages)", "megatron_srft/training/loop.py", "build_groups"),
     ("packing: pack_micro_batches", "megatron_srft/training/batch.py", "pack_micro_batches"),
     ("packing: _build (per-sequence tensors)", "megatron_srft/training/batch.py", "_build"),
@@ -64,7 +64,7 @@ OURS = [
     ("metrics: reduce_stats", "megatron_srft/training/loop.py", "reduce_stats"),
     ("metrics: logger.log", "megatron_srft/training/metrics.py", "log"),
     ("train: optimizer step", "megatron/core/optimizer/optimizer.py", "step"),
-    ("sync: sync_weights_to_engine", "megatron_srft/training/loop.py", "sync_weights_to_engine"),
+    ("sync: stream_weights", "megatron_srft/rollout/sync.py", "stream_weights"),
 ]
 #: Host syncs and per-op overheads: (label, cProfile's name for a C function, or (file, function)); tottime.
 OVERHEADS = [
