@@ -24,7 +24,8 @@ from ..distributed import groups as parallel
 from ..training.loop import train
 from ..training.metrics import read_metrics
 from ..training.plots import plot_run
-from .study import StudySpec, run_study
+from .study import run_study
+from .study_plan import StudySpec
 from .toy import make_toy
 
 #: The demo's settings. SFT warm-up: enough to be clearly above 0 on held-out problems but far from 100%.

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_srft.experiments.study import Job, StudySpec, compare, study_jobs
+from megatron_srft.experiments.study_plan import Job, StudySpec, study_jobs
+from megatron_srft.experiments.study_report import compare
 from megatron_srft.experiments.toy import ToySettings
 from tests.dist import run_ranks
 
@@ -118,7 +119,7 @@ def test_compare_rule():
 
 def _fake_study(root: Path, spec: StudySpec, acc: dict, ent_end: dict) -> dict:
     """results and metrics.jsonl files as the jobs would leave them, with chosen accuracies and entropies."""
-    from megatron_srft.experiments.study import recipe_run
+    from megatron_srft.experiments.study_plan import recipe_run
 
     results = {"warmup": {"acc_id": 0.2, "acc_ood": 0.05, "num_id": 200, "num_ood": 200}}
     for c in spec.conditions:
@@ -146,7 +147,7 @@ def _fake_study(root: Path, spec: StudySpec, acc: dict, ent_end: dict) -> dict:
 
 
 def test_report_states_each_claim_and_where_it_does_not_hold(tmp_path):
-    from megatron_srft.experiments.study import write_report
+    from megatron_srft.experiments.study_report import write_report
 
     spec = StudySpec(steps=10, eval_every=2)
     acc = {"sft": 0.55, "grpo": 0.30, "luffy": 0.35, "sft_then_rl": 0.50, "srft": 0.45}

@@ -1,0 +1,319 @@
+"""The toy study's report: per-cell summaries over seeds, the comparison rule, and docs/toy_results.md with its
+plots, written from the study's results (experiments/study.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Sequence
+
+from ..checkpoint.atomic import replace_dir, write_text_atomic
+from ..training.metrics import read_metrics
+from ..training.plots import plot_compare
+from .study_plan import StudySpec, recipe_run
+
+#: the paper's claims, as the report states them
+CLAIMS = {
+    1: "SRFT beats SFT, GRPO, LUFFY and two-stage SFT->RL in-domain.",
+    2: "SRFT generalises best out of distribution.",
+    3: "SRFT's rollout entropy stays flat while GRPO's collapses.",
+}
+#: a difference counts when |mean_a - mean_b| > RULE_SE x sqrt(std_a^2 / n_a + std_b^2 / n_b)
+RULE_SE = 2.0
+#: entropy ratio end / start: "flat" inside [FLAT_LO, FLAT_HI], "collapsed" below COLLAPSED
+FLAT_LO, FLAT_HI, COLLAPSED = 0.8, 1.25, 0.5
+#: out-of-distribution accuracy below this for every recipe: the split is at its floor and says nothing
+FLOOR = 0.10
+#: "start" and "end" of a curve: the mean over its first / last EDGE_STEPS logged steps
+EDGE_STEPS = 5
+
+# --------------------------------------------------------------------------------------------- summaries
+
+
+def mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample std (0 for one value); NaN for none."""
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    if not xs:
+        return float("nan"), float("nan")
+    m = sum(xs) / len(xs)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
+
+
+def compare(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, str]:
+    """(mean a - mean b, its standard error, verdict): "higher" / "lower" when the difference exceeds
+    RULE_SE standard errors, else "no clear difference" (also with one seed, where the std is unknown)."""
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    diff = ma - mb
+    se = math.sqrt(sa ** 2 / max(len(a), 1) + sb ** 2 / max(len(b), 1))
+    if len(a) < 2 or len(b) < 2 or not math.isfinite(diff):
+        return diff, se, "no clear difference"
+    if diff > RULE_SE * se and diff > 0:
+        return diff, se, "higher"
+    if diff < -RULE_SE * se and diff < 0:
+        return diff, se, "lower"
+    return diff, se, "no clear difference"
+
+
+def _edge_mean(rows: list[dict], key: str, first: bool, k: int = EDGE_STEPS) -> float:
+    vals = [float(r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    vals = vals[:k] if first else vals[-k:]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def summarise_cell(spec: StudySpec, root: Path, results: dict[str, dict], recipe: str, condition: str) -> dict:
+    """Per-seed numbers of one (recipe, condition) cell, plus the run dirs its curves come from."""
+    cell = {"acc_id": [], "acc_ood": [], "ent_start": [], "ent_end": [], "len_start": [], "len_end": [],
+            "seconds": [], "gen_tokens": [], "curve_runs": [], "stage_keys": []}
+    for seed in spec.seeds:
+        keys = recipe_run(spec, recipe, condition, seed)
+        last = results[keys[-1]]
+        cell["acc_id"].append(last["acc_id"])
+        cell["acc_ood"].append(last["acc_ood"])
+        cell["seconds"].append(sum(results[k]["train_seconds"] + results[k]["eval_seconds"] for k in keys))
+        run = root / "runs" / keys[-1]
+        rows = read_metrics(run)
+        cell["ent_start"].append(_edge_mean(rows, "entropy/rollout", True))
+        cell["ent_end"].append(_edge_mean(rows, "entropy/rollout", False))
+        cell["len_start"].append(_edge_mean(rows, "response/length_mean", True))
+        cell["len_end"].append(_edge_mean(rows, "response/length_mean", False))
+        gen = 0.0
+        for k in keys:
+            for r in read_metrics(root / "runs" / k):
+                if isinstance(r.get("response/length_mean"), (int, float)):
+                    gen += r["response/length_mean"] * spec.prompts_per_step * spec.rollouts
+        cell["gen_tokens"].append(gen)
+        cell["curve_runs"].append(run)
+        cell["stage_keys"].append(keys)
+    return cell
+
+
+# --------------------------------------------------------------------------------------------- the report
+
+
+def _pct(xs) -> str:
+    m, s = mean_std(xs)
+    return "-" if not math.isfinite(m) else f"{100 * m:.1f} +/- {100 * s:.1f}"
+
+
+def _num(xs, fmt="{:.3f}") -> str:
+    m, s = mean_std(xs)
+    return "-" if not math.isfinite(m) else (fmt + " +/- " + fmt).format(m, s)
+
+
+def _ratio(cell) -> list[float]:
+    return [e / s for s, e in zip(cell["ent_start"], cell["ent_end"]) if math.isfinite(s) and s > 0 and
+            math.isfinite(e)]
+
+
+def _timing(root: Path, results: dict[str, dict]) -> str:
+    """How long the study's training took, from its results (a resumed study counts its original runs)."""
+    spans = []
+    for key, r in results.items():
+        path = root / "runs" / key / "result.json"
+        end = r.get("finished_at") or (path.stat().st_mtime if path.is_file() else None)
+        if end is None or "train_seconds" not in r:
+            continue
+        spans.append((end - r["train_seconds"] - r.get("eval_seconds", 0.0), end))
+    if not spans:
+        return "on this project's 2-core CPU machine"
+    text = (f"in {(max(e for _, e in spans) - min(s for s, _ in spans)) / 60:.0f} minutes of wall time on this "
+            f"project's 2-core CPU machine")
+    if all("cpu_seconds" in r for r in results.values()):
+        cpu = sum(r["cpu_seconds"] for r in results.values())
+        loads = [r["load_average"] for r in results.values() if "load_average" in r]
+        text += (f" ({cpu / 60:.0f} CPU-minutes in all; the 1-minute load average at the end of each stage was "
+                 f"{min(loads):.1f} to {max(loads):.1f}, 2 of it the study's own)")
+    return text
+
+
+def write_report(spec: StudySpec, root: Path, results: dict[str, dict], doc: Path, *, warm: dict) -> Path:
+    """docs/toy_results.md (and its PNGs beside it, in DOC_STEM/) from the study's results."""
+    cells = {(r, c): summarise_cell(spec, root, results, r, c) for c in spec.conditions for r in spec.recipes}
+    img_dir = doc.parent / doc.stem
+    tmp_img = doc.parent / f".{doc.stem}.tmp"
+    shutil.rmtree(tmp_img, ignore_errors=True)
+    images: dict[str, list[Path]] = {}
+    for c in spec.conditions:
+        runs = {(f"{r} (RL stage)" if len(recipe_run(spec, r, c, spec.seeds[0])) > 1 else r):
+                cells[(r, c)]["curve_runs"] for r in spec.recipes}
+        paths = plot_compare(runs, root / "plots" / c, title=f"{c} demonstrations")
+        for p in paths:
+            (tmp_img).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, tmp_img / f"{c}_{p.name}")
+        images[c] = [img_dir / f"{c}_{p.name}" for p in paths]
+    n = len(spec.seeds)
+    lo, hi = spec.toy.ood_ops
+    L = [
+        "# Toy results: the paper's three claims, tested on the CPU toy task",
+        "",
+        f"Generated by `make reproduce-toy` (`python -m megatron_srft.cli.demo --reproduce`) on "
+        f"{time.strftime('%Y-%m-%d')}, {_timing(root, results)}, {spec.jobs} worker processes. Everything "
+        f"below, verdicts included, is written by the study from its measurements; nothing is tuned per recipe.",
+        "",
+        "## What was run",
+        "",
+        f"- **Model and task**: the toy (experiments/toy.py): a tiny Qwen2 (2 layers, hidden 128, character tokenizer) "
+        f"on chains of additions and subtractions; operands 1..{spec.toy.max_operand}, every value in "
+        f"[0, {spec.toy.max_value}).",
+        f"- **Base model**: a random model warmed up with plain SFT for {spec.warmup_steps} steps "
+        f"({spec.warmup_prompts_per_step} prompts, lr {spec.warmup_lr:g}) on the first half of the training "
+        f"problems; every run starts from it. Its greedy accuracy: in-distribution {warm['acc_id']:.1%}, "
+        f"out-of-distribution {warm['acc_ood']:.1%}.",
+        f"- **Training set**: the other {spec.toy.num_train - spec.toy.num_train // 2} problems, none seen in the "
+        f"warm-up, each with one demonstration. Condition `exact`: every demonstration correct. Condition `noisy`: "
+        f"{spec.demo_error_rate:.0%} of them carry one arithmetic slip (one step's result off by 1-3, later "
+        f"steps correct from the wrong value, so the final answer is wrong and the verifier scores the "
+        f"demonstration 0), the way distilled traces are imperfect.",
+        f"- **In-distribution test (ID)**: {warm['num_id']} held-out chains of 2..{spec.toy.max_ops} operations "
+        f"(the training length). **Out-of-distribution test (OOD)**: {warm['num_ood']} chains of {lo}..{hi} "
+        f"operations, longer than any training or warm-up problem, same operand and value ranges. Greedy "
+        f"decoding, up to {spec.max_response_length} tokens, exact-match reward on the boxed answer.",
+        f"- **Budget: equal steps.** Every training stage runs {spec.steps} optimizer steps of "
+        f"{spec.prompts_per_step} prompts (one mini-batch per step), lr {spec.lr:g} constant, grad clip 1.0, the "
+        f"same prompts in the same order for every recipe of a seed; RL presets sample {spec.rollouts} rollouts "
+        f"per prompt at temperature 1 (+ the demonstration where the preset uses it). Equal steps, not equal "
+        f"tokens, because the question is what each objective makes of the same prompts, demonstrations and "
+        f"updates, as in the paper's comparison; the cost differs (SFT generates nothing, SFT->RL runs two "
+        f"stages) and is shown as wall time and generated tokens. `sft_then_rl` is the paper's two-stage "
+        f"baseline: its SFT stage is the `sft` run of the same seed (SFT on this training set until the budget "
+        f"ends), then `grpo` for {spec.steps} more steps from the SFT stage's exported model.",
+        f"- **Seeds**: {n} per cell ({', '.join(map(str, spec.seeds))}: prompt order and rollout sampling; the "
+        f"warm start is shared). Numbers are mean +/- sample std over seeds. `grpo` uses no demonstrations, so "
+        f"its runs serve both conditions.",
+        f"- **Presets**: as in docs/algorithms.md (`srft` = the paper's equations, `luffy` = LUFFY's released "
+        f"run, `grpo` = the paper's GRPO, `sft` = NLL on demonstrations).",
+        "",
+        f"A difference counts when it exceeds {RULE_SE:g} standard errors of the difference of means "
+        f"(sqrt(s_a^2/n + s_b^2/n)); otherwise the report says \"no clear difference\". With {n} seeds this rule is "
+        f"coarse: read the means and stds too. Wall times depend on whatever else the machine runs; generated "
+        f"tokens do not. Entropy is the mean entropy of rollout tokens over the first and "
+        f"last {EDGE_STEPS} steps (length likewise); \"flat\" means end/start within [{FLAT_LO:g}, {FLAT_HI:g}], "
+        f"\"collapsed\" below {COLLAPSED:g}.",
+        "",
+        "## Results",
+        "",
+    ]
+    for c in spec.conditions:
+        L += [f"### Demonstrations: {c}", "",
+              "| recipe | ID acc (%) | OOD acc (%) | rollout entropy start -> end | end / start | rollout length "
+              "start -> end | wall time (s) | generated tokens |",
+              "|---|---|---|---|---|---|---|---|",
+              f"| (warm start) | {100 * warm['acc_id']:.1f} | {100 * warm['acc_ood']:.1f} | - | - | - | - | - |"]
+        for r in spec.recipes:
+            cell = cells[(r, c)]
+            ent = (f"{_num(cell['ent_start'])} -> {_num(cell['ent_end'])}"
+                   if math.isfinite(mean_std(cell["ent_start"])[0]) else "- (no rollouts)")
+            ratio = _num(_ratio(cell), "{:.2f}") if _ratio(cell) else "-"
+            length = (f"{_num(cell['len_start'], '{:.1f}')} -> {_num(cell['len_end'], '{:.1f}')}"
+                      if math.isfinite(mean_std(cell["len_start"])[0]) else "-")
+            note = " (RL stage)" if len(recipe_run(spec, r, c, spec.seeds[0])) > 1 else ""
+            L.append(f"| {r} | {_pct(cell['acc_id'])} | {_pct(cell['acc_ood'])} | {ent}{note} | {ratio} | "
+                     f"{length} | {_num(cell['seconds'], '{:.0f}')} | {_num(cell['gen_tokens'], '{:.0f}')} |")
+        L.append("")
+    L += ["## The claims", ""]
+    L += _claims_text(spec, cells, warm["acc_ood"])
+    L += ["## Curves", "",
+          "Mean over seeds with a +/- std band; held-out accuracy is the ID split, evaluated every "
+          f"{spec.eval_every} steps during training. `sft_then_rl` is drawn from its RL stage (its step 0 is the "
+          "SFT stage's end); `sft` has no rollouts, hence no entropy or length curve.", ""]
+    for c in spec.conditions:
+        for p in images[c]:
+            L.append(f"![{c}: {p.stem}]({doc.stem}/{p.name})")
+        L.append("")
+    L += ["## How to read this", "",
+          "This is a 2-layer model on synthetic arithmetic, trained for minutes from a short SFT warm start; the "
+          "paper's setting is a 7B math model, long reasoning traces and 500 steps. The study tests whether the "
+          "claimed effects appear on a task this machine can train, under an even budget and several seeds; it is not "
+          "evidence about the 7B setting either way. Differences of a few points between recipes are within "
+          "the seed-to-seed spread unless the verdict says otherwise.",
+          "",
+          "Reproduce: `make reproduce-toy` (its time is in the first paragraph), or "
+          "`python -m megatron_srft.cli.demo --reproduce --root DIR --seeds 1 2 3 --recipes sft grpo luffy "
+          "sft_then_rl srft` (add `srft_w_sft_1 srft_w_rl_1` for the paper's two ablations, `--jobs 1` for one "
+          "process); per-run metrics, exported models and `result.json` files are under "
+          "`DIR/study/runs/<condition>/<stages>/seed<k>/`, and an interrupted study resumes where it stopped.", ""]
+    if tmp_img.exists():
+        replace_dir(tmp_img, img_dir)
+    write_text_atomic(doc, "\n".join(L))
+    (root / "summary.json").write_text(json.dumps(
+        {f"{c}/{r}": {k: v for k, v in cells[(r, c)].items() if k not in ("curve_runs",)}
+         for (r, c) in cells}, indent=1, default=str) + "\n")
+    return doc
+
+
+def _claims_text(spec: StudySpec, cells: dict, warm_ood: float) -> list[str]:
+    L: list[str] = []
+    have = set(spec.recipes)
+
+    def line(c, metric, base) -> tuple[str, str]:
+        diff, se, verdict = compare(cells[("srft", c)][metric], cells[(base, c)][metric])
+        return verdict, f"{base}: {100 * diff:+.1f} points (se {100 * se:.1f}) -> {verdict}"
+
+    if "srft" not in have:
+        for k in CLAIMS:
+            L += [f"### Claim {k}: {CLAIMS[k]}", "", "Not testable: `srft` was not part of this study.", ""]
+        return L
+    # claim 1
+    bases = [b for b in ("sft", "grpo", "luffy", "sft_then_rl") if b in have]
+    L += [f"### Claim 1: {CLAIMS[1]}", ""]
+    for c in spec.conditions:
+        verdicts = [line(c, "acc_id", b) for b in bases]
+        L.append(f"- `{c}` demonstrations, SRFT's ID accuracy minus each baseline's: "
+                 + "; ".join(t for _, t in verdicts) + ".")
+        beaten = [b for b, (v, _) in zip(bases, verdicts) if v == "higher"]
+        notb = [b for b, (v, _) in zip(bases, verdicts) if v != "higher"]
+        L.append(f"  **{'Holds' if not notb else 'Does not hold'}** here"
+                 + (f": SRFT is clearly ahead of {', '.join(beaten)}" if beaten else "")
+                 + (f"{'; ' if beaten else ': '}not of {', '.join(notb)}" if notb else "") + ".")
+    L.append("")
+    # claim 2
+    others = [r for r in spec.recipes if r != "srft"]
+    L += [f"### Claim 2: {CLAIMS[2]}", ""]
+    for c in spec.conditions:
+        verdicts = [line(c, "acc_ood", b) for b in others]
+        best = max(spec.recipes, key=lambda r: mean_std(cells[(r, c)]["acc_ood"])[0])
+        L.append(f"- `{c}` demonstrations, SRFT's OOD accuracy minus each other recipe's: "
+                 + "; ".join(t for _, t in verdicts) + f". Highest OOD mean: `{best}`.")
+        notb = [b for b, (v, _) in zip(others, verdicts) if v != "higher"]
+        top = mean_std(cells[(best, c)]["acc_ood"])[0]
+        if top < FLOOR:
+            L.append(f"  **Not tested**: every recipe stays below {FLOOR:.0%} out of distribution (the warm start: "
+                     f"{warm_ood:.1%}). No recipe learns to carry a chain past the lengths it was trained on, so "
+                     f"this split cannot separate them.")
+        else:
+            L.append(f"  **{'Holds' if not notb else 'Does not hold'}** here"
+                     + (f": SRFT is not clearly ahead of {', '.join(notb)}" if notb else "") + ".")
+    L.append("")
+    # claim 3
+    L += [f"### Claim 3: {CLAIMS[3]}", ""]
+    for c in spec.conditions:
+        parts, flat, collapsed = [], None, None
+        for r in spec.recipes:
+            rat = _ratio(cells[(r, c)])
+            if not rat:
+                continue
+            m, s = mean_std(rat)
+            parts.append(f"{r} {m:.2f} +/- {s:.2f}")
+            if r == "srft":
+                flat = FLAT_LO <= m <= FLAT_HI
+            if r == "grpo":
+                collapsed = m < COLLAPSED
+        L.append(f"- `{c}` demonstrations, rollout entropy end / start: " + ", ".join(parts) + ".")
+        if flat is None or collapsed is None:
+            L.append("  Not testable here (srft or grpo missing).")
+            continue
+        start = mean_std(cells[("srft", c)]["ent_start"])[0]
+        L.append(f"  Rollout entropy starts at {start:.3f} nats per token for srft (a uniform choice over the "
+                 f"{spec.toy.vocab_size}-token vocabulary would be {math.log(spec.toy.vocab_size):.2f}).")
+        srft_m = mean_std(_ratio(cells[("srft", c)]))[0]
+        grpo_m = mean_std(_ratio(cells[("grpo", c)]))[0] if "grpo" in have else float("nan")
+        diff, se, verdict = compare(_ratio(cells[("srft", c)]), _ratio(cells[("grpo", c)]))
+        L.append(f"  SRFT's entropy {'stays flat' if flat else ('falls' if srft_m < FLAT_LO else 'rises')} "
+                 f"({srft_m:.2f}); GRPO's {'collapses' if collapsed else 'does not collapse'} ({grpo_m:.2f}); "
+                 f"SRFT's ratio minus GRPO's: {diff:+.2f} (se {se:.2f}) -> {verdict}. "
+                 f"**{'Holds' if flat and collapsed else 'Does not hold'}** here.")
+    L.append("")
+    return L
