@@ -31,10 +31,12 @@ import torch
 
 from ..distributed import collectives
 from ..distributed.layout import rollout_sequences_per_engine
+from ..rewards.pool import RewardPool
 from .base import Completion, engine_class, resolve_engine_settings
 from .evaluation import grade, sample
 from .placement import Placement
 from .seam import RolloutBatch, RolloutRequest, ScoredPrompt, WeightSource
+from .sync import stream_weights
 
 #: finish reasons as they travel in the exchange tensors
 _FINISH = ("stop", "length", "abort")
@@ -123,8 +125,6 @@ class RolloutService:
     def __init__(self, cfg, groups, model_dir: str, tokenizer, weights: Optional[WeightSource], *, need_engine: bool,
                  arch, require_think: bool,
                  engine_factory: Optional[Callable] = None) -> None:
-        from ..rewards import RewardPool
-
         self.cfg, self.groups, self.tokenizer, self.weights = cfg, groups, tokenizer, weights
         self.rank = groups.rank
         replicas = collectives.all_gather_object(groups.dp_rank)
@@ -170,8 +170,6 @@ class RolloutService:
     def _ready(self, version: Optional[int]) -> None:
         """The engines awake with the weights of ``version`` (None: their own, no trainer) before a generation.
         Collective (streaming the weights is). Adds the seconds spent streaming to the step's ``time/sync``."""
-        from .sync import stream_weights
-
         if self.engine is None:
             return
         if version is None and self.weights is not None:

@@ -35,7 +35,7 @@ import yaml
 from ..algorithms.advantages import group_advantages
 from ..algorithms.metrics import all_reduce_metrics, finalize
 from ..algorithms.presets import AlgoSettings, resolve
-from ..checkpoint.atomic import atomic_dir
+from ..checkpoint.atomic import atomic_dir, write_text_atomic
 from ..checkpoint.convert import write_hf_model
 from ..checkpoint.dist import start_checkpoint_writer
 from ..checkpoint.loading import load_initial_weights
@@ -77,7 +77,7 @@ class TrainingError(SrftError):
 
 @dataclass
 class Policy:
-    """The trained model and everything that moves with it. Also the rollout service's weight source."""
+    """The trained model and everything that moves with it. Also the rollouts' WeightSource (rollout/seam.py)."""
 
     handle: "ModelHandle"
     optimizer: "MegatronOptimizer"  # or its ChainedOptimizer (several model chunks)
@@ -411,12 +411,9 @@ class Run:
                               version=self.policy.version, num_rollouts=num_rollouts,
                               num_demos=self.settings.num_demos)
 
-    def my_problems(self, step: int) -> list[TokenizedProblem]:
-        """This replica's prompts of the step, expert rows included, in order."""
-        return [self.problems.train[i] for i in self.sampler.indices(step)]
-
     def advantages(self, step: int, scored: list[ScoredPrompt]) -> tuple[list[Sample], dict]:
-        mine = self.my_problems(step)
+        """This replica's groups (its prompts of the step, expert rows included, in order) with their advantages."""
+        mine = [self.problems.train[i] for i in self.sampler.indices(step)]
         return build_groups(mine, scored, self.settings, group_offset=self.groups.dp_rank * len(mine))
 
     def update(self, step: int, samples: list[Sample], timer: PhaseTimer) -> dict:
@@ -527,8 +524,7 @@ def start_run(cfg: SRFTConfig, groups: Optional[ParallelGroups] = None, engine_f
     # A fresh start begins a fresh metrics.jsonl; a resume drops the lines of steps after its checkpoint.
     logger.truncate_after(start_step if plan.resume_from is not None else -1)
     if groups.is_logging_rank:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     start_checkpoint_writer()  # its helper process ignores the stop signals; started before they have handlers
     stop = _StopFlag(cfg.checkpoint.save_on_signal)
     rollouts = RolloutService(cfg, groups, str(policy.model_dir), policy.tokenizer, policy,
