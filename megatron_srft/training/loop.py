@@ -462,7 +462,7 @@ class Run:
             arch=self.policy.handle.arch)
         self.saved_step = step
 
-    def stop_after(self, step: int) -> None:
+    def end_by_signal(self, step: int) -> None:
         """The stop signal's end: ``step`` (the last finished one) checkpointed unless it is already; no
         evaluation, export or rotation in the shutdown window."""
         if step > 0 and self.saved_step != step:
@@ -570,7 +570,7 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
             metrics = run.evaluate(0)
         for step in range(run.start_step + 1, cfg.train.num_steps + 1):
             if run.stop.agreed():  # the signal came during the previous step's save or evaluation: no new step
-                run.stop_after(step - 1)
+                run.end_by_signal(step - 1)
                 break
             timer, t0, last = PhaseTimer(), time.perf_counter(), step == cfg.train.num_steps
             plan = run.prompts(step)                                             # prompts
@@ -585,7 +585,7 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
                               reduce_stats({**stats, **route_stats}, run.groups), batch.metrics, train_metrics)
             run.check_skips(step)
             if run.stop.agreed():  # the signal's save: no evaluation, export or rotation in the shutdown window
-                run.stop_after(step)
+                run.end_by_signal(step)
                 break
             if run.save_due(step, last):
                 run.save(step)                                                   # save
