@@ -14,7 +14,7 @@ from .math import answer_part, extract_boxed, math_score
 REWARDS = {"math": math_score, "exact": exact_score}
 
 
-def __getattr__(name):  # RewardPool is imported on first use (it pulls in multiprocessing machinery)
+def __getattr__(name):  # lazy: pool.py imports REWARDS from here (a cycle), and config checks need no multiprocessing
     if name == "RewardPool":
         from .pool import RewardPool
 

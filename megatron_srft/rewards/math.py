@@ -72,7 +72,7 @@ def _normalise(s: str) -> str:
 @functools.lru_cache(maxsize=4096)
 def _parse_gold(answer: str):
     """Parsed reference answer; cached because a group scores the same answer G + D times (parsing costs ms)."""
-    from math_verify import parse
+    from math_verify import parse  # lazy: it pulls in sympy (seconds); `srft config` reads REWARDS without it
 
     return parse("\\boxed{" + answer + "}")
 

@@ -17,11 +17,13 @@ Usage::
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 from multiprocessing.connection import Connection, wait
 from typing import Callable, Optional, Union
 
 from ..signals import children_ignore_stop_signals
+from . import REWARDS
 
 #: Seconds a fresh worker may take to import its verifier (sympy and math-verify take a few) before it counts
 #: as broken. Not part of the per-sample timeout.
@@ -32,12 +34,8 @@ RewardFn = Callable[..., float]
 
 def _worker_main(conn: Connection, reward: Union[str, RewardFn], require_think: bool) -> None:
     """Worker loop: import the verifier, say ready, then answer (index, response, answer) -> (index, score)."""
-    import os
-
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if isinstance(reward, str):
-        from . import REWARDS
-
         fn = REWARDS[reward]
         # warm the lazy imports (sympy, math-verify: seconds) before saying ready, so that they do not eat into
         # the first sample's timeout; 1/2 vs 0.5 misses the string quick path and reaches math-verify
@@ -88,8 +86,6 @@ class RewardPool:
     """
 
     def __init__(self, name: Union[str, RewardFn], *, timeout_s: float, num_workers: int, require_think: bool):
-        from . import REWARDS
-
         if isinstance(name, str) and name not in REWARDS:
             raise ValueError(f"train.reward: unknown reward '{name}' (expected one of {', '.join(REWARDS)})")
         if timeout_s <= 0:
