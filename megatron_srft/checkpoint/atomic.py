@@ -1,5 +1,6 @@
 """Outputs appear whole or not at all: the one home of atomic writes. A directory is built in a temporary sibling
-and renamed into place (:func:`atomic_dir`, :func:`replace_dir`); a file is written beside its name and renamed
+and renamed into place (:func:`atomic_dir`; by several processes: :func:`temp_sibling`, :func:`fresh_dir`,
+:func:`replace_dir`); a file is written beside its name and renamed
 over it (:func:`write_text_atomic`, :func:`write_files_atomic`).
 
 Outputs never touch inputs: :func:`check_output` (an output that is, lies inside or contains an input is refused)
@@ -57,6 +58,15 @@ def replace_dir(tmp: Path, final: Path) -> None:
         tmp.rename(final)
 
 
+def temp_sibling(final: Path, tag: Optional[str] = None) -> Path:
+    """The temporary sibling in which several processes build ``final`` together (a collective save): a name every
+    rank computes alike (:func:`atomic_dir`'s is random, for one process), ``.NAME.tmp``, or ``.NAME.tmp-TAG`` so
+    that writers with other tags (another run) never share one. Create it with :func:`fresh_dir`, move it into
+    place with :func:`replace_dir`."""
+    final = Path(final)
+    return final.parent / (f".{final.name}.tmp" + (f"-{tag}" if tag else ""))
+
+
 def fresh_dir(path: Path) -> Path:
     """Create the directory ``path`` anew: whatever is there (a killed writer's leftover, a planted symlink) is
     removed first, a symlink itself and never what it points to, and the directory is then created, not reused
@@ -99,7 +109,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         tmp.unlink(missing_ok=True)  # a leftover, or a planted symlink: removed, never written through
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

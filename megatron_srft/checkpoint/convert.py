@@ -35,7 +35,7 @@ from ..errors import CheckpointError, UserError
 from ..models.arch import ArchSpec, arch_from_hf_config, load_arch
 from . import dist as dist_ckpt
 from . import manifest
-from .atomic import acquire_lock, check_output, fresh_dir, release_lock
+from .atomic import acquire_lock, check_output, fresh_dir, release_lock, replace_dir, temp_sibling
 
 #: Files copied next to the weights in both directions (tokenizer and generation settings; never executed).
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -187,7 +187,7 @@ def _prepare_out(out: Path, overwrite: bool, inputs: tuple = ()) -> Path:
     create its temporary sibling fresh."""
     out.parent.mkdir(parents=True, exist_ok=True)
     acquire_lock(_out_lock(out), f"--out {out}: another conversion into it is under way;")
-    tmp = out.parent / f".{out.name}.tmp"
+    tmp = temp_sibling(out)
     try:
         _check_out(out, overwrite, inputs)
         fresh_dir(tmp)
@@ -198,8 +198,6 @@ def _prepare_out(out: Path, overwrite: bool, inputs: tuple = ()) -> Path:
 
 
 def _finish_out(tmp: Path, out: Path) -> None:
-    from .atomic import replace_dir
-
     manifest.write_manifest(tmp)  # last: sizes + CRC-32 of every file, model/'s own manifest included
     replace_dir(tmp, out)
     release_lock(_out_lock(out), remove=True)

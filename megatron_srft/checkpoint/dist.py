@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +26,7 @@ import torch
 from ..distributed import collectives
 from ..dtypes import dtype_name
 from ..errors import ConfigError, first_line
+from .atomic import die_with_parent, forked_children_die_with_this_process, fresh_dir, replace_dir, temp_sibling
 
 META_FILE = "srft_model.json"
 
@@ -106,7 +106,6 @@ def start_checkpoint_writer() -> None:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     from ..signals import children_ignore_stop_signals
-    from .atomic import die_with_parent, forked_children_die_with_this_process
 
     forked_children_die_with_this_process()  # the writers forked at each save end with this process (kill -9)
     get_queue = getattr(filesystem_async, "_get_write_results_queue", None)
@@ -130,19 +129,18 @@ def save_model(chunks: list, path: str | Path, metadata: Optional[dict] = None, 
 
     ``metadata`` (JSON-serialisable: step, ...) is written to ``path/srft_model.json`` together with
     :func:`model_metadata` (pass ``arch`` so that ``srft convert mcore-to-hf`` needs no other file).
-    ``atomic``: write to the sibling ``.PATH.tmp`` and rename when complete (False when the caller already
-    writes into its own temporary directory).
+    ``atomic``: write to the sibling ``.PATH.tmp`` (atomic.temp_sibling) and rename when complete (False when the
+    caller already writes into its own temporary directory).
     ``consume``: the model is not used afterwards (conversion): its memory is given up during the save, which
     keeps the peak near one copy of the model (see :func:`_own_storage_for_views`).
     """
     from megatron.core import dist_checkpointing
 
     path = Path(path)
-    target = path.parent / f".{path.name}.tmp" if atomic else path
+    target = temp_sibling(path) if atomic else path
     if _rank() == 0:
-        if target.exists():
-            shutil.rmtree(target)
-        target.mkdir(parents=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fresh_dir(target)  # a leftover or a planted symlink is removed, never followed
     _barrier()
     meta = {**model_metadata(chunks, arch), **(metadata or {})}
     sharded_sd = _sharded_state_dict(chunks)
@@ -156,8 +154,6 @@ def save_model(chunks: list, path: str | Path, metadata: Optional[dict] = None, 
 
     write_manifest_collective(target)  # last: its presence says every file above is complete
     if atomic and _rank() == 0:
-        from .atomic import replace_dir
-
         replace_dir(target, path)
     _barrier()
     return path

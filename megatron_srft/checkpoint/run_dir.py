@@ -45,12 +45,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import CheckpointError, ConfigError, UserError
+from . import manifest
 from .atomic import acquire_lock, release_lock, write_text_atomic
+from .safe_load import check_dcp_dir, read_json
 
 RUN_FILE = "srft_run.json"
 ARCHIVE_DIR = "previous_runs"
+CHECKPOINTS_DIR = "checkpoints"
 #: What belongs to a run (moved together to previous_runs/ by a fresh start).
-RUN_ARTEFACTS = ("checkpoints", "metrics.jsonl", "config.yaml", "tensorboard", "hf", "plots", "logs", RUN_FILE)
+RUN_ARTEFACTS = (CHECKPOINTS_DIR, "metrics.jsonl", "config.yaml", "tensorboard", "hf", "plots", "logs", RUN_FILE)
+#: ``checkpoint.resume``'s values (config.py reads them from here: the one list, checked once, by load_config).
 RESUME_MODES = ("auto", "must", "never", "fresh")
 #: Held (an exclusive POSIX lock) by the one trainer using the run directory; holds that trainer's host, pid and run
 #: id. POSIX locks are released by the kernel when their process ends, however it ends (a stale file is simply
@@ -58,6 +62,8 @@ RESUME_MODES = ("auto", "must", "never", "fresh")
 LOCK_FILE = ".srft_lock"
 #: Written by a start before it has a run, never the user's: a directory holding only these is still empty.
 _START_LEFTOVERS = (LOCK_FILE, ARCHIVE_DIR)
+#: The one name of a training checkpoint: ``checkpoints/step_000010`` (:func:`step_dir`); anything else in
+#: ``checkpoints/`` (a temporary directory, one set aside) is never taken for a checkpoint.
 _STEP_RE = re.compile(r"^step_(\d{6,})$")
 
 #: Config fields (dotted paths; a section name covers all its fields) whose change breaks an exact resume: the
@@ -93,6 +99,15 @@ def new_run_id() -> str:
 # --------------------------------------------------------------------------------------------- reading
 
 
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    """Where the training checkpoint of ``step`` lives: ``RUN_DIR/checkpoints/step_000010``."""
+    return checkpoint_root(run_dir) / f"step_{step:06d}"
+
+
 def checkpoint_step(path: Path) -> Optional[int]:
     m = _STEP_RE.match(path.name)
     return int(m.group(1)) if m else None
@@ -100,12 +115,22 @@ def checkpoint_step(path: Path) -> Optional[int]:
 
 def step_dirs(run_dir: str | Path) -> list[Path]:
     """``checkpoints/step_N`` directories that hold a state.json, oldest first (``.tmp`` leftovers ignored)."""
-    root = Path(run_dir) / "checkpoints"
+    root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
     found = [(checkpoint_step(p), p) for p in root.iterdir()
              if checkpoint_step(p) is not None and p.is_dir() and (p / "state.json").is_file()]
     return [p for _, p in sorted(found)]
+
+
+def read_state(path: str | Path) -> dict:
+    """``state.json`` of a training checkpoint; a missing or damaged one is a one-line CheckpointError."""
+    state_file = Path(path) / "state.json"
+    state = read_json(state_file, "incomplete or not a training checkpoint")
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) \
+            or not isinstance(state.get("data_cursor"), int):
+        raise CheckpointError(f"{state_file}: expected an object with integer 'step' and 'data_cursor'")
+    return state
 
 
 def read_run_file(run_dir: str | Path) -> Optional[dict]:
@@ -305,10 +330,6 @@ def checkpoint_problems(path: Path, rank: int = 0, world: int = 1) -> list[str]:
     Every rank checks every ``world``-th file against the manifest; rank 0 also checks the structure (state.json,
     model/, optimizer/) and that every pickle is allow-listed.
     """
-    from . import manifest
-    from .safe_load import check_dcp_dir
-    from .training_state import read_state
-
     problems: list[str] = []
     try:
         state = read_state(path)
@@ -360,14 +381,12 @@ def _describe_steps(ckpts: list[Path]) -> str:
 
 def _plan_on_rank0(run_dir: Path, mode: str) -> dict:
     """The file-system part of the decision (rank 0): candidates to verify, or a new run."""
-    if mode not in RESUME_MODES:
-        raise ConfigError(f"checkpoint.resume: expected one of {', '.join(RESUME_MODES)}, got {mode!r}")
     run_file = read_run_file(run_dir)
     dir_run = run_file["run_id"] if run_file else None
     ckpts = step_dirs(run_dir)
     if mode == "fresh" or not ckpts:
         if mode == "must":
-            raise ConfigError(f"checkpoint.resume: 'must' but no complete checkpoint in {run_dir / 'checkpoints'}")
+            raise ConfigError(f"checkpoint.resume: 'must' but no complete checkpoint in {checkpoint_root(run_dir)}")
         if run_file is None and not ckpts:
             foreign = _not_ours(run_dir)
             if foreign:  # the user's own files: a new run there would move them
@@ -386,7 +405,7 @@ def _plan_on_rank0(run_dir: Path, mode: str) -> dict:
     foreign = [i for i in named if i != dir_run] if dir_run else named[1:]
     if foreign:
         raise ConfigError(
-            f"checkpoint.resume: {run_dir / 'checkpoints'} holds checkpoints of more than one run "
+            f"checkpoint.resume: {checkpoint_root(run_dir)} holds checkpoints of more than one run "
             f"({', '.join(sorted(set(([dir_run] if dir_run else []) + named)))}); move the ones that do not belong "
             f"there, or use checkpoint.resume=fresh to move them all to {run_dir / ARCHIVE_DIR}")
     ours = ckpts
@@ -441,12 +460,10 @@ def plan_run(run_dir: str | Path, mode: str, config: dict, allow_changes=(), *, 
         if not problems:
             chosen = cand
             break
-        from .manifest import summarize
-
-        damaged.append((cand, summarize(problems)))
+        damaged.append((cand, manifest.summarize(problems)))
     if chosen is None and damaged:
         newest, why = damaged[0]
-        raise CheckpointError(f"{run_dir / 'checkpoints'}: no intact checkpoint to resume from ({newest.name}: "
+        raise CheckpointError(f"{checkpoint_root(run_dir)}: no intact checkpoint to resume from ({newest.name}: "
                               f"{why}); repair it, or use checkpoint.resume=fresh to move them aside and start over")
 
     def finish() -> dict:
@@ -457,8 +474,6 @@ def plan_run(run_dir: str | Path, mode: str, config: dict, allow_changes=(), *, 
                  f"{chosen.name}")
             out["damaged"].append((str(aside), why))
         if chosen is not None:
-            from .training_state import read_state
-
             state = read_state(chosen)
             changes = compare_configs(state.get("config") or {}, config, allow_changes)
             data_changes = compare_data(state.get("data_fingerprints"), config)  # same path, other contents

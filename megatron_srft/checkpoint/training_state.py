@@ -9,28 +9,29 @@ Layout of ``RUN_DIR/checkpoints/step_000010/``::
     state.json    step, data cursor, run_id, config snapshot, data_fingerprints (rows, bytes, CRC-32 per train file)
     srft_manifest.json  size + CRC-32 of state.json, rng/* and the manifests of model/ and optimizer/ (written last)
 
-A checkpoint is written to ``step_000010.tmp-<run_id>`` on every rank and renamed by rank 0 after a barrier, so a
-killed run never leaves a directory that looks complete. Which checkpoint a run resumes from, and which ones rotation may
-delete (only this run's, older than the newest), is decided in checkpoint/run_dir.py.
+A checkpoint is written to ``.step_000010.tmp-<run_id>`` (atomic.temp_sibling) on every rank and renamed by rank 0
+after a barrier, so a killed run never leaves a directory that looks complete. Where a step's checkpoint lives, which
+one a run resumes from, and which ones rotation may delete (only this run's, older than the newest), is decided in
+checkpoint/run_dir.py.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 
-from ..errors import first_line
-from .atomic import fresh_dir, replace_dir
-from .dist import _barrier
+from ..errors import CheckpointError, first_line
+from . import manifest
+from .atomic import fresh_dir, replace_dir, temp_sibling
+from .dist import _barrier, check_readable, load_model, save_model
+from .safe_load import check_torch_file, safe_torch_load
+from .run_dir import checkpoint_root, data_fingerprints, read_state, rotate_checkpoints, set_aside, step_dir
 
-_STEP_RE = re.compile(r"^step_(\d{6,})$")
 # The distributed optimizer's state is saved per DP shard ("dp_reshardable": fully parallel, no gather on one
 # rank); a resumed run keeps the TP/PP layout (DP may change). The model itself reshards to any layout.
 _OPTIM_META = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -41,25 +42,6 @@ class ResumeState:
     step: int
     data_cursor: int
     extra: dict
-
-
-def checkpoint_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (``.tmp`` leftovers of a killed run are ignored)."""
-    root = checkpoint_root(run_dir)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir()
-             and (p / "state.json").is_file()]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
 
 
 def _rng_state() -> dict:
@@ -91,19 +73,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def read_state(path: str | Path) -> dict:
-    """``state.json`` of a training checkpoint; a missing or damaged one is a one-line CheckpointError."""
-    from ..errors import CheckpointError
-    from .safe_load import read_json
-
-    state_file = Path(path) / "state.json"
-    state = read_json(state_file, "incomplete or not a training checkpoint")
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int) \
-            or not isinstance(state.get("data_cursor"), int):
-        raise CheckpointError(f"{state_file}: expected an object with integer 'step' and 'data_cursor'")
-    return state
-
-
 def save_training_checkpoint(run_dir: str | Path, step: int, chunks, optimizer, *, data_cursor: int,
                              metadata: dict, keep_last: int, rank: int, arch=None) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint path.
@@ -114,13 +83,9 @@ def save_training_checkpoint(run_dir: str | Path, step: int, chunks, optimizer, 
     from megatron.core import dist_checkpointing
 
     from ..models.builder import unwrap
-    from .dist import save_model
-    from .manifest import write_manifest_collective
-    from .run_dir import rotate_checkpoints, set_aside
-
     root = checkpoint_root(run_dir)
-    final = root / f"step_{step:06d}"
-    tmp = root / f"step_{step:06d}.tmp-{metadata.get('run_id') or 'norun'}"  # another run's never collides
+    final = step_dir(run_dir, step)
+    tmp = temp_sibling(final, metadata.get("run_id") or "norun")  # another run's never collides
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         fresh_dir(tmp)  # a leftover or a planted symlink is removed, never followed
@@ -133,15 +98,13 @@ def save_training_checkpoint(run_dir: str | Path, step: int, chunks, optimizer, 
         opt_dir.mkdir(exist_ok=True)
     _barrier()
     dist_checkpointing.save(optimizer.sharded_state_dict(model_sd, metadata=_OPTIM_META), str(opt_dir))
-    write_manifest_collective(opt_dir)
+    manifest.write_manifest_collective(opt_dir)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank}.pt")
     if rank == 0:
-        from .run_dir import data_fingerprints
-
         state = {"step": step, "data_cursor": data_cursor, **metadata}
         state.setdefault("data_fingerprints", data_fingerprints(metadata.get("config") or {}))
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    write_manifest_collective(tmp)  # last: lists state.json, rng/* and the model/ and optimizer/ manifests
+    manifest.write_manifest_collective(tmp)  # last: lists state.json, rng/* and the model/ and optimizer/ manifests
     if rank == 0:
         run_id = metadata.get("run_id")
         if final.exists():
@@ -200,11 +163,7 @@ def load_training_checkpoint(path: str | Path, chunks, optimizer, *, rank: int, 
     """
     from megatron.core import dist_checkpointing
 
-    from ..errors import CheckpointError
     from ..models.builder import unwrap
-    from . import manifest
-    from .dist import check_readable, load_model
-    from .safe_load import check_torch_file, safe_torch_load
 
     path = Path(path)
     state = read_state(path)

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from ..checkpoint.atomic import check_output, write_text_atomic
 from ..dtypes import DTYPES
 from ..errors import UserError, first_line
 
@@ -113,8 +114,6 @@ def main(args: argparse.Namespace) -> int:
     source = resolve_source(args.ckpt)
     hf_dir = source.root
     if args.out:
-        from ..checkpoint.atomic import check_output
-
         check_output(Path(args.out), [Path(args.ckpt), hf_dir, Path(args.prompts)])
     if not (hf_dir / "config.json").is_file():
         raise UserError(f"{hf_dir}: the engine needs the HF config.json and tokenizer next to the checkpoint "
@@ -179,10 +178,7 @@ def main(args: argparse.Namespace) -> int:
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if args.out:
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out)
+        write_text_atomic(out, text)
         print(f"srft generate: wrote {len(rows)} samples to {out}", file=sys.stderr)
     else:
         sys.stdout.write(text)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from megatron_srft.checkpoint import manifest
+from megatron_srft.checkpoint.atomic import temp_sibling
 from megatron_srft.checkpoint.run_dir import (
     ARCHIVE_DIR, LOCK_FILE, RUN_FILE, compare_configs, plan_run, release_run_dir, rotate_checkpoints, step_dirs,
 )
@@ -340,10 +341,10 @@ def test_a_planted_tmp_symlink_never_takes_a_checkpoint_outside_the_run(run_copy
 
     outside = tmp_path / "outside"
     outside.mkdir()
-    planted = run_copy / "checkpoints" / f"step_000003.tmp-{_run_id(run_copy)}"
+    step3 = run_copy / "checkpoints" / "step_000003"
+    planted = temp_sibling(step3, _run_id(run_copy))
     planted.symlink_to(outside)
     run_ranks(train_toy, 1, toy_overrides(toy, run_copy, 3))
     assert list(outside.iterdir()) == []
-    step3 = run_copy / "checkpoints" / "step_000003"
     assert step3.is_dir() and not step3.is_symlink() and manifest.verify_part(step3) == []
     assert not planted.exists() and not planted.is_symlink()

@@ -271,8 +271,7 @@ def test_sigusr1_to_srft_launch_after_a_save_checkpoints_and_resumes(toy, run_co
     import signal
 
     from megatron_srft.checkpoint import manifest
-    from megatron_srft.checkpoint.run_dir import ARCHIVE_DIR, RUN_FILE, step_dirs
-    from megatron_srft.checkpoint.training_state import checkpoint_root, read_state
+    from megatron_srft.checkpoint.run_dir import ARCHIVE_DIR, RUN_FILE, checkpoint_root, read_state, step_dirs
     from megatron_srft.signals import STOPPED_EXIT_CODE
     from megatron_srft.training.metrics import read_metrics
     from tests.dist import run_ranks
@@ -318,8 +317,7 @@ def test_sigterm_to_srft_train_exits_75_with_one_line(toy, tmp_path):
     line and exits 75 (no final metrics line), so `srft train && srft convert ...` does not carry on."""
     import signal
 
-    from megatron_srft.checkpoint.run_dir import step_dirs
-    from megatron_srft.checkpoint.training_state import read_state
+    from megatron_srft.checkpoint.run_dir import read_state, step_dirs
     from megatron_srft.signals import STOPPED_EXIT_CODE
 
     run = tmp_path / "run"

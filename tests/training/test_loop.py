@@ -49,14 +49,14 @@ def _load_checkpoint(ckpt_dir, model_dir):
 
 
 def test_last_complete_checkpoint_of_a_killed_run_loads(toy, tmp_path):
-    from megatron_srft.checkpoint.training_state import latest_checkpoint
+    from megatron_srft.checkpoint.run_dir import step_dirs
 
     run = tmp_path / "killed"
     run_ranks(_train, 1, _overrides(toy, run, "sft", 2))
     # simulate a kill in the middle of writing step 3: a partial .tmp directory and no state.json
     partial = run / "checkpoints" / "step_000003.tmp"
     shutil.copytree(run / "checkpoints" / "step_000002" / "model", partial / "model")
-    ckpt = latest_checkpoint(run)
+    ckpt = step_dirs(run)[-1]
     assert ckpt.name == "step_000002"
     assert run_ranks(_load_checkpoint, 1, str(ckpt), str(toy / "model")) == [2]
 
