@@ -65,6 +65,7 @@ DemoRatio = _table("megatron_srft.algorithms.losses:DEMO_RATIOS")
 Aggregation = _table("megatron_srft.algorithms.losses:AGGREGATIONS")
 SftAggregation = _table("megatron_srft.algorithms.losses:SFT_AGGREGATIONS")
 MixSchedule = _table("megatron_srft.algorithms.presets:MIX_SCHEDULES")
+ResumeMode = _table("megatron_srft.checkpoint.run_dir:RESUME_MODES")
 
 
 def _sub(cls, help: str):
@@ -139,7 +140,8 @@ class ModelConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = _f(1, "TP size (heads, FFN and vocab are split across these ranks).")
     pipeline_model_parallel_size: int = _f(1, "PP size (layers are split across these stages).")
-    virtual_pipeline_model_parallel_size: Optional[int] = _f(None, "Interleaved PP chunks per stage (reserved).")
+    virtual_pipeline_model_parallel_size: Optional[int] = _f(
+        None, "Interleaved PP chunks per stage (reserved: must be null or 1 in this release, one chunk per stage).")
     context_parallel_size: int = _f(1, "CP size for long sequences (reserved: must be 1 in this release).")
     expert_model_parallel_size: int = _f(1, "EP size for MoE (reserved: must be 1 in this release).")
     sequence_parallel: bool = _f(False, "Megatron sequence parallelism (needs TP > 1).")
@@ -160,9 +162,9 @@ class ParallelConfig:
               "needs tensor_model_parallel_size > 1")
         _need(not self.overlap_param_gather or self.use_distributed_optimizer, f"{path}.overlap_param_gather",
               "needs use_distributed_optimizer")
-        if self.virtual_pipeline_model_parallel_size is not None:
-            _need(self.pipeline_model_parallel_size > 1, f"{path}.virtual_pipeline_model_parallel_size",
-                  "needs pipeline_model_parallel_size > 1")
+        _need(self.virtual_pipeline_model_parallel_size in (None, 1), f"{path}.virtual_pipeline_model_parallel_size",
+              f"only null or 1 is supported in this release (the model builder makes one chunk per pipeline "
+              f"stage), got {self.virtual_pipeline_model_parallel_size}")
 
 
 
@@ -384,7 +386,7 @@ class TrainConfig:
 class CheckpointConfig:
     save_every: int = _f(50, "Save a checkpoint every N steps (and at the end); 0 = only at the end.")
     keep_last: int = _f(3, "Keep the newest K checkpoints of this run (older ones of this run only are deleted).")
-    resume: Literal["auto", "must", "never", "fresh"] = _f(
+    resume: ResumeMode = _f(
         "auto", "auto = resume from the newest intact checkpoint of RUN_DIR, else start a new run; must = resume or "
         "fail; never = start a new run, refusing a RUN_DIR that holds checkpoints; fresh = move the previous run's "
         "files to RUN_DIR/previous_runs/ (nothing is deleted) and start a new run. See docs/reliability.md."

@@ -117,6 +117,8 @@ def test_every_field_has_help():
     ("checkpoint.resume=sometimes", "checkpoint.resume: expected 'auto' | 'must' | 'never' | 'fresh'"),
     ("checkpoint.allow_changes=[data.sed]", "checkpoint.allow_changes[0]: 'data.sed' is not a config field"),
     ("logging.log_every=0", "logging.log_every: expected 1 <= value"),
+    ("parallel.virtual_pipeline_model_parallel_size=2",
+     "parallel.virtual_pipeline_model_parallel_size: only null or 1 is supported"),
 ])
 def test_values_that_cannot_be_right_are_config_errors(override, words):
     with pytest.raises(ConfigError, match=None) as e:

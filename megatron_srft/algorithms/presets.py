@@ -282,10 +282,10 @@ _RENAMED = {"num_demos_per_prompt": "num_demos"}
 def resolve(cfg: AlgorithmConfig, *, tis_cap: Optional[float] = None) -> AlgoSettings:
     """The preset's settings with every non-null field of ``cfg`` applied on top.
 
+    ``cfg``'s own fields (the preset's name, each value's range) are checked where they are defined, by
+    ``AlgorithmConfig.validate`` (config.py); this checks only what the combination with the preset decides.
     ``tis_cap`` comes from ``rollout.tis_cap`` (it lives with the rollout engine in the config tree).
     """
-    if cfg.preset not in PRESETS:
-        raise ConfigError(f"algorithm.preset: expected one of {', '.join(PRESETS)}, got {cfg.preset!r}")
     settings = PRESETS[cfg.preset]()
     names = {f.name for f in dataclasses.fields(AlgoSettings)}
     overrides = {}
@@ -302,26 +302,10 @@ def resolve(cfg: AlgorithmConfig, *, tis_cap: Optional[float] = None) -> AlgoSet
 
 
 def _check(s: AlgoSettings) -> None:
-    if s.sft_coef < 0:
-        raise ConfigError(f"algorithm.sft_coef: expected >= 0, got {s.sft_coef}")
-    if s.rl_pos_coef < 0:
-        raise ConfigError(f"algorithm.rl_pos_coef: expected >= 0, got {s.rl_pos_coef}")
-    if s.sft_weight_max is not None and s.sft_weight_max <= 0:
-        raise ConfigError(f"algorithm.sft_weight_max: expected > 0 or null, got {s.sft_weight_max}")
+    """The rules that need the resolved settings (a preset's defaults with the config's overrides)."""
     if not s.use_rollouts and s.num_demos == 0:
         raise ConfigError("algorithm.num_demos_per_prompt: this preset trains on demonstrations only; expected >= 1")
-    if s.tis_cap is not None and s.tis_cap < 1:
-        raise ConfigError(f"rollout.tis_cap: expected >= 1 or null, got {s.tis_cap}")
-    if not 0 <= s.expert_prompt_fraction < 1:
-        raise ConfigError(f"algorithm.expert_prompt_fraction: expected 0 <= fraction < 1, got "
-                          f"{s.expert_prompt_fraction}")
     if s.routes_prompts and (not s.use_rollouts or s.num_demos != 1 or s.demos_in_group):
         raise ConfigError("algorithm.expert_prompt_fraction / algorithm.sft_gate_max_correct: prompt routing needs "
                           "rollouts, exactly one demonstration per prompt (num_demos_per_prompt=1), and demos "
                           "outside the reward group")
-    if s.sft_mix_schedule != "none" and not 0 <= min(s.mu_peak, s.mu_valley) <= max(s.mu_peak, s.mu_valley) <= 1:
-        raise ConfigError(f"algorithm.mu_peak / algorithm.mu_valley: expected values in [0, 1], got "
-                          f"{s.mu_peak} / {s.mu_valley}")
-    if s.mu_warmup_steps < 0 or s.mu_decay_steps < 0:
-        raise ConfigError(f"algorithm.mu_warmup_steps / algorithm.mu_decay_steps: expected >= 0, got "
-                          f"{s.mu_warmup_steps} / {s.mu_decay_steps}")

@@ -136,7 +136,7 @@ def init_distributed(pcfg: ParallelConfig, seed: int = 1234, purpose: str = "tra
         mpu.initialize_model_parallel(
             tensor_model_parallel_size=pcfg.tensor_model_parallel_size,
             pipeline_model_parallel_size=pcfg.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=pcfg.virtual_pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=None,  # one model chunk per stage (config.py rejects more)
             context_parallel_size=pcfg.context_parallel_size,
             expert_model_parallel_size=pcfg.expert_model_parallel_size,
             distributed_timeout_minutes=pcfg.timeout_minutes,

@@ -179,7 +179,9 @@ def validate_layout(cfg: SRFTConfig, world_size: int, arch=None) -> int:
     World: TP x PP x CP divides it; DP divides the prompts of a step and of a mini-batch; the rollout TP divides
     it (every rank belongs to exactly one engine). Machine: Transformer Engine / FP8 need TE and a GPU, and the FP8
     recipe this GPU. Model: TP divides attention heads, KV heads and the FFN width, PP the layers; vLLM can split
-    the heads over the rollout TP; sequence lengths fit the model's positions and one micro-batch.
+    the heads over the rollout TP; sequence lengths fit the model's positions and one micro-batch. A rule about
+    one section's own fields (sequence parallelism needs TP > 1, ...) is that section's ``validate`` in config.py,
+    run by ``load_config``: not repeated here.
     """
     p, m, t, d, r = cfg.parallel, cfg.model, cfg.train, cfg.data, cfg.rollout
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
@@ -189,7 +191,6 @@ def validate_layout(cfg: SRFTConfig, world_size: int, arch=None) -> int:
         check_model_split(arch, p)
     _need(m.make_vocab_size_divisible_by % tp == 0, "model.make_vocab_size_divisible_by",
           f"{m.make_vocab_size_divisible_by} is not a multiple of {tp_path} ({tp})")
-    _need(not p.sequence_parallel or tp > 1, "parallel.sequence_parallel", f"needs {tp_path} > 1")
     if m.fp8 is not None or m.transformer_impl == "transformer_engine":
         _need(te_available(), "model.fp8" if m.fp8 is not None else "model.transformer_impl",
               "needs Transformer Engine and a CUDA GPU, which this machine lacks")

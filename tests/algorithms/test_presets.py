@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from megatron_srft.algorithms.presets import PRESETS, AlgoSettings, resolve
-from megatron_srft.config import AlgorithmConfig, ConfigError, load_config
+from megatron_srft.config import AlgorithmConfig, ConfigError, RolloutConfig, load_config
 
 
 def test_every_preset_is_complete_and_names_table_entries():
@@ -182,7 +182,19 @@ def test_bad_values_name_the_field():
     with pytest.raises(ConfigError, match="algorithm.num_demos_per_prompt"):
         resolve(AlgorithmConfig(preset="sft", num_demos_per_prompt=0))
     with pytest.raises(ConfigError, match="algorithm.preset"):
-        resolve(AlgorithmConfig(preset="nope"))  # type: ignore[arg-type]
+        load_config(overrides=["algorithm.preset=nope"])
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_passes_the_configs_own_field_checks(preset):
+    """The value ranges are checked once, on the config (AlgorithmConfig.validate): a preset's defaults, written
+    back as config fields, must pass them too."""
+    s = dataclasses.asdict(PRESETS[preset]())
+    renamed = {"num_demos_per_prompt": "num_demos"}
+    fields = {f.name: s[renamed.get(f.name, f.name)] for f in dataclasses.fields(AlgorithmConfig)
+              if f.name != "preset" and renamed.get(f.name, f.name) in s}
+    AlgorithmConfig(preset=preset, **fields).validate("algorithm")
+    RolloutConfig(tis_cap=s["tis_cap"]).validate("rollout")
 
 
 def test_docs_settings_table_matches_presets():

@@ -96,10 +96,6 @@ def test_vocab_padding_multiple_of_tp():
     expect_error("model.make_vocab_size_divisible_by", "not a multiple", c, arch(LLAMA3_70B), 8)
 
 
-def test_sequence_parallel_needs_tp():
-    expect_error("parallel.sequence_parallel", "> 1", cfg_with(tp=1, sp=True), arch(QWEN25_7B), 8)
-
-
 def test_fp8_without_gpu_is_a_config_error():
     c = cfg_with(tp=2)
     c.model.fp8 = "e4m3"
