@@ -198,27 +198,6 @@ def check_hf_names(arch: ArchSpec, names: Iterable[str]) -> None:
                           f"does config.json (num_hidden_layers={arch.num_layers}) match the weights?")
 
 
-def hf_to_megatron_full(arch: ArchSpec, hf_name_tensor_iter: Iterable[tuple[str, torch.Tensor]],
-                        padded_vocab: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) stream -> (Megatron local-spec name, full TP=1 tensor) stream, global layer numbers."""
-    for rule, layer, full in _convert_stream(arch, hf_name_tensor_iter, padded_vocab):
-        yield mcore_name(rule, layer), full
-
-
-def megatron_full_to_hf(arch: ArchSpec, mcore_name_tensor_iter: Iterable[tuple[str, torch.Tensor]]
-                        ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Megatron full name, tensor) -> (HF name, tensor); the inverse of :func:`hf_to_megatron_full`."""
-    index = {}
-    for r, layer in expanded(arch):
-        index[mcore_name(r, layer)] = (r, layer)
-        index[mcore_name(r, layer, te=True)] = (r, layer)
-    for name, full in mcore_name_tensor_iter:
-        if name not in index:
-            continue  # e.g. a tied output_layer copy, _extra_state
-        r, layer = index[name]
-        yield from zip(hf_names(r, layer), to_hf(r, arch, full))
-
-
 # ----------------------------------------------------------------------------------------- HF safetensors reader
 
 #: A weight beyond this magnitude is not a trained value but damage (a flipped exponent bit gives ~1e37); the

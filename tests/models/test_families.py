@@ -8,8 +8,8 @@ import torch
 from megatron_srft.experiments.tiny import make_tiny_hf_model
 from megatron_srft.models.arch import load_arch
 from megatron_srft.models.families import DENSE_LAYER, FAMILIES, Family
-from megatron_srft.models.mapping import HFWeights, check_hf_names, hf_to_megatron_full, megatron_full_to_hf
-from tests.models.tiny_cases import CASES
+from megatron_srft.models.mapping import HFWeights, check_hf_names
+from tests.models.tiny_cases import CASES, full_round_trip
 
 
 def test_every_family_has_a_tiny_case():
@@ -30,8 +30,7 @@ def test_a_record_added_at_run_time_is_read_by_arch_loading_mapping_and_the_tiny
     check_hf_names(arch, weights.names())
     hf = dict(weights.iter_tensors())
     assert arch.num_params() == sum(t.numel() for t in hf.values())
-    full = dict(hf_to_megatron_full(arch, hf.items(), arch.padded_vocab_size(128)))
-    back = dict(megatron_full_to_hf(arch, full.items()))
+    _, back = full_round_trip(arch, hf, arch.padded_vocab_size(128))
     assert set(back) == set(hf) and all(torch.equal(back[n], hf[n]) for n in hf)
 
 

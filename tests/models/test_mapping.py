@@ -8,11 +8,11 @@ import torch
 
 from megatron_srft.config import ConfigError
 from megatron_srft.models.arch import arch_from_hf_config
-from megatron_srft.models.mapping import (check_hf_names, expanded, hf_to_megatron_full, megatron_full_to_hf, rules_for,
-                                          shard, to_hf, to_mcore, unshard)
+from megatron_srft.models.mapping import (_convert_stream, check_hf_names, expanded, rules_for, shard, to_hf, to_mcore,
+                                          unshard)
 from megatron_srft.experiments.tiny import tiny_hf_config
 from tests.dist import run_ranks
-from tests.models.tiny_cases import CASES, hf_logits, make_case
+from tests.models.tiny_cases import CASES, full_round_trip, hf_logits, make_case
 
 
 def _arch(name="llama_gqa_rope"):
@@ -75,10 +75,9 @@ def test_full_round_trip_is_bit_exact(tmp_path, case):
     sd = load_file(str(hf / "model.safetensors"))
     arch = _arch(case)
     assert arch.num_params() == sum(t.numel() for t in sd.values())  # the one parameter count, to the weight
-    mc = dict(hf_to_megatron_full(arch, sd.items(), 128))
+    mc, back = full_round_trip(arch, sd, 128)
     assert mc["embedding.word_embeddings.weight"].shape[0] == 128
     assert ("output_layer.weight" in mc) == (not arch.tie_word_embeddings)
-    back = dict(megatron_full_to_hf(arch, mc.items()))
     assert set(back) == set(sd) - {"lm_head.weight"} if arch.tie_word_embeddings else set(back) == set(sd)
     for name, t in back.items():
         assert torch.equal(t, sd[name]), name
@@ -94,7 +93,7 @@ def test_name_errors():
     with pytest.raises(ConfigError, match="missing tensor 'lm_head.weight'"):
         check_hf_names(arch, [n for n in names if n != "lm_head.weight"])
     with pytest.raises(ConfigError, match="missing tensor"):
-        list(hf_to_megatron_full(arch, [("model.norm.weight", torch.ones(128))], 128))
+        list(_convert_stream(arch, [("model.norm.weight", torch.ones(128))], 128))
 
 
 # --------------------------------------------------------------------------------------------- real Megatron

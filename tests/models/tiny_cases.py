@@ -18,6 +18,20 @@ CASES = {
 }
 
 
+def full_round_trip(arch, hf: dict, padded_vocab: int) -> tuple[dict, dict]:
+    """HF tensors -> {Megatron local-spec name: full TP=1 tensor} through the conversion's own stream (what
+    mapping.load_hf_into_model applies), and back to {HF name: tensor} through each rule's inverse (what
+    mapping.export_hf_weights applies)."""
+    from megatron_srft.models.mapping import _convert_stream, expanded, hf_names, mcore_name, to_hf
+
+    mc = {mcore_name(rule, layer): full for rule, layer, full in _convert_stream(arch, hf.items(), padded_vocab)}
+    back: dict = {}
+    for rule, layer in expanded(arch):
+        if mcore_name(rule, layer) in mc:
+            back.update(zip(hf_names(rule, layer), to_hf(rule, arch, mc[mcore_name(rule, layer)])))
+    return mc, back
+
+
 def make_case(out_dir: str | Path, name: str, seed: int = 0) -> Path:
     """Write the named tiny model (fp32 safetensors + char tokenizer) to ``out_dir``; returns the path."""
     from megatron_srft.experiments.tiny import make_tiny_hf_model
