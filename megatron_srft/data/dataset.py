@@ -22,7 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
+import pyarrow.parquet as pq
+
 from ..errors import UserError, first_line
+from .templates import prompt_adds_special_tokens, render_prompt
 
 Messages = list[dict[str, str]]
 PromptType = Union[str, Messages]
@@ -203,8 +206,6 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
-    import pyarrow.parquet as pq
-
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a file that is not Parquet
@@ -257,8 +258,6 @@ def fingerprint(path: str | Path) -> dict:
                 crc = zlib.crc32(chunk, crc)
         if p.suffix.lower() == ".parquet":
             try:
-                import pyarrow.parquet as pq
-
                 rows = pq.ParquetFile(p).metadata.num_rows
             except Exception:  # unreadable: loading it says why; the size and checksum still identify it
                 rows = -1
@@ -283,8 +282,6 @@ def tokenize_problems(problems: list[Problem], tokenizer, template: str, max_pro
     """Render (``templates.render_prompt``) and tokenize; drop problems whose prompt has more than
     ``max_prompt_length`` tokens or whose demonstration (with EOS) has more than ``max_response_length``.
     The counts of dropped problems are on the returned list (``num_dropped_prompt``, ``num_dropped_demo``)."""
-    from .templates import prompt_adds_special_tokens, render_prompt
-
     if tokenizer.eos_token_id is None:
         raise DataError("tokenizer: has no eos_token; demonstrations must end in EOS")
     out = TokenizedProblems()

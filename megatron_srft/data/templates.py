@@ -15,6 +15,9 @@ join the message contents by blank lines (base-model style); ``chat`` is an erro
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from jinja2 import TemplateError  # transformers renders chat templates with it; the sandbox's SecurityError is one
 
 from ..errors import UserError, first_line
@@ -88,8 +91,6 @@ def render_prompt(problem, tokenizer, template: str) -> str:
 
 def _template_file(tokenizer) -> str:
     """Where a tokenizer's chat template came from, for an error message."""
-    from pathlib import Path
-
     d = Path(getattr(tokenizer, "name_or_path", "") or ".")
     for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
         if (d / name).is_file():
@@ -105,10 +106,7 @@ def load_tokenizer(model_dir):
     rebuilds the pre-tokenizer: our character tokenizer then silently drops spaces and newlines. A generic
     class is therefore loaded as itself; anything else goes through ``AutoTokenizer``.
     """
-    import json
-    from pathlib import Path
-
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # lazy: keeps transformers out of `srft config`
 
     cfg_path = Path(model_dir) / "tokenizer_config.json"
     declared = None
