@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..check.runner import run
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config: check its model (shapes from model.path) and layout.")
@@ -52,4 +50,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
+    from ..check.runner import run  # lazy: keeps Megatron (distributed/groups.py) out of `srft check --help`
+
     return run(args)

@@ -24,6 +24,7 @@ import contextlib
 import threading
 
 import torch
+from megatron.core.tensor_parallel import random as mrandom
 from torch.overrides import TorchFunctionMode
 
 _lock = threading.Lock()
@@ -131,8 +132,6 @@ def _patch_torch_cuda() -> None:
 
 def _patch_megatron_rng() -> None:
     """Megatron's RNG tracker swaps CUDA generator states; map them onto the CPU generator."""
-    from megatron.core.tensor_parallel import random as mrandom
-
     def _set_state(new_state, device=-1, graph_safe=False):
         torch.set_rng_state(new_state)
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as mpu
+from megatron.core import tensor_parallel
 
 from . import cpu_compat
 from .layout import data_parallel_size
@@ -110,9 +113,6 @@ def init_distributed(pcfg: ParallelConfig, seed: int = 1234, purpose: str = "tra
     that is checked before any group is created. ``purpose`` places the model (:func:`device_for`): a CPU model on a
     machine with GPUs (conversion) leaves CUDA untouched, no device set and no CUDA generator seeded.
     """
-    from megatron.core import parallel_state as mpu
-    from megatron.core import tensor_parallel
-
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     data_parallel_size(pcfg, world_size)
@@ -163,8 +163,6 @@ def _cpu_world_group() -> Optional[dist.ProcessGroup]:
 
 def groups_from_megatron(device: Optional[torch.device] = None) -> ParallelGroups:
     """Collect the groups Megatron created into a :class:`ParallelGroups`."""
-    from megatron.core import parallel_state as mpu
-
     return ParallelGroups(
         cpu_group=_cpu_world_group(),
         tp_group=mpu.get_tensor_model_parallel_group(),
@@ -207,8 +205,6 @@ def ensure_launcher_env() -> None:
 
 def destroy() -> None:
     global _CPU_GROUP
-    from megatron.core import parallel_state as mpu
-
     _CPU_GROUP = None
     if mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
@@ -217,8 +213,6 @@ def destroy() -> None:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
