@@ -9,18 +9,24 @@ hard-coded defaults.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state as mpu
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt import gpt_layer_specs as specs
+from megatron.core.optimizer import OptimizerConfig as MOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.transformer import TransformerConfig
 
 from ..config import ConfigError, ModelConfig, OptimizerConfig, ParallelConfig
 from ..distributed.groups import device_for_rank
+from ..distributed.layout import check_model_split
 from ..dtypes import torch_dtype
 from .arch import ArchSpec, rope_inv_freq
-
-if TYPE_CHECKING:
-    from megatron.core.transformer import TransformerConfig
+from .local_spec import local_block_spec
 
 def use_transformer_engine(mcfg: ModelConfig, on_gpu: Optional[bool] = None) -> bool:
     """Transformer Engine's layers for a model on the GPU (``on_gpu``; None = CUDA is available) when TE imports."""
@@ -29,7 +35,7 @@ def use_transformer_engine(mcfg: ModelConfig, on_gpu: Optional[bool] = None) -> 
     te_ok = torch.cuda.is_available() if on_gpu is None else on_gpu
     if te_ok:
         try:
-            import transformer_engine  # noqa: F401
+            import transformer_engine  # noqa: F401  (lazy: optional, and importing it is the probe)
         except Exception:
             te_ok = False
     if mcfg.transformer_impl == "transformer_engine" and not te_ok:
@@ -41,10 +47,6 @@ def transformer_config(arch: ArchSpec, mcfg: ModelConfig, pcfg: ParallelConfig,
                        device: Optional[torch.device] = None):
     """The Megatron ``TransformerConfig`` for an HF architecture and the device the model will live on (None =
     this rank's, :func:`~megatron_srft.distributed.groups.device_for_rank`). Checks the layout against the shapes."""
-    from megatron.core.transformer import TransformerConfig
-
-    from ..distributed.layout import check_model_split
-
     check_model_split(arch, pcfg)
     tp, pp = pcfg.tensor_model_parallel_size, pcfg.pipeline_model_parallel_size
     dtype = torch_dtype(mcfg.params_dtype)
@@ -101,10 +103,6 @@ def layer_spec(arch: ArchSpec, mcfg: ModelConfig, tf_config=None, pp_rank: Optio
     """The Transformer Engine layer spec on GPU with TE; otherwise our local block spec (models/local_spec.py:
     Megatron's local layer with norms that support sequence parallelism and per-segment packed attention), which
     needs ``tf_config``. ``core_attention`` replaces the local spec's core (tests: Megatron's dense-mask one)."""
-    from megatron.core.models.gpt import gpt_layer_specs as specs
-
-    from .local_spec import local_block_spec
-
     te = tf_config.transformer_impl == "transformer_engine" if tf_config is not None else use_transformer_engine(mcfg)
     if te:
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm, fp8=mcfg.fp8)
@@ -127,8 +125,6 @@ def build_gpt(arch: ArchSpec, mcfg: ModelConfig, pcfg: ParallelConfig, pre_proce
     """One ``GPTModel`` for this pipeline stage (``pre_process`` = holds the embedding, ``post_process`` = head),
     on ``device`` (None = this rank's; ``tf_config`` must have been made for the same device).
     ``spec``: a layer or block spec instead of :func:`layer_spec`'s choice; ``core_attention``: see there."""
-    from megatron.core.models.gpt import GPTModel
-
     device = device or device_for_rank()
     tf_config = tf_config or transformer_config(arch, mcfg, pcfg, device)
     if tf_config.use_cpu_initialization != (device.type != "cuda"):
@@ -158,8 +154,6 @@ def build_model(arch: ArchSpec, mcfg: ModelConfig, pcfg: ParallelConfig, *, wrap
                 ddp_overrides: Optional[dict] = None, pp_rank: Optional[int] = None,
                 pp_size: Optional[int] = None) -> ModelHandle:
     """Build this rank's model chunk(s), optionally wrapped in Megatron DDP (needed by the Megatron optimizer)."""
-    from megatron.core import parallel_state as mpu
-
     pp_size = pp_size if pp_size is not None else mpu.get_pipeline_model_parallel_world_size()
     pp_rank = pp_rank if pp_rank is not None else mpu.get_pipeline_model_parallel_rank()
     tf_config = transformer_config(arch, mcfg, pcfg)
@@ -167,8 +161,6 @@ def build_model(arch: ArchSpec, mcfg: ModelConfig, pcfg: ParallelConfig, *, wrap
                       tf_config=tf_config, pp_rank=pp_rank)
     chunks = [model]
     if wrap_ddp:
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
         ddp_kw = dict(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=pcfg.overlap_grad_reduce,
@@ -187,9 +179,6 @@ def build_model(arch: ArchSpec, mcfg: ModelConfig, pcfg: ParallelConfig, *, wrap
 
 def build_optimizer(handle: ModelHandle, ocfg: OptimizerConfig, mcfg: ModelConfig, pcfg: ParallelConfig):
     """Megatron's optimizer with fp32 master weights (and the distributed optimizer when configured)."""
-    from megatron.core.optimizer import OptimizerConfig as MOptimizerConfig
-    from megatron.core.optimizer import get_megatron_optimizer
-
     dtype = torch_dtype(mcfg.params_dtype)
     mo = MOptimizerConfig(
         optimizer=ocfg.name,

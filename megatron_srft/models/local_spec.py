@@ -25,7 +25,10 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 
 class RMSNorm(torch.nn.Module):
@@ -81,8 +84,6 @@ class PackedSegmentAttention(MegatronModule):
         if pg_collection is not None and hasattr(pg_collection, "tp"):
             tp = pg_collection.tp.size()
         else:
-            from megatron.core import parallel_state
-
             tp = parallel_state.get_tensor_model_parallel_world_size()
         head_dim = config.kv_channels
         self.num_heads = config.num_attention_heads // tp
@@ -98,8 +99,6 @@ class PackedSegmentAttention(MegatronModule):
         gqa = q.shape[1] != k.shape[1]
         if p == 0.0:
             return F.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale, enable_gqa=gqa, **kw)
-        from megatron.core import tensor_parallel
-
         fork = (tensor_parallel.get_cuda_rng_tracker().fork() if not self.config.sequence_parallel
                 else contextlib.nullcontext())
         with fork:
@@ -142,8 +141,6 @@ def local_layer_spec(qk_norm: bool, core_attention=None):
     """Megatron's local GPT layer spec with :class:`RMSNorm` for every norm (input, pre-MLP, q/k) and
     :class:`PackedSegmentAttention` as the core attention (``core_attention`` overrides it, e.g. Megatron's
     ``DotProductAttention`` as the dense-mask reference in tests)."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
     spec = get_gpt_layer_local_spec(qk_layernorm=qk_norm, normalization="RMSNorm")
     sub = spec.submodules
     sub.input_layernorm = RMSNorm
@@ -162,8 +159,6 @@ def local_block_spec(config, qk_norm: bool, pp_rank: int | None = None, vp_stage
 
     A bare layer spec would let Megatron pick the final norm itself (``WrappedTorchNorm``), which refuses SP.
     """
-    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
-
     layer = local_layer_spec(qk_norm, core_attention=core_attention)
     count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=[layer] * count, layer_norm=RMSNorm)

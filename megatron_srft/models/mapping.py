@@ -25,14 +25,17 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import torch
+from safetensors import safe_open
 
 from ..distributed import collectives
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from .arch import ArchSpec
+from .builder import unwrap
 from .families import EMBED, FAMILIES, IGNORED_HF_SUFFIXES, Rule
 
 
@@ -142,8 +145,6 @@ def _hf_index(arch: ArchSpec) -> dict[str, tuple[Rule, Optional[int]]]:
 
 
 def _unknown_tensor_error(arch: ArchSpec, name: str) -> ConfigError:
-    import re
-
     m = re.match(r"model\.layers\.(\d+)\.", name)
     if m and int(m.group(1)) >= arch.num_layers:
         return ConfigError(f"weights: tensor {name!r} is in layer {m.group(1)} but config.json has "
@@ -208,8 +209,6 @@ MAX_ABS_WEIGHT = 1e5
 def check_weight_values(name: str, tensor: torch.Tensor, source) -> torch.Tensor:
     """``tensor`` unchanged when every value is finite and ``|w| <= MAX_ABS_WEIGHT``; else a one-line error naming
     the tensor (a NaN/inf from a diverged run, or a flipped byte in a shard)."""
-    from ..errors import CheckpointError
-
     if tensor.numel() == 0 or not tensor.is_floating_point():
         return tensor
     amax = float(tensor.detach().abs().max())
@@ -239,8 +238,6 @@ class HFWeights:
                     raise ConfigError(f"{index}: shard file {fname!r} named in the index is missing")
             self.weight_map: dict[str, str] = dict(weight_map)
         elif (self.dir / self.SINGLE).is_file():
-            from safetensors import safe_open
-
             with safe_open(str(self.dir / self.SINGLE), framework="pt") as f:
                 self.weight_map = {k: self.SINGLE for k in f.keys()}
         else:
@@ -251,8 +248,6 @@ class HFWeights:
 
     def iter_tensors(self, wanted: Optional[set] = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, tensor) file by file (each file opened once); ``wanted`` filters names before reading."""
-        from safetensors import safe_open
-
         by_file: dict[str, list[str]] = {}
         for name, fname in self.weight_map.items():
             if wanted is None or name in wanted:
@@ -307,8 +302,6 @@ def load_hf_into_model(chunks: list, arch: ArchSpec, hf_dir: str | Path, groups)
         hf_dir: HF directory with safetensors weights.
         groups: :class:`~megatron_srft.distributed.groups.ParallelGroups` (tp_rank / tp_size select the TP shard).
     """
-    from .builder import unwrap
-
     weights = HFWeights(hf_dir)
     for chunk in chunks:
         model = unwrap(chunk)
@@ -366,8 +359,6 @@ def export_hf_weights(chunks: list, arch: ArchSpec, groups) -> Iterator[tuple[st
     Tied models yield no ``lm_head.weight`` (HF ties it to ``model.embed_tokens.weight``). Tensors keep the
     parameters' dtypes: the consumer casts (the weight sync to the engine's dtype, the HF export to the run's).
     """
-    from .builder import unwrap
-
     owned: dict[tuple[str, Optional[int]], torch.Tensor] = {}
     for chunk in chunks:
         model = unwrap(chunk)
