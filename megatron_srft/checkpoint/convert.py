@@ -28,14 +28,20 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from safetensors.torch import save_file
 
 from ..config import ConfigError, ModelConfig, ParallelConfig
+from ..distributed.groups import device_for, groups_from_megatron
 from ..dtypes import DTYPES, dtype_name
 from ..errors import CheckpointError, UserError
+from ..models import builder
 from ..models.arch import ArchSpec, arch_from_hf_config, load_arch
+from ..models.mapping import HFWeights, check_hf_names, check_weight_values, export_hf_weights, load_hf_into_model
 from . import dist as dist_ckpt
 from . import manifest
 from .atomic import acquire_lock, check_output, fresh_dir, release_lock, replace_dir, temp_sibling
+from .safe_load import check_dcp_dir, read_json
 
 #: Files copied next to the weights in both directions (tokenizer and generation settings; never executed).
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -114,10 +120,6 @@ def build_and_load(source: ModelSource, pcfg: ParallelConfig, groups, params_dty
     :func:`~megatron_srft.distributed.groups.device_for` puts a model built for ``purpose`` ("convert" and
     "generate": CPU, even on a GPU machine). Returns a :class:`~megatron_srft.models.builder.ModelHandle`.
     """
-    from ..distributed.groups import device_for
-    from ..models import builder
-    from ..models.mapping import load_hf_into_model
-
     dtype, divisible = model_settings(source, params_dtype, make_vocab_size_divisible_by)
     mcfg = ModelConfig(params_dtype=dtype, make_vocab_size_divisible_by=divisible, transformer_impl="auto")
     arch = source.arch
@@ -134,8 +136,6 @@ def build_and_load(source: ModelSource, pcfg: ParallelConfig, groups, params_dty
                              verified=verify_converted_root(source))
     chunks = [model]
     if wrap_ddp:
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
         chunks = [DistributedDataParallel(config=tf_config, ddp_config=DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=pcfg.use_distributed_optimizer), module=model)]
     return builder.ModelHandle(chunks=chunks, arch=arch, tf_config=tf_config,
@@ -259,8 +259,6 @@ def check_hf_dir(hf_dir: str | Path, arch: ArchSpec, *, verify_manifest: bool = 
     """Before any tensor is read: the directory's manifest (when it has one, as our exports do; it reads every
     byte, so ``verify_manifest=False`` skips it in cheap pre-flight checks), every shard's header against the file
     and the index, and the embedding rows against the config's ``vocab_size``."""
-    from ..models.mapping import HFWeights
-
     hf_dir = Path(hf_dir)
     if verify_manifest and manifest.has_manifest(hf_dir):
         manifest.verify(hf_dir)
@@ -294,8 +292,6 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     it (an unreadable tokenizer is never copied into an output that reports success)."""
     for name in SIDE_FILES:
         if name.endswith(".json") and (src / name).is_file():
-            from .safe_load import read_json
-
             read_json(src / name, "the tokenizer would not load from it; repair or remove it")
     copied = []
     for name in SIDE_FILES:
@@ -307,8 +303,6 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
 
 def preflight_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, overwrite: bool) -> ModelSource:
     """Every input check that needs no model (architecture, index, shards, tensor names, output dir)."""
-    from ..models.mapping import HFWeights, check_hf_names
-
     source = resolve_source(hf_dir)
     if source.kind != "hf":
         raise ConfigError(f"{hf_dir}: expected an HF model directory, found a Megatron checkpoint")
@@ -323,16 +317,12 @@ def preflight_mcore_to_hf(ckpt: str | Path, out_dir: str | Path, overwrite: bool
     if source.kind != "mcore":
         raise ConfigError(f"{ckpt}: expected a Megatron checkpoint (DIR/model or a torch_dist dir), found an HF dir")
     _check_out(Path(out_dir), overwrite, tuple(_inputs_of(source, Path(ckpt))))
-    from .safe_load import check_dcp_dir
-
     check_dcp_dir(source.model_dir)  # nothing in it is unpickled before this (cheap: no tensor is read)
     return source
 
 
 def conversion_device() -> torch.device:
     """Where both conversions build the model: CPU, whatever GPUs this machine has (groups.MODEL_RUNS_ON_GPU)."""
-    from ..distributed.groups import device_for
-
     return device_for("convert", torch.cuda.is_available())
 
 
@@ -342,8 +332,6 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: Optional[str] = 
 
     Call inside an initialised 1-rank world (:func:`megatron_srft.distributed.groups.init_distributed`).
     """
-    from ..distributed.groups import groups_from_megatron
-
     hf_dir, out = Path(hf_dir), Path(out_dir)
     source = preflight_hf_to_mcore(hf_dir, out, overwrite)
     tmp = _prepare_out(out, overwrite, (hf_dir,))
@@ -365,8 +353,6 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: Optional[str] = 
 
 def write_safetensors(items, out: Path, max_shard_bytes: int) -> dict:
     """Write (name, tensor) items as ``model-0000K-of-0000N.safetensors`` + index; returns the index."""
-    from safetensors.torch import save_file
-
     shards: list[list[str]] = []
     buf: dict[str, torch.Tensor] = {}
     buf_bytes = total = 0
@@ -427,17 +413,12 @@ def mcore_to_hf(ckpt: str | Path, out_dir: str | Path, overwrite: bool = False,
     Call inside an initialised 1-rank world. Writes sharded safetensors + index, config.json and the
     tokenizer files found next to the checkpoint.
     """
-    from ..models.mapping import export_hf_weights
-    from ..distributed.groups import groups_from_megatron
-
     source = preflight_mcore_to_hf(ckpt, out_dir, overwrite)
     out = Path(out_dir)
     tmp = _prepare_out(out, overwrite, tuple(_inputs_of(source, Path(ckpt))))
     try:
         groups = groups_from_megatron(conversion_device())
         handle = build_and_load(source, ParallelConfig(), groups, purpose="convert")
-        from ..models.mapping import check_weight_values
-
         items = ((n, check_weight_values(n, t, source.model_dir))
                  for n, t in export_hf_weights(handle.chunks, source.arch, groups))
         side_dirs = [source.root]

@@ -17,16 +17,30 @@ docs/architecture.md), so Megatron reshards on load: save at TP=2, load at PP=2.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
+from multiprocessing.managers import SyncManager
 from pathlib import Path
 from typing import Optional
 
 import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.core import CheckpointingException
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ..distributed import collectives
 from ..dtypes import dtype_name
-from ..errors import ConfigError, first_line
+from ..errors import CheckpointError, ConfigError, first_line
+from ..models.builder import unwrap
+from ..signals import children_ignore_stop_signals
+from . import manifest
 from .atomic import die_with_parent, forked_children_die_with_this_process, fresh_dir, replace_dir, temp_sibling
+from .manifest import write_manifest_collective
+from .safe_load import check_dcp_dir
 
 META_FILE = "srft_model.json"
 
@@ -43,8 +57,6 @@ def _sharded_state_dict(chunks: list) -> dict:
     # The outer keys are not stored: ShardedTensor keys are global names (layer offsets applied), which is
     # what makes the checkpoint independent of TP/PP/VPP. Always from the bare GPTModel: Megatron's DDP
     # wrapper has no sharded_state_dict of its own and would prefix every key with "module.".
-    from ..models.builder import unwrap
-
     if len(chunks) == 1:
         return unwrap(chunks[0]).sharded_state_dict()
     return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
@@ -52,8 +64,6 @@ def _sharded_state_dict(chunks: list) -> dict:
 
 def model_metadata(chunks: list, arch=None) -> dict:
     """Shape facts about the model (padded vocab, dtype, layers) plus the HF config when ``arch`` is given."""
-    from ..models.builder import unwrap
-
     model = unwrap(chunks[0])
     dtype = next(model.parameters()).dtype
     meta = {"padded_vocab_size": int(model.vocab_size), "params_dtype": dtype_name(dtype) or str(dtype),
@@ -72,11 +82,6 @@ def _own_storage_for_views(sharded_sd: dict, chunks: list) -> None:
     half of a 7B model) would be resident at once. Copying here one parameter at a time and dropping the original
     keeps the peak at one parameter beyond the model.
     """
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
-
-    from ..models.builder import unwrap
-
     apply_factories(sharded_sd)
     params = {p.untyped_storage().data_ptr(): p for c in chunks for p in unwrap(c).parameters()}
     views: dict[int, list] = {}
@@ -103,19 +108,12 @@ def start_checkpoint_writer() -> None:
     window; :func:`save_model` calls it too (a no-op once the queue exists). A megatron-core without this
     private queue needs nothing.
     """
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    from ..signals import children_ignore_stop_signals
-
     forked_children_die_with_this_process()  # the writers forked at each save end with this process (kill -9)
     get_queue = getattr(filesystem_async, "_get_write_results_queue", None)
     if get_queue is None or getattr(filesystem_async, "_results_queue", None) is not None:
         return
     with children_ignore_stop_signals():
         if hasattr(filesystem_async, "_results_queue"):  # ctx.Manager() as megatron-core's, dying with us
-            import multiprocessing as mp
-            from multiprocessing.managers import SyncManager
-
             manager = SyncManager(ctx=mp.get_context("spawn"))
             manager.start(initializer=die_with_parent, initargs=(os.getpid(),))  # no orphan after a kill -9
             filesystem_async._results_queue = manager.Queue()
@@ -134,8 +132,6 @@ def save_model(chunks: list, path: str | Path, metadata: Optional[dict] = None, 
     ``consume``: the model is not used afterwards (conversion): its memory is given up during the save, which
     keeps the peak near one copy of the model (see :func:`_own_storage_for_views`).
     """
-    from megatron.core import dist_checkpointing
-
     path = Path(path)
     target = temp_sibling(path) if atomic else path
     if _rank() == 0:
@@ -150,8 +146,6 @@ def save_model(chunks: list, path: str | Path, metadata: Optional[dict] = None, 
     dist_checkpointing.save(sharded_sd, str(target))
     if _rank() == 0:
         (target / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
-    from .manifest import write_manifest_collective
-
     write_manifest_collective(target)  # last: its presence says every file above is complete
     if atomic and _rank() == 0:
         replace_dir(target, path)
@@ -187,9 +181,6 @@ def _load_in_place(chunks: list, path: Path) -> None:
     no merge (a concatenated copy of every fc1, about half of a 7B model) is made after loading. A value that the
     loader returns in new storage is copied into its view.
     """
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
-
     sharded_sd = _sharded_state_dict(chunks)
     apply_factories(sharded_sd)
     views: list = []
@@ -235,8 +226,6 @@ def _without_absent_extra_state(sharded_sd: dict, path: Path) -> dict:
     dist_checkpointing would refuse the whole load for their absence. Such modules keep their freshly initialised
     state. Weights are never dropped, and extra state the checkpoint does hold (an FP8 run's resume) is loaded.
     """
-    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
-
     def extra_state_key(node) -> Optional[str]:
         """The key the checkpoint's metadata lists ``node`` under, for an ``_extra_state`` request (else None).
 
@@ -272,9 +261,6 @@ def _without_absent_extra_state(sharded_sd: dict, path: Path) -> dict:
 def check_readable(path: str | Path, *, verified: bool = False) -> None:
     """Collective: everything a load of the torch_dist directory ``path`` will read is intact (its manifest, unless
     the caller ``verified`` it already) and holds nothing executable (safe_load). Raises CheckpointError."""
-    from . import manifest
-    from .safe_load import check_dcp_dir
-
     path = Path(path)
     if not verified:
         manifest.verify_or_warn_collective(path)
@@ -297,22 +283,15 @@ def load_model(chunks: list, path: str | Path, *, in_place: bool = False, verifi
     """Collective: load a torch_dist model checkpoint into the chunks (any TP/PP layout). Returns its metadata.
 
     The directory is checked first (:func:`check_readable`; ``verified``: its manifest was verified already)."""
-    from megatron.core import dist_checkpointing
-
     path = Path(path)
     if not is_model_checkpoint(path):
         raise ConfigError(f"{path}: not a Megatron dist checkpoint (no metadata.json / .metadata)")
     check_readable(path, verified=verified)
     meta = read_metadata(path)
-    from ..models.builder import unwrap
-
     padded = int(unwrap(chunks[0]).vocab_size)
     if "padded_vocab_size" in meta and int(meta["padded_vocab_size"]) != padded:
         raise ConfigError(f"{path / META_FILE}: padded_vocab_size {meta['padded_vocab_size']} != the model's "
                           f"{padded}; set model.make_vocab_size_divisible_by as when it was saved")
-    from megatron.core.dist_checkpointing.core import CheckpointingException
-    from torch.distributed.checkpoint.api import CheckpointException
-
     try:
         if in_place and len(chunks) == 1:
             _load_in_place(chunks, path)
@@ -320,8 +299,6 @@ def load_model(chunks: list, path: str | Path, *, in_place: bool = False, verifi
         state = dist_checkpointing.load(_without_absent_extra_state(_sharded_state_dict(chunks), path),
                                        str(path))
     except (CheckpointingException, CheckpointException) as e:  # e.g. a tensor of another global shape
-        from ..errors import CheckpointError
-
         raise CheckpointError(f"{path}: does not fit the model being loaded (another architecture or size? "
                               f"{_load_failure(e)})") from e
     for i, c in enumerate(chunks):

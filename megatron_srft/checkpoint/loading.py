@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..models.mapping import load_hf_into_model
+from .convert import check_hf_dir, resolve_source, verify_converted_root
+from .dist import load_model
+
 
 def load_initial_weights(handle, model_dir: str | Path, groups) -> str:
     """Fill the built model chunks from ``model_dir``; returns the source kind ("hf" or "mcore").
@@ -11,10 +15,6 @@ def load_initial_weights(handle, model_dir: str | Path, groups) -> str:
     An HF directory is read tensor by tensor (each rank takes its TP shard of its PP stage's layers); a converted
     directory or training checkpoint is loaded through Megatron's dist_checkpointing (resharded on load).
     """
-    from .convert import check_hf_dir, resolve_source, verify_converted_root
-    from .dist import load_model
-    from ..models.mapping import load_hf_into_model
-
     source = resolve_source(model_dir)
     if source.kind == "hf":
         check_hf_dir(source.model_dir, handle.arch)  # shards vs index and headers, vocab rows; before any tensor

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Optional
 
+from ..distributed import collectives
 from ..errors import CheckpointError
 from .atomic import write_text_atomic
 
@@ -216,8 +217,6 @@ def summarize(problems: list[str]) -> str:
 
 def gather_entries(root: str | Path) -> Optional[dict]:
     """Collective over the world: each rank hashes its share of ``root``; rank 0 gets the union, others None."""
-    from ..distributed import collectives
-
     rank, world = collectives.rank(), collectives.world_size()
     parts = collectives.all_gather_object(local_entries(root, rank, world))
     if rank != 0:
@@ -230,8 +229,6 @@ def gather_entries(root: str | Path) -> Optional[dict]:
 
 def write_manifest_collective(root: str | Path) -> None:
     """Collective: every rank hashes what it wrote, rank 0 writes the manifest; returns when it exists."""
-    from ..distributed import collectives
-
     collectives.barrier()  # every rank's files are complete
     entries = gather_entries(root)
     if collectives.rank() == 0:
@@ -242,8 +239,6 @@ def write_manifest_collective(root: str | Path) -> None:
 def verify_or_warn_collective(root: str | Path) -> None:
     """Collective: raise one CheckpointError line (the same on every rank) when ``root``'s manifest names a problem;
     a checkpoint without a manifest (written before manifests existed) loads with a warning from rank 0."""
-    from ..distributed import collectives
-
     root = Path(root)
     rank, world = collectives.rank(), collectives.world_size()
     mine, unverified = verify_present_part(root, rank, world)  # every manifest that exists is verified
@@ -257,8 +252,6 @@ def verify_or_warn_collective(root: str | Path) -> None:
 
 def verify_collective(root: str | Path) -> list[str]:
     """Collective: the problems of ``root`` (split over the ranks), the same list on every rank."""
-    from ..distributed import collectives
-
     rank, world = collectives.rank(), collectives.world_size()
     parts = collectives.all_gather_object(verify_part(root, rank, world))
     return sorted({p for part in parts for p in part})

@@ -37,6 +37,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..errors import CheckpointError, first_line
 
 # --------------------------------------------------------------------------------------------- allow-lists
@@ -90,8 +92,6 @@ _TORCH_STORAGE_NAMES = frozenset({
 def _is_torch_dtype(module: str, name: str) -> bool:
     if module != "torch":
         return False
-    import torch
-
     return isinstance(getattr(torch, name, None), torch.dtype)
 
 
@@ -213,8 +213,6 @@ def check_torch_file(path: str | Path, allow: frozenset = TORCH_FILE_GLOBALS) ->
 def safe_torch_load(path: str | Path):
     """Load one of our tensors-only torch files: checked by :func:`check_torch_file`, then ``torch.load`` with
     ``weights_only=True`` (two independent allow-lists)."""
-    import torch
-
     check_torch_file(path)
     return torch.load(path, map_location="cpu", weights_only=True)
 
