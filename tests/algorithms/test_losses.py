@@ -208,7 +208,7 @@ def test_sum_over_micro_batches_equals_unsplit(preset, aggregation):
     assert f_full.keys() == f_split.keys()
     for name in f_full:
         assert f_full[name] == pytest.approx(f_split[name], rel=1e-5, abs=1e-6, nan_ok=True), name
-    assert f_split["loss_total"] == pytest.approx(float(full), rel=1e-5, abs=1e-7)
+    assert f_split["loss_total"] == pytest.approx(float(full.detach()), rel=1e-5, abs=1e-7)
 
 
 def test_srft_without_demo_terms_and_unit_rl_weight_equals_grpo():
@@ -246,7 +246,7 @@ def test_hand_computed_demo_token_weights_and_signs():
     s = PRESETS["srft"]()
     b = _one_token(math.log(0.5), math.log(2.0), 1.0, True)
     loss, m = srft_objective(b, s, Normalizers(1, 1))
-    assert float(loss) == pytest.approx(0.25 * math.log(2) - 0.5, abs=1e-6)
+    assert float(loss.detach()) == pytest.approx(0.25 * math.log(2) - 0.5, abs=1e-6)
     loss.backward()
     # d/dlp: -w_SFT - A p = -0.25 - 0.5; nothing flows into H (weights use sg(H))
     assert float(b.logprob.grad) == pytest.approx(-0.75, abs=1e-6)
@@ -258,7 +258,7 @@ def test_hand_computed_demo_token_weights_and_signs():
     b = _one_token(math.log(0.5), math.log(2.0), 1.0, True)
     loss, m = srft_objective(b, s, Normalizers(1, 1, 8192.0))
     expect = (1.0 * math.log(2) - 0.5 / 0.6) / 8192 - 0.001 * math.log(2)
-    assert float(loss) == pytest.approx(expect, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(expect, rel=1e-5)
     assert finalize(accumulate({}, m))["w_sft_max"] == pytest.approx(1.0)
     assert finalize(accumulate({}, m))["loss_entropy_bonus"] == pytest.approx(-0.001 * math.log(2), rel=1e-5)
 
@@ -276,7 +276,7 @@ def test_hand_computed_luffy_group():
         seq_num_tokens=torch.tensor([1, 1]))
     loss, m = srft_objective(b, s, Normalizers.for_settings(s, num_tokens=2, num_sequences=2))
     expect = (-0.5 * 0.5 / 0.6 + 1.0) / (2 * 128) - 0.001
-    assert float(loss) == pytest.approx(expect, rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(expect, rel=1e-6)
     assert finalize(accumulate({}, m))["clip_frac"] == 0.0
 
 
@@ -300,26 +300,26 @@ def test_hand_computed_rollout_tokens():
     b = _one_token(-1.0, 0.0, 1.0, False)
     loss, _ = srft_objective(b, s, Normalizers(1, 1))
     loss.backward()
-    assert float(loss) == pytest.approx(-0.1, abs=1e-6) and float(b.logprob.grad) == pytest.approx(-0.1, abs=1e-6)
+    assert float(loss.detach()) == pytest.approx(-0.1, abs=1e-6) and float(b.logprob.grad) == pytest.approx(-0.1, abs=1e-6)
     # negative: ratio 0.5, A = -1, clip 0.2 -> -min(-0.5, -0.8) = 0.8, clipped (grad 0), weight 1
     b = _one_token(math.log(0.5), 3.0, -1.0, False, old=0.0)
     loss, m = srft_objective(b, s, Normalizers(1, 1))
     loss.backward()
-    assert float(loss) == pytest.approx(0.8, abs=1e-6) and float(b.logprob.grad) == 0.0
+    assert float(loss.detach()) == pytest.approx(0.8, abs=1e-6) and float(b.logprob.grad) == 0.0
     assert finalize(accumulate({}, m))["clip_frac"] == 1.0
     # the code preset has no clip: -ratio * A = 0.5, d/dlp = -A * ratio = 0.5
     b = _one_token(math.log(0.5), 3.0, -1.0, False, old=0.0)
     loss, _ = srft_objective(b, PRESETS["srft_code"](), Normalizers(1, 1, 1.0))
     loss = loss - (-0.001 * 3.0)  # remove the entropy bonus
     loss.backward()
-    assert float(loss) == pytest.approx(0.5, abs=1e-6) and float(b.logprob.grad) == pytest.approx(0.5, abs=1e-6)
+    assert float(loss.detach()) == pytest.approx(0.5, abs=1e-6) and float(b.logprob.grad) == pytest.approx(0.5, abs=1e-6)
 
 
 def test_masked_only_batch_gives_zero_loss_with_graph():
     b = make_batch(3)
     b.loss_mask = torch.zeros_like(b.loss_mask)
     loss, m = srft_objective(b, PRESETS["srft"](), Normalizers(10, 2))
-    assert float(loss) == 0.0 and loss.requires_grad
+    assert float(loss.detach()) == 0.0 and loss.requires_grad
     loss.backward()
     assert torch.all(b.logprob.grad == 0)
 
