@@ -12,6 +12,9 @@ from typing import Iterable, Optional, Protocol
 
 import torch
 
+from ..distributed.layout import resolve_cpu_kv_cache_bytes
+from ..dtypes import DTYPES
+
 #: rollout.engine name -> "module:class" implementing :class:`Engine` (imported only when used).
 ENGINES: dict[str, str] = {
     "vllm": "megatron_srft.rollout.vllm_engine:VllmEngine",
@@ -96,9 +99,6 @@ def resolve_engine_settings(rollout_cfg, params_dtype: str, arch, needed_len: in
     once (training: distributed/layout.py ``rollout_sequences_per_engine``); on CPU a null
     ``rollout.cpu_kvcache_space_gib`` sizes the KV cache for them (``cpu_kv_cache_bytes``).
     """
-    from ..distributed.layout import resolve_cpu_kv_cache_bytes
-    from ..dtypes import DTYPES
-
     max_len = int(rollout_cfg.max_model_len or min(int(needed_len), int(arch.max_position_embeddings)))
     dtype = resolve_dtype(rollout_cfg.dtype, params_dtype)
     kv = None if torch.cuda.is_available() else resolve_cpu_kv_cache_bytes(rollout_cfg, arch, DTYPES[dtype].bytes,

@@ -22,6 +22,8 @@ from typing import Iterable, Iterator
 
 import torch
 
+from ..models.mapping import export_hf_weights
+
 MiB = 1 << 20
 
 
@@ -101,8 +103,6 @@ def sync_weights(chunks, arch, groups, engine, bucket_mb: int) -> dict:
     chunks: this rank's model chunks; arch: the ArchSpec; groups: ParallelGroups; engine: this rank's
     :class:`~megatron_srft.rollout.base.Engine`. Returns :func:`stream_weights`'s stats.
     """
-    from ..models.mapping import export_hf_weights
-
     with torch.no_grad():
         return stream_weights(export_hf_weights(chunks, arch, groups), engine, bucket_mb)
 
@@ -138,9 +138,8 @@ def megatron_weight_source(chunks, arch, groups, dtype: torch.dtype | None = Non
     ``metadata()`` runs one export pass on first use (a collective on every rank, as vLLM's contract allows
     for Megatron sources) and caches the names, dtypes and full shapes; each iteration is a fresh export.
     """
+    # lazy: vLLM is an optional dependency (extras cpu / gpu); this module serves every rollout engine
     from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
-
-    from ..models.mapping import export_hf_weights
 
     def export():
         named = export_hf_weights(chunks, arch, groups)

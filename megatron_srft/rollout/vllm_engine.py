@@ -36,6 +36,8 @@ memory back, and the release is then an ordinary one.
 
 from __future__ import annotations
 
+import _posixshmem  # multiprocessing.shared_memory's shm_unlink: the name rules of vLLM's shm_open
+import gc
 import logging
 import os
 import time
@@ -43,12 +45,17 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
+from vllm import LLM, SamplingParams
+from vllm.distributed import parallel_state
+from vllm.exceptions import VLLMValidationError
+from vllm.inputs import TokensPrompt
 
 from ..config import RolloutConfig
 from ..distributed import collectives, cpu_compat
 from ..distributed.groups import ensure_launcher_env
 from ..dtypes import DTYPES, dtype_name
 from ..errors import ConfigError, UserError, first_line
+from ..models.arch import load_arch
 from .base import Completion
 
 #: The CPU attention kernel supports these head sizes (16 is rejected at start-up with an obscure error).
@@ -129,10 +136,6 @@ def _unlink_cpu_shm_names(worker) -> int:
     fails to start ("create shm in SHMManager failed. errno: 17"). Start-up ends after every rank has joined every
     segment, so the names are no longer needed; the mapped memory lives on until the process ends.
     """
-    import _posixshmem  # multiprocessing.shared_memory's shm_unlink: the name rules of vLLM's shm_open
-
-    from vllm.distributed import parallel_state  # lazy, as vLLM is everywhere in this module
-
     removed = 0
     for group in (parallel_state.get_tp_group(), parallel_state.get_pp_group()):
         comm = getattr(group, "device_communicator", None)
@@ -192,16 +195,12 @@ class VllmEngine:
                           enable_sleep_mode=cfg.sleep_level > 0)
         start = time.perf_counter()
         try:
-            from vllm import LLM
-
             self.llm = LLM(**kwargs)
         except Exception as e:  # vLLM's start-up errors are long multi-line traces: keep the cause, one line
             raise UserError(f"rollout engine failed to start for {self.model_dir}: {first_line(e, 300)}") from e
         self.startup_seconds = time.perf_counter() - start
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
         self.weight_dtype = self.llm.llm_engine.model_config.dtype  # Engine.weight_dtype: the sync casts to it
-        from ..models.arch import load_arch
-
         ExpectedReloadWarnings.install(tied_lm_head=load_arch(self.model_dir).tie_word_embeddings)
         if not self.on_gpu:
             logging.getLogger(_CPU_WORKER_LOGGER).addFilter(_not_cpu_sleep_warning)  # added once per process
@@ -219,8 +218,6 @@ class VllmEngine:
             raise ConfigError(f"rollout engine load_format: expected auto | dummy | safetensors, got {load_format!r}")
         if self.max_model_len < 2:
             raise ConfigError(f"rollout.max_model_len: expected >= 2, got {self.max_model_len}")
-        from ..models.arch import load_arch
-
         arch = load_arch(self.model_dir)
         if self.max_model_len > arch.max_position_embeddings:
             raise ConfigError(f"rollout.max_model_len: {self.max_model_len} exceeds the model's "
@@ -282,10 +279,6 @@ class VllmEngine:
         self.check_prompts(prompt_token_ids, max_tokens)
         if seeds is not None and len(seeds) != len(prompt_token_ids):
             raise UserError(f"rollout generate: {len(seeds)} seeds for {len(prompt_token_ids)} prompts")
-        from vllm import SamplingParams
-        from vllm.exceptions import VLLMValidationError
-        from vllm.inputs import TokensPrompt
-
         params = []
         for i, p in enumerate(prompt_token_ids):
             room = self.max_model_len - len(p)
@@ -390,8 +383,6 @@ class VllmEngine:
         except Exception:  # best effort: the engine may not have fully started
             pass
         del llm
-        import gc
-
         gc.collect()
 
     def __enter__(self):
