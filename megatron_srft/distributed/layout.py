@@ -140,7 +140,8 @@ def check_fp8_recipe(recipe: str, capability: Optional[tuple[int, int]]) -> None
 
 
 def check_model_split(arch, pcfg: ParallelConfig) -> None:
-    """TP divides attention heads, KV heads and the FFN width; PP (x virtual stages) divides the layers.
+    """TP divides attention heads, KV heads and the FFN width; PP divides the layers (one model chunk per stage:
+    config.py refuses virtual pipeline stages).
 
     The part of the layout that the model's shapes decide: the model builder checks it for every model it builds
     (conversion and scoring included), :func:`validate_layout` as part of a run's checks.
@@ -151,11 +152,8 @@ def check_model_split(arch, pcfg: ParallelConfig) -> None:
                         (arch.num_query_groups, "num_key_value_heads"),
                         (arch.ffn_hidden_size, "intermediate_size")):
         _need(count % tp == 0, tp_path, f"{tp} does not divide the model's {name} ({count})")
-    stages = pp * (pcfg.virtual_pipeline_model_parallel_size or 1)
-    _need(arch.num_layers % stages == 0, "parallel.pipeline_model_parallel_size",
-          f"pipeline stages ({pp}" + (f" x {pcfg.virtual_pipeline_model_parallel_size} virtual"
-                                      if stages != pp else "")
-          + f") do not divide the model's num_hidden_layers ({arch.num_layers})")
+    _need(arch.num_layers % pp == 0, "parallel.pipeline_model_parallel_size",
+          f"pipeline stages ({pp}) do not divide the model's num_hidden_layers ({arch.num_layers})")
 
 
 def check_rollout_split(arch, rollout_tp: int) -> None:

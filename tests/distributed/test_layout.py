@@ -35,13 +35,12 @@ def arch(d):
     return arch_from_hf_config(d, "test-config.json")
 
 
-def cfg_with(tp=1, pp=1, vpp=None, sp=False, rollout_tp=1, prompt=1024, response=8192, micro_tokens=16384,
+def cfg_with(tp=1, pp=1, sp=False, rollout_tp=1, prompt=1024, response=8192, micro_tokens=16384,
              step=128, minibatch=64) -> SRFTConfig:
     """A config built directly (not through load_config), so validate_layout is the only check that runs."""
     c = SRFTConfig()
     c.parallel.tensor_model_parallel_size = tp
     c.parallel.pipeline_model_parallel_size = pp
-    c.parallel.virtual_pipeline_model_parallel_size = vpp
     c.parallel.sequence_parallel = sp
     c.rollout.tensor_parallel_size = rollout_tp
     c.data.max_prompt_length, c.data.max_response_length = prompt, response
@@ -60,17 +59,17 @@ def expect_error(field: str, words: str, cfg: SRFTConfig, spec, world: int) -> s
     return msg
 
 
-@pytest.mark.parametrize("spec,tp,pp,vpp,world,rtp", [
-    (QWEN25_7B, 2, 1, None, 32, 2),
-    (QWEN25_7B, 4, 1, None, 64, 4),
-    (QWEN25_32B, 4, 2, None, 32, 4),
-    (QWEN25_32B, 8, 2, 4, 64, 8),
-    (LLAMA3_70B, 8, 4, None, 64, 8),
-    (LLAMA3_70B, 8, 2, 5, 64, 16),  # vLLM TP 16 > 8 KV heads: replicated, allowed
+@pytest.mark.parametrize("spec,tp,pp,world,rtp", [
+    (QWEN25_7B, 2, 1, 32, 2),
+    (QWEN25_7B, 4, 1, 64, 4),
+    (QWEN25_32B, 4, 2, 32, 4),
+    (QWEN25_32B, 8, 2, 64, 8),
+    (LLAMA3_70B, 8, 4, 64, 8),
+    (LLAMA3_70B, 8, 2, 64, 16),  # vLLM TP 16 > 8 KV heads: replicated, allowed
 ])
-def test_valid_layouts_pass(spec, tp, pp, vpp, world, rtp):
+def test_valid_layouts_pass(spec, tp, pp, world, rtp):
     response = 8192 if spec is not LLAMA3_70B else 6144  # Llama-3 has 8k positions
-    validate_layout(cfg_with(tp=tp, vpp=vpp, sp=tp > 1, rollout_tp=rtp, response=response, pp=pp), world, arch(spec))
+    validate_layout(cfg_with(tp=tp, sp=tp > 1, rollout_tp=rtp, response=response, pp=pp), world, arch(spec))
 
 
 def test_tp_must_divide_heads_kv_heads():
@@ -79,11 +78,10 @@ def test_tp_must_divide_heads_kv_heads():
     expect_error("parallel.tensor_model_parallel_size", "num_key_value_heads (4)", cfg_with(tp=7), arch(QWEN25_7B), 7)
 
 
-def test_pp_must_divide_layers_including_virtual_stages():
+def test_pp_must_divide_layers():
     expect_error("parallel.pipeline_model_parallel_size", "num_hidden_layers (28)", cfg_with(pp=3), arch(QWEN25_7B), 3)
-    msg = expect_error("parallel.pipeline_model_parallel_size", "num_hidden_layers (64)", cfg_with(tp=4, pp=4, vpp=3),
-                       arch(QWEN25_32B), 16)
-    assert "3 virtual" in msg
+    expect_error("parallel.pipeline_model_parallel_size", "num_hidden_layers (64)", cfg_with(tp=4, pp=3),
+                 arch(QWEN25_32B), 12)
 
 
 def test_world_must_be_divisible_by_model_parallel_size():
