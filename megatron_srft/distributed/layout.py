@@ -156,6 +156,14 @@ def check_model_split(arch, pcfg: ParallelConfig) -> None:
           f"pipeline stages ({pp}) do not divide the model's num_hidden_layers ({arch.num_layers})")
 
 
+def check_vocab_padding(divisible_by: int, tp: int) -> None:
+    """Embedding rows are padded to a multiple of ``model.make_vocab_size_divisible_by`` whatever the TP size (so
+    checkpoints reshard), so it must be a multiple of TP. Run by :func:`validate_layout` and for every model built
+    or converted (``ArchSpec.padded_vocab_size``)."""
+    _need(divisible_by % tp == 0, "model.make_vocab_size_divisible_by",
+          f"{divisible_by} is not a multiple of parallel.tensor_model_parallel_size ({tp})")
+
+
 def check_rollout_split(arch, rollout_tp: int) -> None:
     """vLLM splits attention heads over its TP ranks, and KV heads too when TP <= KV heads; when TP is a multiple
     of the KV heads it replicates each KV head. Anything else it refuses at engine start."""
@@ -183,12 +191,10 @@ def validate_layout(cfg: SRFTConfig, world_size: int, arch=None) -> int:
     """
     p, m, t, d, r = cfg.parallel, cfg.model, cfg.train, cfg.data, cfg.rollout
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    tp_path = "parallel.tensor_model_parallel_size"
     dp = data_parallel_size(p, world_size)
     if arch is not None:
         check_model_split(arch, p)
-    _need(m.make_vocab_size_divisible_by % tp == 0, "model.make_vocab_size_divisible_by",
-          f"{m.make_vocab_size_divisible_by} is not a multiple of {tp_path} ({tp})")
+    check_vocab_padding(m.make_vocab_size_divisible_by, tp)
     if m.fp8 is not None or m.transformer_impl == "transformer_engine":
         _need(te_available(), "model.fp8" if m.fp8 is not None else "model.transformer_impl",
               "needs Transformer Engine and a CUDA GPU, which this machine lacks")

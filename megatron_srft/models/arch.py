@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import ConfigError
+from ..distributed.layout import check_vocab_padding
 from .families import FAMILIES, architecture_families
 
 
@@ -42,9 +43,7 @@ class ArchSpec:
         The padding does not depend on TP (``divisible_by`` must be a multiple of the TP size), so a
         distributed checkpoint has the same global shapes at every layout and reshards on load.
         """
-        if divisible_by % tp_size:
-            raise ConfigError(f"model.make_vocab_size_divisible_by: {divisible_by} is not a multiple of "
-                              f"tensor_model_parallel_size ({tp_size})")
+        check_vocab_padding(divisible_by, tp_size)
         return int(math.ceil(self.vocab_size / divisible_by) * divisible_by)
 
     def num_params(self, tp: int = 1, pp: int = 1, padded_vocab: Optional[int] = None,
