@@ -25,6 +25,10 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+
+from ..distributed import cpu_compat
+from ..models.builder import unwrap
 
 __all__ = [
     "Sample",
@@ -257,8 +261,6 @@ def block_causal_mask(cu_seqlens: torch.Tensor, num_tokens: int, device=None) ->
 
 def packed_seq_params(mb: MicroBatch, device=None):
     """THD ``PackedSeqParams`` of a micro-batch: its segment boundaries (the trailing padding segment included)."""
-    from megatron.core.packed_seq_params import PackedSeqParams
-
     cu = mb.cu_seqlens.to(device=device, dtype=torch.int32)
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
                            cu_seqlens_kv_padded=cu, max_seqlen_q=mb.max_seqlen, max_seqlen_kv=mb.max_seqlen)
@@ -276,9 +278,6 @@ def model_forward(model, mb: MicroBatch):
     Non-first stages take their input from ``set_input_tensor`` (the schedule does that); ``tokens`` is unused
     there.
     """
-    from ..distributed import cpu_compat
-    from ..models.builder import unwrap
-
     inner = unwrap(model)
     device = next(inner.parameters()).device
     tokens = mb.tokens.to(device)

@@ -166,7 +166,7 @@ def torchrun_command(*, num_nodes: int, gpus_per_node: int, node_rank: int, rdzv
 
 def torchrun_forwards_signals() -> bool:
     """Whether the installed torchrun has ``--signals-to-handle`` (torch 2.13 has it; older releases may not)."""
-    try:
+    try:  # lazy: keeps torch out of `srft launch --help`; a torch without torchrun answers False
         from torch.distributed.run import get_args_parser
     except Exception:
         return False

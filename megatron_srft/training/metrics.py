@@ -10,6 +10,7 @@ A sink is a class with ``log(step, row)`` and ``close()``; adding one is a class
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import math
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..checkpoint.atomic import write_text_atomic
+from ..errors import ConfigError, UserError, first_line
 
 
 class PhaseTimer:
@@ -39,10 +41,6 @@ class PhaseTimer:
 
 
 def _optional(module: str, field: str):
-    import importlib
-
-    from ..errors import ConfigError
-
     try:
         return importlib.import_module(module)
     except Exception:  # noqa: BLE001 - the package is optional
@@ -174,8 +172,6 @@ def _clean(v):
 def parse_metrics_lines(path: Path) -> list[dict]:
     """Rows of a metrics.jsonl. A torn LAST line (a kill mid-write: not complete JSON) is dropped with a warning;
     a bad line elsewhere is a one-line error naming the file and line."""
-    from ..errors import UserError, first_line
-
     data = path.read_bytes()
     lines = data.split(b"\n")
     rows = []

@@ -31,6 +31,9 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import torch
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_model_config
 
 from ..algorithms.losses import Normalizers, TokenBatch, srft_objective
 from ..algorithms.metrics import accumulate, all_reduce_metrics, finalize, is_max
@@ -38,6 +41,7 @@ from ..algorithms.mismatch import mismatch_sums
 from ..algorithms.presets import AlgoSettings
 from ..distributed import collectives
 from ..distributed.groups import ParallelGroups
+from ..distributed.layout import token_pad_multiple
 from ..ops.logprob import vocab_parallel_logprob_entropy
 from .batch import MicroBatch, empty_micro_batch, model_forward
 
@@ -108,9 +112,6 @@ def configure_schedule(chunks: list, optimizer=None) -> Any:
     finalize_model_grads: DP reduction, TP-replicated (norm) grads, tied-embedding grads across PP stages;
     grad_scale_func: the fp16 loss scale (identity for fp32/bf16); no_sync_func: one DP reduction per mini-batch.
     """
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.utils import get_model_config
-
     config = get_model_config(chunks[0])
     if config.calculate_per_token_loss:
         raise ValueError("training.step: expects TransformerConfig.calculate_per_token_loss=False "
@@ -126,19 +127,12 @@ def configure_schedule(chunks: list, optimizer=None) -> Any:
 
 def _pad_multiple(chunks: list) -> int:
     """The token multiple every micro-batch of this model needs (distributed.layout.token_pad_multiple)."""
-    from megatron.core.utils import get_model_config
-
-    from ..distributed.layout import token_pad_multiple
-
     config = get_model_config(chunks[0])
     return token_pad_multiple(bool(config.sequence_parallel), int(config.tensor_model_parallel_size),
                               config.fp8_recipe if getattr(config, "fp8", None) is not None else None)
 
 
 def _schedule(chunks, micro_batches, forward_step, forward_only: bool):
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.utils import get_model_config
-
     config = get_model_config(chunks[0])
     if config.sequence_parallel:
         tp = config.tensor_model_parallel_size
