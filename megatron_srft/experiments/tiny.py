@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
 from ..models.families import FAMILIES
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -21,7 +23,7 @@ def make_char_tokenizer(out_dir: str | Path, chars: Optional[list[str]] = None, 
 
     ``vocab_size`` pads the vocabulary with unused ``<extra_i>`` tokens (to exercise vocab padding/TP splits).
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    # lazy (transformers and torch, here and below): `srft make-toy --help` imports this module, without them
     from transformers import PreTrainedTokenizerFast
 
     chars = list(dict.fromkeys(chars or DEFAULT_CHARS))
