@@ -45,10 +45,6 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
-from vllm import LLM, SamplingParams
-from vllm.distributed import parallel_state
-from vllm.exceptions import VLLMValidationError
-from vllm.inputs import TokensPrompt
 
 from ..config import RolloutConfig
 from ..distributed import collectives, cpu_compat
@@ -136,6 +132,10 @@ def _unlink_cpu_shm_names(worker) -> int:
     fails to start ("create shm in SHMManager failed. errno: 17"). Start-up ends after every rank has joined every
     segment, so the names are no longer needed; the mapped memory lives on until the process ends.
     """
+    # lazy, as every vLLM import of this module: commands set VLLM_LOGGING_LEVEL in main(), after importing this
+    # module (cli/demo.py, experiments/study.py); older vLLM releases read it at import (0.32: at engine build)
+    from vllm.distributed import parallel_state
+
     removed = 0
     for group in (parallel_state.get_tp_group(), parallel_state.get_pp_group()):
         comm = getattr(group, "device_communicator", None)
@@ -195,6 +195,8 @@ class VllmEngine:
                           enable_sleep_mode=cfg.sleep_level > 0)
         start = time.perf_counter()
         try:
+            from vllm import LLM
+
             self.llm = LLM(**kwargs)
         except Exception as e:  # vLLM's start-up errors are long multi-line traces: keep the cause, one line
             raise UserError(f"rollout engine failed to start for {self.model_dir}: {first_line(e, 300)}") from e
@@ -279,6 +281,10 @@ class VllmEngine:
         self.check_prompts(prompt_token_ids, max_tokens)
         if seeds is not None and len(seeds) != len(prompt_token_ids):
             raise UserError(f"rollout generate: {len(seeds)} seeds for {len(prompt_token_ids)} prompts")
+        from vllm import SamplingParams
+        from vllm.exceptions import VLLMValidationError
+        from vllm.inputs import TokensPrompt
+
         params = []
         for i, p in enumerate(prompt_token_ids):
             room = self.max_model_len - len(p)
