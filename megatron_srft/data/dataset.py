@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
-import pyarrow.parquet as pq
-
 from ..errors import UserError, first_line
 from .templates import prompt_adds_special_tokens, render_prompt
 
@@ -206,6 +204,10 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    # lazy (here and in fingerprint): pyarrow and numpy add ~0.1 s to every command that reads data/'s tables
+    # (`srft config`, `srft generate --help`), most of which never open a Parquet file
+    import pyarrow.parquet as pq
+
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a file that is not Parquet
@@ -258,6 +260,8 @@ def fingerprint(path: str | Path) -> dict:
                 crc = zlib.crc32(chunk, crc)
         if p.suffix.lower() == ".parquet":
             try:
+                import pyarrow.parquet as pq
+
                 rows = pq.ParquetFile(p).metadata.num_rows
             except Exception:  # unreadable: loading it says why; the size and checksum still identify it
                 rows = -1
