@@ -60,7 +60,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog=f"srft {name}", description=help_text)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
-    from .failures import report
+    from .failures import report  # lazy: failures.py (atomic writes, tempfile) would add ~40% to `srft --help`
 
     try:
         return int(module.main(args) or 0)

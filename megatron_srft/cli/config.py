@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..config import load_config, markdown_reference, to_yaml
+from ..distributed.layout import validate_layout
 
 
 def add_arguments(p) -> None:
@@ -21,8 +22,6 @@ def main(args) -> int:
         return 0
     cfg = load_config(args.config, args.overrides)
     if args.world_size is not None:
-        from ..distributed.layout import validate_layout
-
         validate_layout(cfg, args.world_size)
     sys.stdout.write(to_yaml(cfg))
     return 0

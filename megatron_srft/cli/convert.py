@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import time
 
+from ..config import ParallelConfig
 from ..dtypes import DTYPES
+from ..errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,10 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..errors import UserError
-    from ..config import ParallelConfig
+    from ..checkpoint import convert  # lazy (with groups): keeps Megatron out of `srft convert --help`
     from ..distributed.groups import destroy, init_distributed
-    from ..checkpoint import convert
 
     if args.direction == "hf-to-mcore" and args.make_vocab_size_divisible_by < 1:
         raise UserError(f"--make-vocab-size-divisible-by: expected >= 1, got {args.make_vocab_size_divisible_by}")

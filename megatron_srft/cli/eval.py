@@ -12,8 +12,14 @@ import sys
 import time
 from pathlib import Path
 
-from ..data.templates import TEMPLATES
+from ..checkpoint.atomic import check_output, write_files_atomic
+from ..config import ParallelConfig, SRFTConfig, load_config
+from ..data.dataset import load_problems, tokenize_problems
+from ..data.templates import TEMPLATES, THINKING_TEMPLATES, load_tokenizer
+from ..distributed.layout import check_rollout_split
 from ..dtypes import DTYPES
+from ..errors import UserError
+from ..models.arch import load_arch
 from ..rewards import REWARDS
 from ..rollout.evaluation import markdown_table, summarise
 
@@ -57,8 +63,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_settings(args):
     """The evaluation's SRFTConfig: the --config file (if any) and its overrides, then every flag given. Flags win;
     without either, the defaults of `srft eval` (greedy, 1 sample, 1024 tokens, the paper template, math)."""
-    from ..config import SRFTConfig, load_config
-
     cfg = load_config(args.config, args.overrides) if (args.config or args.overrides) else SRFTConfig()
     if args.config is None:  # flag defaults of the command, not the training defaults
         cfg.rollout.max_tokens, cfg.train.eval_n_samples, cfg.train.eval_temperature = 1024, 1, 0.0
@@ -80,8 +84,6 @@ def resolve_settings(args):
 
 
 def _check_args(args, cfg) -> None:
-    from ..errors import UserError
-
     t, r = cfg.train, cfg.rollout
     if not cfg.model.path:
         raise UserError("--model: required (or model.path in --config)")
@@ -99,8 +101,6 @@ def _check_args(args, cfg) -> None:
         raise UserError("--n-samples > 1 at --temperature 0 gives K identical greedy samples; raise the temperature")
     if not (Path(cfg.model.path) / "config.json").is_file():
         raise UserError(f"--model: {cfg.model.path}/config.json not found (expected a Hugging Face model directory)")
-    from ..checkpoint.atomic import check_output
-
     out = Path(args.out)
     check_output(out, [Path(cfg.model.path), *map(Path, cfg.data.eval_files),
                        Path(args.config) if args.config else None])
@@ -115,13 +115,8 @@ def main(args) -> int:
     """Under torchrun every rank builds one engine shard (rollout TP from the config or flags); the problems are
     split over the engines, each engine's leader grades its share, and global rank 0 writes the results."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # as `srft train`: vLLM's per-call INFO lines, quiet
-    from ..config import ParallelConfig
-    from ..data.dataset import load_problems, tokenize_problems
-    from ..data.templates import THINKING_TEMPLATES, load_tokenizer
+    # lazy: Megatron (groups, the rollout service) stays out of `srft eval --help`
     from ..distributed.groups import destroy, init_distributed
-    from ..distributed.layout import check_rollout_split
-    from ..errors import UserError
-    from ..models.arch import load_arch
     from ..rollout.service import RolloutService
 
     cfg = resolve_settings(args)
@@ -184,7 +179,5 @@ def main(args) -> int:
 
 def _write_outputs(out: Path, results: dict, table: str, records: list[dict]) -> None:
     """Each file whole (written beside its name, then renamed); other files in ``out`` are left alone."""
-    from ..checkpoint.atomic import write_files_atomic
-
     texts = (json.dumps(results, indent=2) + "\n", table, "".join(json.dumps(r) + "\n" for r in records))
     write_files_atomic(out, dict(zip(OUTPUT_FILES, texts)))

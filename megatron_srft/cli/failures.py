@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..checkpoint.atomic import write_text_atomic
-from ..errors import first_line
+from ..errors import SrftError, first_line
 
 _START = time.time()
 #: Ranks other than 0 wait this long before claiming the message, so that an error every rank raises is
@@ -53,8 +53,6 @@ def unwrap(exc: BaseException) -> BaseException:
 
 def describe(exc: BaseException) -> tuple[str, int, bool]:
     """(one-line message, exit code, whether the traceback is worth a log file) for a failure."""
-    from ..errors import SrftError
-
     exc = unwrap(exc)
     if isinstance(exc, SrftError):  # complete as it is; a wrapped library error keeps its traceback in the log
         return first_line(exc), 2, exc.__cause__ is not None

@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Optional
 
 from ..checkpoint.atomic import check_output, write_text_atomic
+from ..config import ParallelConfig, RolloutConfig
+from ..data.templates import load_tokenizer
+from ..distributed.layout import device_memory_bytes
 from ..dtypes import DTYPES
 from ..errors import UserError, first_line
 
@@ -80,8 +83,9 @@ def check_engine_fits(source, dtype: str, cuda_available: bool, gpu_memory_bytes
                       memory_utilization: float) -> None:
     """The one engine of `srft generate` (rollout TP 1) holds the whole model on one GPU: refuse, in one line naming
     rollout.tensor_parallel_size, a model whose weights exceed the share of the GPU vLLM is given. CPU: no check."""
+    # lazy, as checkpoint.convert, groups, rollout and torch below: Megatron, torch and vLLM's engine module stay
+    # out of `srft generate --help`, and main() sets VLLM_LOGGING_* before the engine module is imported
     from ..checkpoint.convert import weights_bytes_per_rank
-    from ..config import ParallelConfig
     from ..distributed.groups import check_fits
 
     if not cuda_available or gpu_memory_bytes is None:
@@ -98,7 +102,6 @@ def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
     from ..checkpoint.convert import resolve_source
-    from ..config import RolloutConfig
     from ..rollout.base import resolve_engine_settings, sequential_seeds
     from ..rollout.vllm_engine import VllmEngine
 
@@ -118,8 +121,6 @@ def main(args: argparse.Namespace) -> int:
     if not (hf_dir / "config.json").is_file():
         raise UserError(f"{hf_dir}: the engine needs the HF config.json and tokenizer next to the checkpoint "
                         f"(the layout `srft convert hf-to-mcore` writes)")
-    from ..data.templates import load_tokenizer
-
     try:
         tokenizer = load_tokenizer(hf_dir)
     except Exception as e:  # noqa: BLE001 - report the cause in one line
@@ -131,8 +132,6 @@ def main(args: argparse.Namespace) -> int:
                                        num_seqs=len(token_ids) * args.n)
     dtype, max_len = settings.dtype, settings.max_model_len
     import torch
-
-    from ..distributed.layout import device_memory_bytes
 
     cuda = torch.cuda.is_available()
     check_engine_fits(source, dtype, cuda, device_memory_bytes(True) if cuda else None,
@@ -146,7 +145,6 @@ def main(args: argparse.Namespace) -> int:
                                 kv_cache_bytes=settings.kv_cache_bytes)
         else:
             from ..checkpoint.convert import build_and_load
-            from ..config import ParallelConfig
             from ..distributed.groups import init_distributed
             from ..rollout.sync import sync_weights
 

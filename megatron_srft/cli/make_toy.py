@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import UserError
 from ..experiments.toy import ToySettings, make_toy
 
 
@@ -32,8 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from ..errors import UserError
-
     if args.max_ops < 2:
         raise UserError(f"--max-ops: expected >= 2, got {args.max_ops}")
     if args.max_value < 10:

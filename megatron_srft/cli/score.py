@@ -24,8 +24,13 @@ from typing import Optional
 import torch
 
 from ..checkpoint.atomic import check_output, write_text_atomic
+from ..config import ParallelConfig
+from ..data.templates import load_tokenizer
 from ..distributed import collectives
+from ..distributed.layout import device_memory_bytes
 from ..dtypes import DTYPES
+from ..errors import UserError
+from ..ops.logprob import vocab_parallel_logprob_entropy
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,8 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_rows(path: str | Path, tokenizer_dir: Optional[Path], vocab_size: int) -> list[dict]:
     """Parse and check the input JSONL; returns [{input_ids, response_start, id?}]. Errors name the line."""
-    from ..errors import UserError
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: input file not found")
@@ -65,8 +68,6 @@ def read_rows(path: str | Path, tokenizer_dir: Optional[Path], vocab_size: int) 
             if tokenizer is None:
                 if tokenizer_dir is None:
                     raise UserError(f"{where}: 'text' rows need tokenizer files next to the checkpoint")
-                from ..data.templates import load_tokenizer
-
                 tokenizer = load_tokenizer(tokenizer_dir)
             ids = tokenizer(row["text"])["input_ids"]
         else:
@@ -97,9 +98,8 @@ def score_sequences(chunks: list, sequences: list[list[int]], groups, vocab_size
         On the last pipeline stage: per sequence (logprob [T-1], entropy [T-1]) for tokens 1..T-1 (fp32).
         Other stages: None.
     """
+    # lazy, as checkpoint.convert and groups below: Megatron stays out of `srft score --help`
     from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from ..ops.logprob import vocab_parallel_logprob_entropy
 
     device = groups.device
     batches = [torch.tensor(s, dtype=torch.long, device=device)[None] for s in sequences]
@@ -149,10 +149,7 @@ def score_device(source, pcfg, params_dtype: Optional[str], cuda_available: bool
 
 def main(args: argparse.Namespace) -> int:
     from ..checkpoint.convert import build_and_load, resolve_source
-    from ..errors import UserError
-    from ..config import ParallelConfig
     from ..distributed.groups import destroy, init_distributed
-    from ..distributed.layout import device_memory_bytes
 
     if args.tp < 1 or args.pp < 1:
         raise UserError(f"--tp/--pp: expected integers >= 1, got {args.tp}/{args.pp}")

@@ -12,6 +12,7 @@ import os
 import sys
 
 from ..checkpoint.atomic import write_text_atomic
+from ..config import load_config
 from ..signals import STOP_FILE_ENV, STOPPED_EXIT_CODE, RunStopped
 
 
@@ -29,8 +30,7 @@ def main(args) -> int:
     # vLLM's INFO lines at every weight sync ("Reloading and processing weights", "Successfully reset prefix
     # cache") would bury the progress on every rank; warnings stay. Set before vLLM is imported (it reads it then).
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    from ..config import load_config
-    from ..training.loop import train
+    from ..training.loop import train  # lazy: keeps Megatron out of `srft train --help`
 
     overrides = list(args.overrides)
     if args.resume:
