@@ -296,7 +296,7 @@ def test_sigusr1_to_srft_launch_after_a_save_checkpoints_and_resumes(toy, run_co
     assert step >= 2 and _last_line(out) == "srft launch: " + _stop_line(step, "SIGUSR1", ckpt), out[-3000:]
     assert proc.returncode == STOPPED_EXIT_CODE and "SignalException" not in out and "Traceback" not in out
     assert "closing signal SIGUSR1" in out  # torchrun forwarded it
-    assert manifest.verify_part(ckpt) == [] and not list(checkpoint_root(run).glob("*.tmp"))
+    assert manifest.verify_part(ckpt) == [] and not list(checkpoint_root(run).glob("*.tmp*"))
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == list(range(1, step + 1))  # no step after the signalled one began
     assert [r["reward/timeouts"] for r in rows] == [0.0] * step  # the reward workers survived the signal
