@@ -88,8 +88,6 @@ MAX_TIMEOUT_S = 86_400.0  # one day
 
 def _finite(obj, path: str) -> None:
     """Every float field of a section is finite (NaN and inf are never a meaningful setting)."""
-    import math
-
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
         if isinstance(v, float) and not math.isfinite(v):

@@ -10,6 +10,7 @@ is the one check every command that writes calls before it writes anything.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import json
@@ -205,8 +206,6 @@ def die_with_parent(parent_pid: Optional[int] = None) -> None:
     if the parent is already gone. Linux only (elsewhere a no-op)."""
     if not sys.platform.startswith("linux"):
         return
-    import ctypes
-
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):

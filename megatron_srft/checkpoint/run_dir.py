@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..data.dataset import fingerprint
+from ..distributed import collectives
 from ..errors import CheckpointError, ConfigError, UserError
 from . import manifest
 from .atomic import acquire_lock, release_lock, write_text_atomic
@@ -299,8 +301,6 @@ def compare_configs(saved: dict, current: dict, allow_changes=()) -> ConfigChang
 def data_fingerprints(config: dict) -> dict[str, dict]:
     """``{path: fingerprint}`` of the config's training files (data/dataset.py ``fingerprint``): saved with every
     checkpoint, compared on resume (:func:`compare_data`)."""
-    from ..data.dataset import fingerprint
-
     return {str(f): fingerprint(f) for f in ((config.get("data") or {}).get("train_files") or [])}
 
 
@@ -422,8 +422,6 @@ def plan_run(run_dir: str | Path, mode: str, config: dict, allow_changes=(), *, 
     :func:`~megatron_srft.checkpoint.training_state.load_training_checkpoint` and ``run_id`` in the metadata of
     every checkpoint this run saves.
     """
-    from ..distributed import collectives
-
     if not str(run_dir).strip():  # Path("") is the current directory: never a run directory by accident
         raise ConfigError("run_dir: empty; name the run's directory (it is created if missing)")
     run_dir = Path(run_dir)

@@ -24,8 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from megatron.core import dist_checkpointing
 
 from ..errors import CheckpointError, first_line
+from ..models.builder import unwrap
 from . import manifest
 from .atomic import fresh_dir, replace_dir, temp_sibling
 from .dist import _barrier, check_readable, load_model, save_model
@@ -80,9 +82,6 @@ def save_training_checkpoint(run_dir: str | Path, step: int, chunks, optimizer, 
     ``metadata["run_id"]`` (checkpoint/run_dir.py) marks the checkpoint as this run's: rotation then deletes only
     this run's checkpoints older than this one, keeping the newest ``keep_last``.
     """
-    from megatron.core import dist_checkpointing
-
-    from ..models.builder import unwrap
     root = checkpoint_root(run_dir)
     final = step_dir(run_dir, step)
     tmp = temp_sibling(final, metadata.get("run_id") or "norun")  # another run's never collides
@@ -161,10 +160,6 @@ def load_training_checkpoint(path: str | Path, chunks, optimizer, *, rank: int, 
     Nothing is loaded before the checkpoint's manifest is verified (skipped when the caller ``verified`` it, as
     checkpoint/run_dir.py's plan_run does) and every pickle in it passed the allow-lists (checkpoint/safe_load.py).
     """
-    from megatron.core import dist_checkpointing
-
-    from ..models.builder import unwrap
-
     path = Path(path)
     state = read_state(path)
     if not verified:

@@ -57,11 +57,11 @@ def _need(cond: bool, path: str, msg: str) -> None:
 def te_available() -> bool:
     """Transformer Engine importable and a CUDA GPU present."""
     try:
-        import torch
+        import torch  # lazy here and below: srft config / launch --dry-run validate layouts without torch
 
         if not torch.cuda.is_available():
             return False
-        import transformer_engine  # noqa: F401
+        import transformer_engine  # noqa: F401  (optional; importing it is the probe)
 
         return True
     except Exception:
