@@ -102,7 +102,12 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` whole or not at all: a temporary sibling, flushed to disk, then renamed over it
+    """Write ``text`` (UTF-8) to ``path`` whole or not at all (:func:`write_bytes_atomic`)."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all: a temporary sibling, flushed to disk, then renamed over it
     (a reader sees the old file or the new one, never a torn one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,8 +115,8 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         tmp.unlink(missing_ok=True)  # a leftover, or a planted symlink: removed, never written through
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -19,6 +19,7 @@ import dataclasses
 import time
 from pathlib import Path
 
+from ..checkpoint.atomic import write_text_atomic
 from ..config import ParallelConfig, load_config
 from ..distributed import groups as parallel
 from ..training.loop import train
@@ -65,9 +66,8 @@ def rl_config(toy: Path, start: Path, out: Path, preset: str, steps: int = RL["s
 
 def _eval_subset(toy: Path, out: Path, n: int) -> Path:
     lines = (toy / "test.jsonl").read_text().splitlines()[:n]
-    out.mkdir(parents=True, exist_ok=True)
     path = out / "eval.jsonl"
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path
 
 

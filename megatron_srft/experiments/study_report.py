@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..checkpoint.atomic import replace_dir, write_text_atomic
+from ..checkpoint.atomic import atomic_dir, write_text_atomic
 from ..training.metrics import read_metrics
 from ..training.plots import plot_compare
 from .study_plan import StudySpec, recipe_run
@@ -133,17 +133,15 @@ def write_report(spec: StudySpec, root: Path, results: dict[str, dict], doc: Pat
     """docs/toy_results.md (and its PNGs beside it, in DOC_STEM/) from the study's results."""
     cells = {(r, c): summarise_cell(spec, root, results, r, c) for c in spec.conditions for r in spec.recipes}
     img_dir = doc.parent / doc.stem
-    tmp_img = doc.parent / f".{doc.stem}.tmp"
-    shutil.rmtree(tmp_img, ignore_errors=True)
     images: dict[str, list[Path]] = {}
-    for c in spec.conditions:
-        runs = {(f"{r} (RL stage)" if len(recipe_run(spec, r, c, spec.seeds[0])) > 1 else r):
-                cells[(r, c)]["curve_runs"] for r in spec.recipes}
-        paths = plot_compare(runs, root / "plots" / c, title=f"{c} demonstrations")
-        for p in paths:
-            (tmp_img).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(p, tmp_img / f"{c}_{p.name}")
-        images[c] = [img_dir / f"{c}_{p.name}" for p in paths]
+    with atomic_dir(img_dir) as tmp_img:  # the report's PNGs replace the previous report's together
+        for c in spec.conditions:
+            runs = {(f"{r} (RL stage)" if len(recipe_run(spec, r, c, spec.seeds[0])) > 1 else r):
+                    cells[(r, c)]["curve_runs"] for r in spec.recipes}
+            paths = plot_compare(runs, root / "plots" / c, title=f"{c} demonstrations")
+            for p in paths:
+                shutil.copyfile(p, tmp_img / f"{c}_{p.name}")
+            images[c] = [img_dir / f"{c}_{p.name}" for p in paths]
     n = len(spec.seeds)
     lo, hi = spec.toy.ood_ops
     L = [
@@ -235,10 +233,8 @@ def write_report(spec: StudySpec, root: Path, results: dict[str, dict], doc: Pat
           "sft_then_rl srft` (add `srft_w_sft_1 srft_w_rl_1` for the paper's two ablations, `--jobs 1` for one "
           "process); per-run metrics, exported models and `result.json` files are under "
           "`DIR/study/runs/<condition>/<stages>/seed<k>/`, and an interrupted study resumes where it stopped.", ""]
-    if tmp_img.exists():
-        replace_dir(tmp_img, img_dir)
     write_text_atomic(doc, "\n".join(L))
-    (root / "summary.json").write_text(json.dumps(
+    write_text_atomic(root / "summary.json", json.dumps(
         {f"{c}/{r}": {k: v for k, v in cells[(r, c)].items() if k not in ("curve_runs",)}
          for (r, c) in cells}, indent=1, default=str) + "\n")
     return doc

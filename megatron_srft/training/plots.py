@@ -8,11 +8,13 @@ mean at each step, with a band of +/- one standard deviation over the runs.
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ..training.metrics import read_metrics
+from ..checkpoint.atomic import write_bytes_atomic
+from .metrics import read_metrics
 
 #: figure name -> metric keys drawn on it
 FIGURES = {
@@ -45,6 +47,13 @@ def _pyplot():
     return plt
 
 
+def _save_png(fig, path: Path, dpi: int) -> None:
+    """The figure as a PNG at ``path``, whole or not at all (rendered in memory, then written atomically)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    write_bytes_atomic(path, buf.getvalue())
+
+
 def _series(rows: list[dict], key: str) -> dict[int, float]:
     return {int(r["step"]): float(r[key]) for r in rows
             if isinstance(r.get(key), (int, float)) and math.isfinite(float(r[key]))}
@@ -71,7 +80,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / f"{name}.png"
-        fig.savefig(path, dpi=100)
+        _save_png(fig, path, dpi=100)
         plt.close(fig)
         written.append(path)
     return written
@@ -125,7 +134,7 @@ def plot_compare(runs: Mapping[str, Sequence[str | Path]], out_dir: str | Path, 
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / f"{name}.png"
-        fig.savefig(path, dpi=80)  # committed with docs/toy_results.md: keep them small
+        _save_png(fig, path, dpi=80)  # committed with docs/toy_results.md: keep them small
         plt.close(fig)
         written.append(path)
     return written

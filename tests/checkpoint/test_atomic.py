@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_srft.checkpoint.atomic import atomic_dir, write_text_atomic
+from megatron_srft.checkpoint.atomic import atomic_dir, write_bytes_atomic, write_text_atomic
 
 
 def test_atomic_dir_replaces_on_success_and_keeps_the_old_output_on_failure(tmp_path):
@@ -36,7 +36,7 @@ def test_write_text_atomic_is_whole_or_nothing(tmp_path):
     write_text_atomic(path, '{"step": 1}')
     assert path.read_text() == '{"step": 1}'
     with pytest.raises(TypeError):
-        write_text_atomic(path, None)  # fails inside the write: the old file stays, no temporary is left
+        write_bytes_atomic(path, None)  # fails inside the write: the old file stays, no temporary is left
     assert path.read_text() == '{"step": 1}'
     assert sorted(p.name for p in path.parent.iterdir()) == ["state.json"]
 
