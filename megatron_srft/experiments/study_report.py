@@ -180,9 +180,9 @@ def write_report(spec: StudySpec, root: Path, results: dict[str, dict], doc: Pat
         f"ends), then `grpo` for {spec.steps} more steps from the SFT stage's exported model.",
         f"- **Seeds**: {n} per cell ({', '.join(map(str, spec.seeds))}: prompt order and rollout sampling; the "
         f"warm start is shared). Numbers are mean +/- sample std over seeds. `grpo` uses no demonstrations, so "
-        f"its runs serve both conditions.",
-        f"- **Presets**: as in docs/algorithms.md (`srft` = the paper's equations, `luffy` = LUFFY's released "
-        f"run, `grpo` = the paper's GRPO, `sft` = NLL on demonstrations).",
+        "its runs serve both conditions.",
+        "- **Presets**: as in docs/algorithms.md (`srft` = the paper's equations, `luffy` = LUFFY's released "
+        "run, `grpo` = the paper's GRPO, `sft` = NLL on demonstrations).",
         "",
         f"A difference counts when it exceeds {RULE_SE:g} standard errors of the difference of means "
         f"(sqrt(s_a^2/n + s_b^2/n)); otherwise the report says \"no clear difference\". With {n} seeds this rule is "

@@ -19,7 +19,6 @@ a function of (seed, step), so a resumed run repeats the uninterrupted one exact
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import signal
@@ -28,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
-import numpy as np
 import torch
 import yaml
 
@@ -43,7 +41,7 @@ from ..checkpoint.manifest import write_manifest
 from ..checkpoint.run_dir import plan_run
 from ..checkpoint.training_state import load_training_checkpoint, save_training_checkpoint
 from ..config import SRFTConfig, to_dict
-from ..data.dataset import TokenizedProblem, load_problems, tokenize_problems
+from ..data.dataset import TokenizedProblem
 from ..data.templates import THINKING_TEMPLATES, load_tokenizer
 from ..distributed import collectives
 from ..distributed.groups import ParallelGroups, init_distributed
@@ -58,6 +56,7 @@ from ..rollout.service import RolloutService
 from ..signals import STOP_SIGNALS, RunStopped
 from .batch import MiniBatch, Sample, pack_micro_batches
 from .metrics import MetricsLogger, PhaseTimer
+from .prompts import Problems, PromptSampler, load_problems_for
 from .routing import PromptPlan, plan_prompts, route_prompts
 from .step import forward_logprobs, sync_parameters, train_minibatch
 
@@ -102,15 +101,6 @@ class Policy:
             yield from export_hf_weights(self.chunks, self.handle.arch, self.groups)
 
 
-@dataclass
-class Problems:
-    train: list[TokenizedProblem]
-    eval: list[TokenizedProblem]
-    num_filtered: int = 0
-    num_eval_filtered: int = 0
-    drop_notes: list = dataclasses.field(default_factory=list)  # one line per file that lost problems, and why
-
-
 # --------------------------------------------------------------------------------------------- set-up
 
 
@@ -134,68 +124,6 @@ def build_policy(cfg: SRFTConfig, groups: ParallelGroups) -> Policy:
     tokenizer = load_tokenizer(model_dir)
     return Policy(handle=handle, optimizer=optimizer, tokenizer=tokenizer, model_dir=model_dir, groups=groups,
                   micro_batch_tokens=micro_tokens)
-
-
-def load_problems_for(cfg: SRFTConfig, tokenizer, *, need_demos: bool) -> Problems:
-    notes: list[str] = []
-
-    def load(files, require_demo):
-        out, dropped = [], 0
-        for f in files:
-            probs = load_problems(f, require_demo=require_demo)
-            toks = tokenize_problems(probs, tokenizer, cfg.data.template, cfg.data.max_prompt_length,
-                                     cfg.data.max_response_length)
-            dropped += len(probs) - len(toks)
-            if toks.drop_summary():
-                notes.append(f"{f}: {toks.drop_summary()}")
-            out.extend(toks)
-        return out, dropped
-
-    if not cfg.data.train_files:
-        raise ConfigError("data.train_files: expected at least one .jsonl or .parquet file")
-    train, dropped = load(cfg.data.train_files, need_demos)
-    if not train:
-        raise ConfigError(f"data.train_files: no usable problems after length filters ({dropped} dropped)")
-    evals, eval_dropped = load(cfg.data.eval_files, False)
-    if cfg.data.eval_files and not evals:
-        raise ConfigError(f"data.eval_files: no usable problems after length filters ({eval_dropped} dropped)")
-    return Problems(train=train, eval=evals, num_filtered=dropped, num_eval_filtered=eval_dropped,
-                    drop_notes=notes)
-
-
-class PromptSampler:
-    """Which problems step s uses: epoch-wise seeded permutations, a pure function of (seed, step).
-
-    The step's prompts form one global list; DP replica d owns its d-th contiguous block (replica-major).
-    """
-
-    def __init__(self, num_problems: int, prompts_per_step: int, *, seed: int, shuffle: bool, dp_rank: int,
-                 dp_size: int) -> None:
-        self.num_problems, self.per_step = num_problems, prompts_per_step
-        self.seed, self.shuffle, self.dp_rank, self.dp_size = seed, shuffle, dp_rank, dp_size
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.num_problems)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_problems)
-
-    def step_indices(self, step: int) -> list[int]:
-        """Global problem indices of ``step`` (1-based), all replicas, replica-major."""
-        start = (step - 1) * self.per_step
-        return [int(self._order((start + i) // self.num_problems)[(start + i) % self.num_problems])
-                for i in range(self.per_step)]
-
-    def replica_slice(self) -> slice:
-        """This rank's replica's block of :meth:`step_indices`."""
-        share = self.per_step // self.dp_size
-        return slice(self.dp_rank * share, (self.dp_rank + 1) * share)
-
-    def indices(self, step: int) -> list[int]:
-        """This replica's problem indices for ``step``."""
-        return self.step_indices(step)[self.replica_slice()]
-
-    def cursor(self, step: int) -> int:
-        return step * self.per_step
 
 
 # --------------------------------------------------------------------------------------------- the steps
