@@ -19,6 +19,7 @@ a function of (seed, step), so a resumed run repeats the uninterrupted one exact
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -38,7 +39,7 @@ from ..checkpoint.convert import write_hf_model
 from ..checkpoint.dist import start_checkpoint_writer
 from ..checkpoint.loading import load_initial_weights
 from ..checkpoint.manifest import write_manifest
-from ..checkpoint.run_dir import plan_run
+from ..checkpoint.run_dir import plan_run, release_run_dir
 from ..checkpoint.training_state import load_training_checkpoint, save_training_checkpoint
 from ..config import SRFTConfig, to_dict
 from ..data.dataset import TokenizedProblem
@@ -57,7 +58,7 @@ from ..signals import STOP_SIGNALS, RunStopped
 from .batch import MiniBatch, Sample, pack_micro_batches
 from .metrics import MetricsLogger, PhaseTimer
 from .prompts import Problems, PromptSampler, load_problems_for
-from .routing import PromptPlan, plan_prompts, route_prompts
+from .routing import PromptPlan, check_prompt_split, plan_prompts, route_prompts
 from .step import forward_logprobs, sync_parameters, train_minibatch
 
 if TYPE_CHECKING:
@@ -280,12 +281,20 @@ class _StopFlag:
     def __init__(self, enabled: bool) -> None:
         self.requested = False
         self.signal_name = "a signal on another rank"  # until this rank receives one itself
+        self._previous: dict = {}  # the handlers before the run's, put back by restore()
         if enabled:
             for sig in STOP_SIGNALS:
                 try:
-                    signal.signal(sig, self._handler)
+                    self._previous[sig] = signal.signal(sig, self._handler)
                 except (ValueError, OSError):  # not the main thread
                     pass
+
+    def restore(self) -> None:
+        """The handlers from before the run: a process that trains again (the demo, a study worker) or goes on
+        after a run must not keep ignoring SIGTERM through a finished run's flag."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
 
     def _handler(self, signum, frame) -> None:
         self.requested = True
@@ -324,6 +333,8 @@ class Run:
     def __exit__(self, *exc) -> bool:
         self.rollouts.close()
         self.logger.close()
+        self.stop.restore()
+        release_run_dir(self.run_dir)  # the next run in this process (or another process) may take it
         return False
 
     # -- the phases
@@ -435,8 +446,18 @@ def start_run(cfg: SRFTConfig, groups: Optional[ParallelGroups] = None, engine_f
     groups = groups or init_distributed(cfg.parallel, seed=cfg.train.seed)
     cfg.validate()  # evaluation settings included: checked now, not at the first evaluation hours later
     settings = resolve(cfg.algorithm, tis_cap=cfg.rollout.tis_cap)
+    check_prompt_split(settings, cfg.train.prompts_per_step, groups.dp_size)
+    with contextlib.ExitStack() as undo:  # a start that fails part-way releases what it took; Run owns it after
+        run = _start(cfg, groups, settings, engine_factory, undo)
+        undo.pop_all()
+    return run
+
+
+def _start(cfg: SRFTConfig, groups: ParallelGroups, settings: AlgoSettings, engine_factory,
+           undo: contextlib.ExitStack) -> Run:
     plan = plan_run(cfg.run_dir, cfg.checkpoint.resume, to_dict(cfg), cfg.checkpoint.allow_changes,
                     rank=groups.rank, world=groups.world_size)
+    undo.callback(release_run_dir, cfg.run_dir)
     policy = build_policy(cfg, groups)
     problems = load_problems_for(cfg, policy.tokenizer, need_demos=settings.num_demos > 0)
     sampler = PromptSampler(len(problems.train), cfg.train.prompts_per_step, seed=cfg.data.seed,
@@ -444,6 +465,7 @@ def start_run(cfg: SRFTConfig, groups: Optional[ParallelGroups] = None, engine_f
     run_dir = Path(cfg.run_dir)
     logger = MetricsLogger(run_dir, enabled=groups.is_logging_rank, total_steps=cfg.train.num_steps,
                            logging_cfg=cfg.logging, run_config=to_dict(cfg), run_id=plan.run_id)
+    undo.callback(logger.close)
     start_step = 0
     if plan.resume_from is not None:
         start_step = load_training_checkpoint(plan.resume_from, policy.chunks, policy.optimizer, rank=groups.rank,
@@ -453,11 +475,16 @@ def start_run(cfg: SRFTConfig, groups: Optional[ParallelGroups] = None, engine_f
     logger.truncate_after(start_step if plan.resume_from is not None else -1)
     if groups.is_logging_rank:
         write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    start_checkpoint_writer()  # its helper process ignores the stop signals; started before they have handlers
-    stop = _StopFlag(cfg.checkpoint.save_on_signal)
+    # The helper processes (the checkpoint writer's queue, the reward pool's workers) start while the stop signals
+    # are ignored (signals.children_ignore_stop_signals); they start before the run's handlers exist, so a signal
+    # can not fall into that window at start-up.
+    start_checkpoint_writer()
     rollouts = RolloutService(cfg, groups, str(policy.model_dir), policy.tokenizer, policy,
                               need_engine=settings.use_rollouts or bool(problems.eval), arch=policy.handle.arch,
                               require_think=cfg.data.template in THINKING_TEMPLATES, engine_factory=engine_factory)
+    undo.callback(rollouts.close)
+    stop = _StopFlag(cfg.checkpoint.save_on_signal)
+    undo.callback(stop.restore)
     run = Run(cfg=cfg, groups=groups, settings=settings, policy=policy, problems=problems, sampler=sampler,
               rollouts=rollouts, logger=logger, stop=stop, run_dir=run_dir, run_id=plan.run_id,
               start_step=start_step, pad_multiple=config_token_pad_multiple(cfg.parallel, cfg.model),

@@ -173,3 +173,30 @@ def test_a_failed_export_leaves_no_temporary_directory(tmp_path):
     with pytest.raises(RuntimeError, match="half way"):
         export_final_hf(policy, tmp_path / "run" / "hf", "fp32")
     assert list((tmp_path / "run").iterdir()) == []  # no hf/, no .hf.tmp*
+
+
+def _train_twice_and_report(overrides_a, overrides_b):
+    """Two runs in one process (as the demo and a study worker do): after each, the stop-signal handlers are the
+    process's own again and the run directory's lock is released; a start that fails part-way releases it too."""
+    import signal
+
+    from megatron_srft.checkpoint import atomic
+    from megatron_srft.config import load_config
+    from megatron_srft.errors import ConfigError
+    from megatron_srft.training.loop import train
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    train(load_config(None, overrides_a))
+    after_one = {s: signal.getsignal(s) for s in before} == before and not atomic._HELD_LOCKS
+    try:
+        train(load_config(None, overrides_b))  # fails after taking the run directory: model.path is no model
+    except ConfigError:
+        pass
+    after_failed = {s: signal.getsignal(s) for s in before} == before and not atomic._HELD_LOCKS
+    return after_one, after_failed
+
+
+def test_a_run_leaves_no_handlers_or_locks_behind(toy, tmp_path):
+    good = _overrides(toy, tmp_path / "a", "sft", 1)
+    bad = _overrides(toy, tmp_path / "b", "sft", 1, [f"model.path={tmp_path / 'missing'}"])
+    assert run_ranks(_train_twice_and_report, 1, good, bad) == [(True, True)]
