@@ -120,6 +120,11 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename is None:  # write/fsync errors name no file; a full disk's report should name this one
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -163,7 +168,7 @@ def acquire_lock(path: Path, what: str, **info) -> None:
     fd = _HELD_LOCKS.get(key)
     if key in _UNLOCKABLE:
         return
-    if fd is None:
+    while fd is None:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as e:
@@ -182,15 +187,29 @@ def acquire_lock(path: Path, what: str, **info) -> None:
             if e.errno not in (errno.EACCES, errno.EAGAIN):
                 raise
             raise UserError(f"{what} in use by another process ({lock_holder(path)}); wait for it to end") from None
-        _HELD_LOCKS[key] = fd
+        if not _is_file_at(fd, path):  # its holder removed it (release_lock(remove=True)) after we opened it:
+            os.close(fd)  # a lock on the unlinked file excludes no one; take the one at the path now
+            fd = None
+    _HELD_LOCKS[key] = fd
     body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                        "since": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}).encode()
     os.ftruncate(fd, 0)
     os.pwrite(fd, body, 0)
 
 
+def _is_file_at(fd: int, path: Path) -> bool:
+    """The open file ``fd`` is the one at ``path`` now (not a file unlinked since it was opened)."""
+    try:
+        st, now = os.fstat(fd), os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino)
+
+
 def release_lock(path: Path, remove: bool = False) -> None:
-    """Release the lock this process holds on ``path`` (no-op when none); ``remove`` deletes the file first."""
+    """Release the lock this process holds on ``path`` (no-op when none); ``remove`` deletes the file first,
+    still locked (a process that opened it meanwhile finds it unlinked after its own lock and retries:
+    :func:`acquire_lock`)."""
     fd = _HELD_LOCKS.pop(os.path.realpath(path), None)
     if fd is not None:
         if remove:

@@ -74,3 +74,27 @@ def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, ca
     acquire_lock(tmp_path / ".lock", f"{tmp_path}:")  # warned once
     assert capsys.readouterr().out.count("cannot lock files (No locks available)") == 1
     release_lock(tmp_path / ".lock")
+
+
+def test_a_lock_taken_on_a_file_its_holder_removed_is_retaken_on_the_current_file(tmp_path):
+    """release_lock(remove=True) unlinks the lock file; a process that opened it just before locks a file no one
+    else can see. acquire_lock checks that the locked file is the one at the path, else takes the new one."""
+    import os
+
+    from megatron_srft.checkpoint.atomic import _is_file_at, acquire_lock, lock_holder, release_lock
+
+    path = tmp_path / ".out.lock"
+    path.write_text("{}")
+    fd = os.open(path, os.O_RDWR)  # opened before the holder removes the file
+    try:
+        assert _is_file_at(fd, path)
+        path.unlink()
+        assert not _is_file_at(fd, path)
+        path.write_text("{}")  # a successor at the same path
+        assert not _is_file_at(fd, path)
+    finally:
+        os.close(fd)
+    acquire_lock(path, "--out x:")
+    assert "pid" in lock_holder(path) or str(os.getpid()) in lock_holder(path)
+    release_lock(path, remove=True)
+    assert not path.exists()

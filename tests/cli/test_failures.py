@@ -38,10 +38,16 @@ def _one_line(capsys, argv, code):
 def test_disk_full_is_one_line_and_the_traceback_is_kept(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("SRFT_DEBUG", raising=False)
     run, out = _run_dir(tmp_path), tmp_path / "plots"
-    out.mkdir()
-    (out / "reward.png").symlink_to("/dev/full")  # every write there fails with ENOSPC, as on a full disk
+
+    def full_disk(fd):  # a full disk often shows at the flush (delayed allocation): ENOSPC naming no file
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full_disk)
     err = _one_line(capsys, ["plot", str(run), "--out", str(out)], 1)
-    assert err.startswith("srft plot: error: disk full while writing") and "(traceback: " in err, err
+    monkeypatch.undo()
+    assert err.startswith(f"srft plot: error: disk full while writing: {out / 'reward.png'}"), err
+    assert "(traceback: " in err, err
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]  # no partial file left behind
     log = Path(err.rsplit("(traceback: ", 1)[1].rstrip(")"))
     assert "OSError" in log.read_text() and "Traceback" in log.read_text()
     log.unlink()
