@@ -520,10 +520,12 @@ class _ConfigLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             try:
-                first = seen.setdefault(key, key_node.start_mark.line + 1)
+                first = seen.get(key)
             except TypeError:  # an unhashable key: the constructor below says so
                 continue
-            if first != key_node.start_mark.line + 1:
+            if first is None:
+                seen[key] = key_node.start_mark.line + 1
+            else:  # also on one line: {num_steps: 5, num_steps: 10}
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {show_value(key)} (first at "
                                                         f"line {first})", key_node.start_mark)
         return super().construct_mapping(node, deep=deep)

@@ -190,6 +190,9 @@ def test_duplicate_yaml_keys_are_an_error(tmp_path):
     with pytest.raises(ConfigError, match=r"dup\.yaml: line 4 not valid YAML: duplicate key 'num_steps' \(first at "
                                           r"line 2\)"):
         load_config(str(dup))
+    dup.write_text("train: {num_steps: 5, num_steps: 10}\n")  # both on one line
+    with pytest.raises(ConfigError, match=r"duplicate key 'num_steps' \(first at line 1\)"):
+        load_config(str(dup))
 
 
 def test_config_that_is_not_utf8_names_the_file_and_line(tmp_path, capsys):
