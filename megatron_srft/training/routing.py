@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..algorithms.presets import AlgoSettings
+from ..errors import ConfigError
 from ..rollout.seam import ScoredPrompt
 
-__all__ = ["expert_mask", "PromptPlan", "plan_prompts", "route_prompts"]
+__all__ = ["check_prompt_split", "expert_mask", "PromptPlan", "plan_prompts", "route_prompts"]
 
 
 def expert_mask(num_prompts: int, fraction: float) -> list[bool]:
@@ -30,6 +31,20 @@ def expert_mask(num_prompts: int, fraction: float) -> list[bool]:
     floor((i + 1) E / P) > floor(i E / P))."""
     experts = round(fraction * num_prompts)
     return [(i + 1) * experts // num_prompts > i * experts // num_prompts for i in range(num_prompts)]
+
+
+def check_prompt_split(settings: AlgoSettings, prompts_per_step: int, dp_size: int) -> None:
+    """At start-up: with expert rows, every replica's share of a step keeps at least one expert row and at least
+    one prompt with rollouts (a share of 1 at CHORD's 2/3 would round to all-expert: pure SFT, silently)."""
+    if settings.expert_prompt_fraction <= 0:
+        return
+    share = prompts_per_step // dp_size
+    experts = sum(expert_mask(share, settings.expert_prompt_fraction))
+    if not 1 <= experts < share:
+        raise ConfigError(f"train.prompts_per_step: {prompts_per_step} prompts over {dp_size} data-parallel "
+                          f"replica(s) give each {share}, of which {experts} would be expert rows "
+                          f"(algorithm.expert_prompt_fraction {settings.expert_prompt_fraction:.3g}); each replica "
+                          f"needs at least one expert row and one prompt with rollouts: raise prompts_per_step")
 
 
 @dataclass

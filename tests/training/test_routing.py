@@ -60,3 +60,17 @@ def test_no_routing_leaves_the_prompts_alone():
     scored = [_scored([1.0, 0.0])]
     routed, stats = route_prompts(plan_prompts([0], slice(0, 1), 1, settings), scored, settings)
     assert routed == scored and stats == {}
+
+
+def test_a_split_that_rounds_to_all_expert_rows_is_refused_at_start_up():
+    import pytest
+
+    from megatron_srft.errors import ConfigError
+    from megatron_srft.training.routing import check_prompt_split
+
+    chord = PRESETS["chord_mu"]()  # 2/3 expert rows
+    check_prompt_split(chord, 16, 2)  # 8 per replica: 5 expert rows, 3 with rollouts
+    check_prompt_split(PRESETS["srft"](), 1, 1)  # no expert rows: nothing to check
+    for per_step, dp in ((1, 1), (4, 4), (2, 2)):  # a share of 1 rounds to all-expert: pure SFT, silently
+        with pytest.raises(ConfigError, match=r"train.prompts_per_step: .* expert rows"):
+            check_prompt_split(chord, per_step, dp)
