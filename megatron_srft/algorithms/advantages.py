@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["group_advantages", "group_all_equal", "fraction_all_equal"]
+__all__ = ["group_advantages", "group_all_equal"]
 
 
 def _dense_groups(group_index: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -50,13 +50,3 @@ def group_advantages(rewards: torch.Tensor, group_index: torch.Tensor, *, std_no
         adv = centred / (std[dense] + eps)
     adv = torch.where(group_all_equal(rewards, group_index), torch.zeros_like(adv), adv)
     return adv.float()
-
-
-def fraction_all_equal(rewards: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
-    """Scalar fp32: the fraction of GROUPS (not sequences) whose members all have the same reward."""
-    if rewards.numel() == 0:
-        return torch.zeros((), dtype=torch.float32)
-    dense, num_groups = _dense_groups(group_index)
-    equal = group_all_equal(rewards, group_index).double()
-    per_group = torch.zeros(num_groups, dtype=equal.dtype).scatter_reduce(0, dense, equal, "amin", include_self=False)
-    return per_group.mean().float()

@@ -364,5 +364,5 @@ def srft_objective(batch: TokenBatch, settings: AlgoSettings, norm: Normalizers
     if tis is not None:
         metrics["tis_weight_mean"] = _sum_count(tis, roll)
     if mix is not None:
-        metrics["sft_mix"] = (torch.tensor(float(settings.sft_mix)) * frac, frac)
+        metrics["sft_mix"] = (frac * float(settings.sft_mix), frac)  # on frac's device
     return loss, metrics

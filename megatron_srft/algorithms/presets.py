@@ -35,7 +35,7 @@ class AlgoSettings:
     response_mask)``; see losses.py). With an SFT mix (``sft_mix_schedule``) demo-token terms are multiplied by
     the step's mu and rollout-token terms by 1 - mu.
 
-    Prompt routing (algorithms/routing.py): with ``expert_prompt_fraction`` > 0 that share of each step's prompts
+    Prompt routing (training/routing.py): with ``expert_prompt_fraction`` > 0 that share of each step's prompts
     are expert rows (no rollouts; their demonstration alone, trained by the demo terms); with
     ``sft_gate_max_correct`` >= 0 a prompt whose rollouts have at most that many correct answers drops them and
     keeps its demonstration alone. When either is on, every other prompt keeps its rollouts alone (no demo).

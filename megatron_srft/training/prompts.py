@@ -69,8 +69,14 @@ class PromptSampler:
     def step_indices(self, step: int) -> list[int]:
         """Global problem indices of ``step`` (1-based), all replicas, replica-major."""
         start = (step - 1) * self.per_step
-        return [int(self._order((start + i) // self.num_problems)[(start + i) % self.num_problems])
-                for i in range(self.per_step)]
+        orders: dict[int, np.ndarray] = {}  # one permutation per epoch the step touches (at most two)
+        out = []
+        for i in range(start, start + self.per_step):
+            epoch = i // self.num_problems
+            if epoch not in orders:
+                orders[epoch] = self._order(epoch)
+            out.append(int(orders[epoch][i % self.num_problems]))
+        return out
 
     def replica_slice(self) -> slice:
         """This rank's replica's block of :meth:`step_indices`."""
