@@ -11,8 +11,6 @@ import os
 import sys
 from pathlib import Path
 
-from ..experiments.demo import run_demo, run_reproduce
-
 
 def main(argv=None) -> int:
     # vLLM's per-sync INFO lines (weights reloaded, prefix cache reset) would bury the progress bar; warnings stay.
@@ -30,6 +28,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="--reproduce: optimizer steps per training stage")
     p.add_argument("--jobs", type=int, default=None, help="--reproduce: worker processes")
     args = p.parse_args(argv)
+    # lazy: this module is __main__, which every spawned helper process (reward workers, the checkpoint queue,
+    # study workers) imports again; at the head it would load Megatron and vLLM into each of them
+    from ..experiments.demo import run_demo, run_reproduce
+
     root = Path(args.root)
     if not args.reproduce:
         return run_demo(root)
