@@ -97,12 +97,12 @@ def toy_world(root):
     return groups, toy, start
 
 def apply_overrides(cfg, overrides):
-    from megatron_srft.config import _merge, parse_override
+    from megatron_srft.typed_yaml import merge, parse_override
     for ov in overrides:
         keys, value = parse_override(ov)
         for k in reversed(keys):
             value = {k: value}
-        _merge(cfg, value, "", "--set: ")
+        merge(cfg, value, "", "--set: ")
 
 def cpu_marks():
     # process CPU seconds at every logged step (next to the loop's wall-clock phases), filled as the run logs

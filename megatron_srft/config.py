@@ -12,12 +12,7 @@ Validation sits next to the fields: each section's ``validate(path)`` checks its
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import importlib
 import math
-import reprlib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
@@ -25,6 +20,7 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 
 from .errors import ConfigError
+from .typed_yaml import (Table, check_tables, merge, parse_override, type_hints, type_name, yaml_load)
 
 
 def _f(default: Any, help: str, **kw):
@@ -33,20 +29,6 @@ def _f(default: Any, help: str, **kw):
         val = default
         return field(default_factory=lambda: type(val)(val), metadata={"help": help}, **kw)
     return field(default=default, metadata={"help": help}, **kw)
-
-
-@dataclass(frozen=True)
-class Table:
-    """Marks a config field whose values are the keys of a table elsewhere, ``"module:NAME"`` (PRESETS, REWARDS,
-    TEMPLATES, ENGINES, the loss variants). The table is the one source of the names: adding an entry there is the
-    whole change. It is read when a value is checked or the docs are written, so config.py imports nothing above
-    it at import time."""
-
-    ref: str
-
-    def names(self) -> tuple[str, ...]:
-        module, attr = self.ref.split(":")
-        return tuple(getattr(importlib.import_module(module), attr))
 
 
 def _table(ref: str):
@@ -441,7 +423,7 @@ class SRFTConfig:
         for f in dataclasses.fields(self):
             sub = getattr(self, f.name)
             if dataclasses.is_dataclass(sub):
-                _check_tables(sub, f.name)
+                check_tables(sub, f.name)
                 sub.validate(f.name)
         return self
 
@@ -460,183 +442,6 @@ def _field_paths(obj, prefix: str = "") -> set[str]:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def _table_of(tp) -> Optional[Table]:
-    if typing.get_origin(tp) is Annotated:
-        return next((m for m in tp.__metadata__ if isinstance(m, Table)), None)
-    return None
-
-
-def _check_tables(section, path: str) -> None:
-    """Every table-named field of a section names an entry of its table (set in code as well as from YAML)."""
-    for name, tp in _hints(type(section)).items():
-        value = getattr(section, name)
-        for t in (tp, *typing.get_args(tp)):
-            table = _table_of(t)
-            if table is not None and value is not None and value not in table.names():
-                raise ConfigError(f"{path}.{name}: expected {_type_name(t)}, got {value!r}")
-
-
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    table = _table_of(tp)
-    if table is not None:
-        return " | ".join(repr(n) for n in table.names())
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"list[{_type_name(typing.get_args(tp)[0])}]"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-#: How much of a value an error message shows (a value can be huge: never formatted whole).
-MAX_SHOWN_CHARS = 80
-_SHOW = reprlib.Repr()
-_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxdict, _SHOW.maxstring, _SHOW.maxother = 2, 4, 4, MAX_SHOWN_CHARS, 40
-
-
-def show_value(value: Any) -> str:
-    """``repr(value)`` for an error message, cut to :data:`MAX_SHOWN_CHARS` without formatting the whole value."""
-    text = _SHOW.repr(value)
-    return text if len(text) <= MAX_SHOWN_CHARS else text[:MAX_SHOWN_CHARS - 3] + "..."
-
-
-class _ConfigLoader(yaml.SafeLoader):
-    """YAML for configs: safe_load, plus no aliases (a few hundred bytes of nested aliases expand to gigabytes:
-    the "billion laughs") and no duplicate keys (YAML would keep the last one silently)."""
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor}: YAML aliases are not allowed in "
-                                              f"configs (write the value out)", event.start_mark)
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                first = seen.get(key)
-            except TypeError:  # an unhashable key: the constructor below says so
-                continue
-            if first is None:
-                seen[key] = key_node.start_mark.line + 1
-            else:  # also on one line: {num_steps: 5, num_steps: 10}
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {show_value(key)} (first at "
-                                                        f"line {first})", key_node.start_mark)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
-
-
-def _coerce(value: Any, tp, path: str, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
-    origin = typing.get_origin(tp)
-
-    def bad() -> ConfigError:  # formatted only when raised, and cut: a value may be huge
-        return ConfigError(f"{where}{path}: expected {_type_name(tp)}, got {show_value(value)} "
-                           f"({type(value).__name__})")
-
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, path, where)
-            except ConfigError:
-                continue
-        raise bad()
-    table = _table_of(tp)
-    if table is not None:
-        if isinstance(value, str) and value in table.names():
-            return value
-        raise bad()
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise bad()
-    if origin is list:
-        if not isinstance(value, list):
-            raise bad()
-        (inner,) = typing.get_args(tp)
-        return [_coerce(v, inner, f"{path}[{i}]", where) for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad()
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad()
-    if tp is float:
-        out = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            try:
-                out = float(value)
-            except OverflowError:  # an int beyond the float range
-                pass
-        elif isinstance(value, str):
-            # PyYAML (YAML 1.1) reads `1e-6` (no dot) as a string; accept any float literal.
-            try:
-                out = float(value)
-            except ValueError:
-                pass
-        if out is None:
-            raise bad()
-        if not math.isfinite(out):  # .inf / .nan / 1e999: never a meaningful setting
-            raise ConfigError(f"{where}{path}: expected a finite number, got {show_value(value)}")
-        return out
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise bad()
-    raise bad()
-
-
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls, include_extras=True)
-
-
-def _merge(obj, data: dict, prefix: str, where: str) -> None:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}{prefix.rstrip('.') or '<root>'}: expected a mapping, got {type(data).__name__}")
-    hints = _hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
-    for key, value in data.items():
-        path = f"{prefix}{key}"
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"{where}unknown key '{path}'{hint}")
-        cur = getattr(obj, key)
-        if dataclasses.is_dataclass(cur):
-            _merge(cur, value, f"{path}.", where)
-        else:
-            setattr(obj, key, _coerce(value, hints[key], path, where))
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b=value`` -> (["a", "b"], value parsed as YAML scalar/list)."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}': expected key.sub=value")
-    key, raw = text.split("=", 1)
-    try:
-        value = _yaml_load(raw) if raw != "" else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override '{text}': value is not valid YAML "
-                          f"({getattr(e, 'problem', None) or e.__class__.__name__})") from None
-    return key.strip().split("."), value
-
-
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> SRFTConfig:
     """Build the config from an optional YAML file and ``key.sub=value`` overrides, then validate its fields.
 
@@ -647,7 +452,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         if not p.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            data = _yaml_load(p.read_bytes().decode("utf-8")) or {}
+            data = yaml_load(p.read_bytes().decode("utf-8")) or {}
         except UnicodeDecodeError as e:
             line = p.read_bytes()[:e.start].count(b"\n") + 1
             raise ConfigError(f"{path}: line {line} not valid UTF-8 (byte {e.object[e.start]:#04x}); config files "
@@ -658,13 +463,13 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             mark = getattr(e, "problem_mark", None)
             line = f" line {mark.line + 1}" if mark else ""
             raise ConfigError(f"{path}:{line} not valid YAML: {getattr(e, 'problem', e)}") from None
-        _merge(cfg, data, "", f"{path}: ")
+        merge(cfg, data, "", f"{path}: ")
     for ov in overrides or []:
         keys, value = parse_override(ov)
         nested: Any = value
         for k in reversed(keys):
             nested = {k: nested}
-        _merge(cfg, nested, "", "override: ")
+        merge(cfg, nested, "", "override: ")
     cfg.validate()
     return cfg
 
@@ -685,19 +490,19 @@ def markdown_reference() -> str:
     root = SRFTConfig()
     top = [f for f in dataclasses.fields(root) if not dataclasses.is_dataclass(getattr(root, f.name))]
     out += ["## (top level)", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-    hints = _hints(SRFTConfig)
+    hints = type_hints(SRFTConfig)
     for f in top:
-        out.append(f"| `{f.name}` | `{_type_name(hints[f.name])}` | `{getattr(root, f.name)!r}` | {f.metadata['help']} |")
+        out.append(f"| `{f.name}` | `{type_name(hints[f.name])}` | `{getattr(root, f.name)!r}` | {f.metadata['help']} |")
     for f in dataclasses.fields(root):
         sub = getattr(root, f.name)
         if not dataclasses.is_dataclass(sub):
             continue
         out += ["", f"## `{f.name}`: {f.metadata['help']}", "", "| key | type | default | meaning |",
                 "|---|---|---|---|"]
-        sh = _hints(type(sub))
+        sh = type_hints(type(sub))
         for sf in dataclasses.fields(sub):
             default = getattr(sub, sf.name)
-            out.append(f"| `{f.name}.{sf.name}` | `{_type_name(sh[sf.name])}` | `{default!r}` | "
+            out.append(f"| `{f.name}.{sf.name}` | `{type_name(sh[sf.name])}` | `{default!r}` | "
                        f"{sf.metadata['help'].replace('|', '/')} |")
     return "\n".join(out) + "\n"
 

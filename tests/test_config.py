@@ -173,7 +173,7 @@ def test_yaml_aliases_are_refused_before_they_expand(tmp_path):
 
 
 def test_error_messages_show_a_value_cut_to_a_fixed_length(tmp_path):
-    from megatron_srft.config import MAX_SHOWN_CHARS
+    from megatron_srft.typed_yaml import MAX_SHOWN_CHARS
 
     big = tmp_path / "big.yaml"
     big.write_text("optimizer:\n  lr: [" + ", ".join(["[" + ", ".join(["123456789"] * 50) + "]"] * 200) + "]\n")
