@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from megatron_srft.cli import main as cli_main
-from megatron_srft.config import ConfigError, SRFTConfig, load_config, markdown_reference
+from megatron_srft.config import ASYNC_TIS_CAP, ConfigError, SRFTConfig, load_config, markdown_reference
 from megatron_srft.distributed.layout import validate_layout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,11 +119,48 @@ def test_every_field_has_help():
     ("logging.log_every=0", "logging.log_every: expected 1 <= value"),
     ("parallel.virtual_pipeline_model_parallel_size=2",
      "parallel.virtual_pipeline_model_parallel_size: only null or 1 is supported"),
+    ("rollout.cpu_kvcache_space_gib=-1", "rollout.cpu_kvcache_space_gib: expected 0 < GiB <= 4096 or null"),
+    ("rollout.cpu_kvcache_space_gib=5000", "rollout.cpu_kvcache_space_gib: expected 0 < GiB <= 4096 or null"),
 ])
 def test_values_that_cannot_be_right_are_config_errors(override, words):
     with pytest.raises(ConfigError, match=None) as e:
         load_config(None, [override])
     assert words in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["rollout.max_staleness=1"], "rollout.max_staleness: expected 0 with placement colocated"),
+    (["rollout.num_engine_ranks=8"], "rollout.num_engine_ranks: expected 0 with placement colocated"),
+    (["rollout.placement=disaggregated"], "rollout.num_engine_ranks: expected >= 1 with placement disaggregated"),
+    (["rollout.placement=disaggregated", "rollout.num_engine_ranks=-8"], "rollout.num_engine_ranks: expected >= 0"),
+    (["rollout.placement=disaggregated", "rollout.num_engine_ranks=8", "rollout.max_staleness=2"],
+     "rollout.max_staleness: expected 0 or 1"),
+    (["rollout.placement=remote"], "rollout.placement: expected 'colocated' | 'disaggregated'"),
+])
+def test_placement_fields_that_do_not_fit_are_one_line_errors(overrides, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_placement_defaults_and_the_effective_tis_cap():
+    r = load_config(None, []).rollout
+    assert (r.placement, r.num_engine_ranks, r.max_staleness, r.tis_cap, r.effective_tis_cap) == (
+        "colocated", 0, 0, None, None)
+    disagg = ["rollout.placement=disaggregated", "rollout.num_engine_ranks=8"]
+    assert load_config(None, disagg).rollout.effective_tis_cap is None  # on-policy: TIS stays off
+    assert load_config(None, disagg + ["rollout.max_staleness=1"]).rollout.effective_tis_cap == ASYNC_TIS_CAP == 2.0
+    assert load_config(None, disagg + ["rollout.max_staleness=1", "rollout.tis_cap=3"]).rollout.effective_tis_cap == 3.0
+    assert load_config(None, ["rollout.tis_cap=1.5"]).rollout.effective_tis_cap == 1.5
+
+
+def test_layout_errors_of_a_placement_through_srft_config(capsys):
+    base = ["config", "--world-size", "32", "rollout.placement=disaggregated"]
+    assert cli_main(base + ["rollout.num_engine_ranks=32"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("srft config: error: rollout.num_engine_ranks: 32 leaves no training")
+    assert cli_main(base + ["rollout.num_engine_ranks=16", "parallel.tensor_model_parallel_size=2"]) == 0
+    assert "placement: disaggregated" in capsys.readouterr().out
 
 
 def test_validate_catches_non_finite_values_set_in_code():

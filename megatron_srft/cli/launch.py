@@ -42,7 +42,7 @@ def main(args) -> int:
                        forward_signals=forward, shutdown_timeout_s=args.shutdown_timeout)
     notes = [] if args.no_validate else check_config(args.config, list(args.overrides), plan.world_size,
                                                      shutdown_timeout_s=args.shutdown_timeout,
-                                                     write_gbs=args.write_gbs)
+                                                     write_gbs=args.write_gbs, gpus_per_node=plan.gpus_per_node)
     if not forward:
         notes.append("this torchrun has no --signals-to-handle: SIGUSR1 would kill it instead of reaching the "
                       "trainer; use a PyTorch release that has it for pre-emption checkpoints")

@@ -10,8 +10,8 @@ c10d rendezvous hosted on the first node of the allocation:
 
 The node list comes from ``scontrol show hostnames`` when it exists, else from :func:`expand_hostlist`.
 ``--dry-run`` prints every node's command and checks the config (and, when the model's config.json is
-readable here, the layout) against the world size N x G before anything is queued, and estimates the
-pre-emption lead time (:func:`estimate_lead`).
+readable here, the layout) against the world size N x G before anything is queued, shows which ranks train and
+which generate (:func:`placement_notes`), and estimates the pre-emption lead time (:func:`estimate_lead`).
 
 Without ``--dry-run`` this process becomes the node's torchrun agent (torchrun's ``run`` in this process, so
 the PID that srun signals is torchrun's). When the trainers stop after a forwarded SIGUSR1/SIGTERM with their
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from ..config import load_config
-from ..distributed.layout import memory_per_gpu, validate_layout
+from ..distributed.layout import data_parallel_size, memory_per_gpu, split_world, validate_layout
 from ..errors import UserError
 from ..models.arch import load_arch
 from ..signals import STOP_FILE_ENV, STOPPED_EXIT_CODE
@@ -222,23 +222,67 @@ def plan_launch(*, config: str, overrides: list[str], env: Mapping[str, str], nu
 
 
 def check_config(config: str, overrides: list[str], world_size: int, *,
-                 shutdown_timeout_s: int = DEFAULT_SHUTDOWN_TIMEOUT_S, write_gbs: float = DEFAULT_WRITE_GBS) -> list[str]:
+                 shutdown_timeout_s: int = DEFAULT_SHUTDOWN_TIMEOUT_S, write_gbs: float = DEFAULT_WRITE_GBS,
+                 gpus_per_node: Optional[int] = None) -> list[str]:
     """Load and validate the config at this world size; check the layout when the model's config.json is here.
 
-    Returns notes for the dry-run printout (what was and was not checked, and :func:`estimate_lead`).
+    Returns notes for the dry-run printout (what was and was not checked, :func:`placement_notes` and
+    :func:`estimate_lead`).
     """
     cfg = load_config(config, overrides)
     validate_layout(cfg, world_size)
+    placement = placement_notes(cfg, world_size, gpus_per_node)
     model_json = Path(cfg.model.path) / "config.json"
     if not cfg.model.path or not model_json.is_file():
         return [f"config OK at world size {world_size}; layout not checked ({model_json} is not readable here)",
-                *estimate_lead(cfg, None, shutdown_timeout_s, write_gbs)]
+                *placement, *estimate_lead(cfg, None, shutdown_timeout_s, write_gbs)]
     arch = load_arch(cfg.model.path)
     validate_layout(cfg, world_size, arch)
-    est = memory_per_gpu(cfg, arch, world_size).as_gib()
-    return [f"config and layout OK at world size {world_size}",
-            "estimated GiB per GPU (docs/performance.md): " + ", ".join(f"{k} {v}" for k, v in est.items()),
+    num_trainers, num_engine_ranks = split_world(cfg.rollout, world_size)
+    est = memory_per_gpu(cfg, arch, num_trainers).as_gib()  # DP is over the training ranks
+    if num_engine_ranks:  # a training rank holds no engine; an engine rank holds only vLLM's share
+        vllm = est.pop("vllm")
+        memory = ("estimated GiB per training GPU (docs/performance.md): "
+                  + ", ".join(f"{k} {v}" for k, v in est.items()) + f"; per engine GPU: vllm {vllm}")
+    else:
+        memory = "estimated GiB per GPU (docs/performance.md): " + ", ".join(f"{k} {v}" for k, v in est.items())
+    return [f"config and layout OK at world size {world_size}", *placement, memory,
             *estimate_lead(cfg, arch, shutdown_timeout_s, write_gbs)]
+
+
+def _ranks(first: int, count: int) -> str:
+    return f"rank {first}" if count == 1 else f"ranks {first}-{first + count - 1}"
+
+
+def placement_notes(cfg, world_size: int, gpus_per_node: Optional[int] = None) -> list[str]:
+    """Dry-run lines: which ranks train and which generate (docs/rollout.md, "Placement"); call after
+    :func:`validate_layout`. Disaggregated, the engine ranks are the last ``rollout.num_engine_ranks`` of the world;
+    with ``gpus_per_node`` the lines say which nodes hold them and warn when a node holds both roles."""
+    r, p = cfg.rollout, cfg.parallel
+    rtp = r.tensor_parallel_size
+    num_trainers, num_engine_ranks = split_world(r, world_size)
+    dp = data_parallel_size(p, num_trainers)
+    model = (f"TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} x "
+             f"CP {p.context_parallel_size} x DP {dp}")
+    if not num_engine_ranks:
+        return [f"placement colocated: all {world_size} ranks train ({model}) and generate "
+                f"({world_size // rtp} engine(s) of rollout TP {rtp}); on-policy (max_staleness 0)"]
+    staleness = ("on-policy (max_staleness 0)" if r.max_staleness == 0 else
+                 f"one-step-off (max_staleness {r.max_staleness}, TIS cap {r.effective_tis_cap:g})")
+    lines = [f"placement disaggregated: {num_trainers} training {_ranks(0, num_trainers)} ({model}); "
+             f"{num_engine_ranks} engine {_ranks(num_trainers, num_engine_ranks)} "
+             f"({num_engine_ranks // rtp} engine(s) of rollout TP {rtp}); {staleness}"]
+    if gpus_per_node:
+        nodes = world_size // gpus_per_node
+        if num_engine_ranks % gpus_per_node == 0:
+            first = nodes - num_engine_ranks // gpus_per_node
+            lines.append(f"placement: the engines fill nodes {first}-{nodes - 1}" if first < nodes - 1 else
+                         f"placement: the engines fill node {first}")
+        else:
+            lines.append(f"placement: node {num_trainers // gpus_per_node} holds both training and engine ranks "
+                         f"({num_engine_ranks} engine ranks are not whole nodes of {gpus_per_node}): they share its "
+                         f"host memory and network")
+    return lines
 
 
 def checkpoint_bytes(cfg, arch) -> int:
@@ -250,8 +294,8 @@ def checkpoint_bytes(cfg, arch) -> int:
     return est.weights + est.optimizer
 
 
-def _longest_phases(run_dir: str) -> Optional[tuple[float, float]]:
-    """(longest time/step, longest time/eval) in RUN_DIR/metrics.jsonl, or None when there is none here."""
+def _longest_phases(run_dir: str) -> Optional[tuple[float, float, float]]:
+    """(longest time/step, time/eval, time/generate) in RUN_DIR/metrics.jsonl, or None when there is none here."""
     path = Path(run_dir) / "metrics.jsonl"
     try:
         rows = parse_metrics_lines(path) if path.is_file() else []
@@ -259,7 +303,8 @@ def _longest_phases(run_dir: str) -> Optional[tuple[float, float]]:
         rows = []
     steps = [float(r["time/step"]) for r in rows if isinstance(r.get("time/step"), (int, float))]
     evals = [float(r["time/eval"]) for r in rows if isinstance(r.get("time/eval"), (int, float))]
-    return (max(steps), max(evals, default=0.0)) if steps else None
+    gens = [float(r["time/generate"]) for r in rows if isinstance(r.get("time/generate"), (int, float))]
+    return (max(steps), max(evals, default=0.0), max(gens, default=0.0)) if steps else None
 
 
 def estimate_lead(cfg, arch, shutdown_timeout_s: int, write_gbs: float) -> list[str]:
@@ -270,7 +315,10 @@ def estimate_lead(cfg, arch, shutdown_timeout_s: int, write_gbs: float) -> list[
     and SLURM's --signal lead must exceed that by another margin. The save is the checkpoint's size (weights and
     optimizer state, from the model's shapes) over an assumed write bandwidth; the step and evaluation times are
     the longest in RUN_DIR/metrics.jsonl when this run has one here (they cannot be derived from a config).
+    One-step-off (``rollout.max_staleness`` 1): the checkpoint holds the batch the engines are generating, so the
+    stop also waits for that generation: one more time/generate.
     """
+    one_step_off = cfg.rollout.max_staleness > 0
     parts, known = [], 0.0
     if arch is None:
         parts.append("checkpoint size unknown (the model's config.json is not readable here)")
@@ -283,10 +331,15 @@ def estimate_lead(cfg, arch, shutdown_timeout_s: int, write_gbs: float) -> list[
     phases = _longest_phases(cfg.run_dir)
     if phases is None:
         parts.append(f"step and evaluation times not measured (no {Path(cfg.run_dir) / 'metrics.jsonl'} here): "
-                     f"add the longest time/step or time/eval of a first run")
+                     f"add the longest time/step or time/eval of a first run"
+                     + (" and, one-step-off, its longest time/generate" if one_step_off else ""))
     else:
-        known += max(phases)
+        known += max(phases[:2])
         parts.append(f"longest step {phases[0]:.0f} s, evaluation {phases[1]:.0f} s ({cfg.run_dir}/metrics.jsonl)")
+        if one_step_off:
+            known += phases[2]
+            parts.append(f"one-step-off: + the in-flight generation, longest {phases[2]:.0f} s (time/generate), "
+                         f"saved with the checkpoint")
     need = int(math.ceil((known + EXIT_MARGIN_S) / 10.0) * 10)
     plus = "" if arch is not None and phases is not None else " + what is unknown above"
     lines = ["pre-emption: " + "; ".join(parts),

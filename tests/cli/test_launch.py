@@ -218,6 +218,52 @@ def test_dry_run_estimates_the_preemption_lead(capsys, tmp_path):
     assert "--shutdown-timeout 270 is below that" in out
 
 
+DISAGG_7B = ["rollout.placement=disaggregated", "rollout.num_engine_ranks=16", "rollout.max_staleness=1",
+             "rollout.gpu_memory_utilization=0.9"]
+
+
+def test_dry_run_prints_the_placement(capsys, tmp_path):
+    """Colocated: every rank trains and generates. Disaggregated: the split, the engines, their nodes, the memory of
+    each role, and the one-step-off stop's extra generation in the pre-emption lead."""
+    rc, out, err = run_cli(capsys, "--nodes", "4", "--gpus-per-node", "8", "--nodelist", "g[1-4]", "--config",
+                           EXAMPLE_7B, "--dry-run")
+    assert rc == 0, err
+    assert ("# placement colocated: all 32 ranks train (TP 2 x PP 1 x CP 1 x DP 16) and generate (32 engine(s) of "
+            "rollout TP 1); on-policy (max_staleness 0)") in out
+    d = _model_dir(tmp_path, QWEN25_7B | {"max_position_embeddings": 16384, "rope_theta": 40000.0})
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "time/step": 400.0, "time/generate": 300.0}) + "\n")
+    rc, out, err = run_cli(capsys, "--nodes", "4", "--gpus-per-node", "8", "--nodelist", "g[1-4]", "--config",
+                           EXAMPLE_7B, "--dry-run", "--write-gbs", "2", "--", f"model.path={d}", f"run_dir={run}",
+                           *DISAGG_7B)
+    assert rc == 0, err
+    assert ("# placement disaggregated: 16 training ranks 0-15 (TP 2 x PP 1 x CP 1 x DP 8); 16 engine ranks 16-31 "
+            "(16 engine(s) of rollout TP 1); one-step-off (max_staleness 1, TIS cap 2)") in out
+    assert "# placement: the engines fill nodes 2-3" in out
+    # DP 8 over the 16 training ranks: the optimizer's share doubles against colocated DP 16; no vLLM beside it
+    assert "estimated GiB per training GPU" in out and "optimizer 5.3" in out and "per engine GPU: vllm 72.0" in out
+    # 400 s step + 300 s in-flight generation + 53 s save + 30 s margin
+    assert "one-step-off: + the in-flight generation, longest 300 s (time/generate)" in out
+    assert "--shutdown-timeout >= 790 s (" in out and "#SBATCH --signal=B:USR1@820 (" in out
+    # engine ranks that are not whole nodes: the node that holds both roles is named
+    rc, out, err = run_cli(capsys, "--nodes", "4", "--gpus-per-node", "6", "--nodelist", "g[1-4]", "--config",
+                           EXAMPLE_7B, "--dry-run", "--", "rollout.placement=disaggregated", "rollout.num_engine_ranks=8")
+    assert rc == 0, err
+    assert "16 training ranks 0-15 (TP 2 x PP 1 x CP 1 x DP 8); 8 engine ranks 16-23" in out
+    assert "# placement: node 2 holds both training and engine ranks" in out
+
+
+def test_dry_run_of_impossible_placements_is_one_line(capsys):
+    rc, out, err = run_cli(capsys, "--nodes", "1", "--gpus-per-node", "8", "--config", EXAMPLE_7B, "--dry-run", "--",
+                           "rollout.placement=disaggregated", "rollout.num_engine_ranks=8")
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith("srft launch: error: rollout.num_engine_ranks: 8 leaves no training rank in a world of 8")
+    rc, out, err = run_cli(capsys, "--nodes", "1", "--gpus-per-node", "8", "--config", EXAMPLE_7B, "--dry-run", "--",
+                           "rollout.max_staleness=1")
+    assert rc == 2 and "rollout.max_staleness: expected 0 with placement colocated" in err and err.count("\n") == 1
+
+
 def _free_port() -> int:
     import socket
 

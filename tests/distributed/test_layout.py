@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from megatron_srft.config import ConfigError, SRFTConfig
-from megatron_srft.distributed.layout import memory_per_gpu, validate_layout
+from megatron_srft.distributed.layout import (is_engine_rank, memory_per_gpu, rollout_sequences_per_engine,
+                                             split_world, validate_layout)
 from megatron_srft.models.arch import arch_from_hf_config
 
 # Values from the models' public config.json files on the Hugging Face Hub.
@@ -232,6 +233,78 @@ def test_impossible_rollout_placement_is_one_line():
                                  "num_key_value_heads": 3, "hidden_size": 3072})
     expect_error("rollout.tensor_parallel_size", "neither divides nor is a multiple of the model's "
                  "num_key_value_heads (3)", cfg_with(tp=1, rollout_tp=2), odd, 8)
+
+
+# --------------------------------------------------------------------------------------------- placement
+
+MATH_7B_16K = QWEN25_MATH_7B | {"max_position_embeddings": 16384, "rope_theta": 40000.0}  # the paper's edit
+
+
+def disaggregated(c: SRFTConfig, engine_ranks: int, staleness: int = 0) -> SRFTConfig:
+    c.rollout.placement, c.rollout.num_engine_ranks, c.rollout.max_staleness = "disaggregated", engine_ranks, staleness
+    return c
+
+
+def test_split_world_colocated_and_disaggregated():
+    """Colocated: every rank trains and generates. Disaggregated: the LAST num_engine_ranks ranks only generate."""
+    c = cfg_with()
+    assert split_world(c.rollout, 32) == (32, 0)
+    assert not any(is_engine_rank(c.rollout, g, 32) for g in range(32))
+    d = disaggregated(cfg_with(), 8)
+    assert split_world(d.rollout, 32) == (24, 8)
+    assert [g for g in range(32) if is_engine_rank(d.rollout, g, 32)] == list(range(24, 32))
+    assert split_world(disaggregated(cfg_with(), 1).rollout, 2) == (1, 1)
+
+
+@pytest.mark.parametrize("engine_ranks", [32, 33])
+def test_engine_ranks_must_leave_a_training_rank(engine_ranks):
+    c = disaggregated(cfg_with(), engine_ranks)
+    msg = expect_error("rollout.num_engine_ranks", f"{engine_ranks} leaves no training rank in a world of 32", c,
+                       None, 32)
+    assert "fewer than the world size" in msg
+    with pytest.raises(ConfigError, match="rollout.num_engine_ranks"):
+        is_engine_rank(c.rollout, 0, 32)
+
+
+def test_disaggregated_dp_is_over_the_training_ranks():
+    """The 7B recipe (TP 2, 128 prompts, mini-batch 64) on 32 GPUs: 16 + 16 fits, 24 + 8 does not (DP 12)."""
+    spec = arch(MATH_7B_16K)
+    assert validate_layout(disaggregated(cfg_with(tp=2), 16), 32, spec) == 8
+    assert validate_layout(disaggregated(cfg_with(tp=2), 8), 40, spec) == 16  # 5 nodes: 32 train + 8 generate
+    msg = expect_error("train.prompts_per_step", "data-parallel size (12 = training ranks 24 / (TP 2 x PP 1 x CP 1))",
+                       disaggregated(cfg_with(tp=2), 8), spec, 32)
+    assert "128 is not divisible" in msg
+    expect_error("train.prompts_per_minibatch", "data-parallel size (16)",
+                 disaggregated(cfg_with(tp=1, step=128, minibatch=8), 16), spec, 32)
+    # the model-parallel size must divide the training ranks (27), not the launched world (32)
+    expect_error("parallel", "27 is not divisible by tensor_model_parallel_size (2)",
+                 disaggregated(cfg_with(tp=2), 5), spec, 32)
+    validate_layout(cfg_with(tp=2), 32, spec)  # the same world colocated: DP 16
+
+
+def test_disaggregated_rollout_tp_divides_the_engine_ranks():
+    spec = arch(MATH_7B_16K)  # 28 heads, 4 KV heads
+    msg = expect_error("rollout.tensor_parallel_size", "4 does not divide rollout.num_engine_ranks (6)",
+                       disaggregated(cfg_with(tp=2, rollout_tp=4), 6), spec, 22)
+    assert "every engine rank must belong to exactly one engine" in msg
+    # 1 training rank + 4 engine ranks: rollout TP 4 divides the engine ranks, not the world (5): allowed
+    assert validate_layout(disaggregated(cfg_with(tp=1, rollout_tp=4), 4), 5, spec) == 1
+    with pytest.raises(ConfigError, match="does not divide the world size"):
+        validate_layout(cfg_with(tp=1, rollout_tp=4, step=5, minibatch=5), 5, spec)  # the same world colocated
+    # the model's heads still bound the rollout TP
+    expect_error("rollout.tensor_parallel_size", "num_attention_heads (28)",
+                 disaggregated(cfg_with(tp=2, rollout_tp=8), 16), spec, 32)
+
+
+def test_rollout_sequences_per_engine_disaggregated():
+    """Disaggregated (the world given is the engine ranks): the step's prompts over the engines, rounded up."""
+    c = disaggregated(cfg_with(tp=2, step=128), 16)
+    assert rollout_sequences_per_engine(c, 16) == 8 * 7  # 16 engines of rollout TP 1: 8 prompts x 7 rollouts
+    c.rollout.tensor_parallel_size = 4
+    assert rollout_sequences_per_engine(c, 12) == 256  # 3 engines: ceil(128 / 3) = 43 x 7 = 301, capped at 256
+    c.train.prompts_per_step = 16
+    assert rollout_sequences_per_engine(c, 12) == 6 * 7  # ceil(16 / 3) = 6 prompts
+    assert rollout_sequences_per_engine(cfg_with(tp=2, step=128), 32) == 8 * 7  # colocated: DP 16 -> 8 prompts
 
 
 # --------------------------------------------------------------------------------------------- device defaults
