@@ -7,6 +7,9 @@ import pytest
 from megatron_srft.cli import main as cli_main
 from megatron_srft.config import ASYNC_TIS_CAP, ConfigError, SRFTConfig, load_config, markdown_reference
 from megatron_srft.distributed.layout import validate_layout
+from megatron_srft.models.arch import arch_from_hf_config
+
+from tests.test_examples import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,6 +164,33 @@ def test_layout_errors_of_a_placement_through_srft_config(capsys):
     assert len(err) == 1 and err[0].startswith("srft config: error: rollout.num_engine_ranks: 32 leaves no training")
     assert cli_main(base + ["rollout.num_engine_ranks=16", "parallel.tensor_model_parallel_size=2"]) == 0
     assert "placement: disaggregated" in capsys.readouterr().out
+
+
+def test_every_shipped_config_states_its_placement_and_why():
+    for path in sorted((ROOT / "examples/configs").glob("*.yaml")):
+        line = [ln for ln in path.read_text().splitlines() if ln.strip().startswith("placement:")]
+        assert len(line) == 1 and "#" in line[0], f"{path.name}: no commented 'rollout.placement:' line"
+        assert load_config(str(path)).rollout.placement in line[0]
+
+
+#: docs/rollout.md, "Placement": each shipped training config's disaggregated alternative(s) as
+#: (world, rollout.num_engine_ranks, other overrides, DP over the training ranks).
+DISAGGREGATED = {
+    "qwen2.5-math-7b-srft.yaml": [(32, 16, [], 8), (32, 24, [], 4), (40, 8, [], 16)],
+    "qwen2.5-32b-srft.yaml": [(32, 16, [], 2)],
+    "llama3.1-70b-srft.yaml": [(64, 32, [], 1), (64, 32, ["parallel.pipeline_model_parallel_size=2"], 2)],
+    "toy-cpu.yaml": [(3, 1, [], 1), (2, 1, ["parallel.tensor_model_parallel_size=1"], 1)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(DISAGGREGATED))
+def test_documented_disaggregated_layouts_fit(name):
+    for world, engines, extra, dp in DISAGGREGATED[name]:
+        cfg = load_config(str(ROOT / "examples/configs" / name), [
+            "rollout.placement=disaggregated", f"rollout.num_engine_ranks={engines}", "rollout.max_staleness=1",
+            *extra])
+        spec = arch_from_hf_config(MODELS[name], name) if name in MODELS else None
+        assert validate_layout(cfg, world, spec) == dp, (name, world, engines)
 
 
 def test_validate_catches_non_finite_values_set_in_code():
