@@ -9,9 +9,11 @@ Design (every number below is a :class:`StudySpec` field, written into the repor
   warms a random tiny model up with plain SFT (the "base model" every run starts from); the second half is the
   study's training set, with its demonstrations exact (condition ``exact``) or with a stated fraction carrying one
   arithmetic slip and a wrong final answer (condition ``noisy``: imperfect the way distilled traces are).
-- Test splits: in-distribution = held-out chains of the training length (2..max_ops operations);
-  out-of-distribution = chains of max_ops + 1 .. max_ops + 2 operations, longer than any training problem, same
-  operand and value ranges. Greedy accuracy (exact reward) on both, after training, on the exported model.
+- Test splits: in-distribution = held-out chains like the training ones (2..max_ops operations, no held-out
+  operand); out-of-distribution = chains of the same lengths that add a held-out operand (``+d`` with
+  d >= held_out_plus_min, which no training, warm-up or ID problem adds); longer chains = max_ops + 1 ..
+  max_ops + 2 operations without held-out operands (a second OOD column). Greedy accuracy (exact reward) on each,
+  after training, on the exported model.
 - Budget: equal steps. Every stage trains the same number of optimizer steps on the same prompts in the same order
   (one mini-batch per step, the same learning rate); recipes differ only in their objective. ``sft_then_rl``'s
   SFT stage is the ``sft`` run itself, and its GRPO stage gets the same steps again, as in the paper's two-stage
@@ -52,7 +54,7 @@ from ..rollout.base import resolve_engine_settings
 from ..rollout.evaluation import evaluate
 from ..rollout.vllm_engine import VllmEngine
 from ..training.loop import train
-from .study_plan import Job, StudySpec, prepare_data, study_jobs, warmup_job
+from .study_plan import Job, StudySpec, prepare_data, study_jobs, test_files, warmup_job
 from .study_report import write_report
 
 
@@ -117,8 +119,7 @@ def run_job(job: Job, root: str, spec: StudySpec) -> dict:
     train(cfg, groups=_groups())
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    files = {"id": Path(root) / "toy" / "test.jsonl", "ood": Path(root) / "toy" / "test_ood.jsonl"}
-    evals = evaluate_model(run_dir / "hf", files, spec)
+    evals = evaluate_model(run_dir / "hf", test_files(Path(root), spec), spec)
     result = {"key": job.key, "stages": list(job.stages), "condition": job.condition, "seed": job.seed,
               "start": job.start, "train_seconds": train_s, "eval_seconds": time.perf_counter() - t1, **evals,
               "cpu_seconds": _cpu_seconds() - cpu0, "finished_at": time.time(), "load_average": os.getloadavg()[0],
@@ -136,7 +137,8 @@ def run_jobs(jobs: list[Job], root: Path, spec: StudySpec, log=print) -> dict[st
 
     def report(r: dict) -> None:
         log(f"[study] {len(done)}/{total} {r['key']}: {r['train_seconds']:.0f}s train, ID {r['acc_id']:.1%}, "
-            f"OOD {r['acc_ood']:.1%} ({time.perf_counter() - t0:.0f}s elapsed)")
+            f"OOD {r['acc_ood']:.1%}" + (f", longer {r['acc_long']:.1%}" if "acc_long" in r else "")
+            + f" ({time.perf_counter() - t0:.0f}s elapsed)")
 
     def ready() -> list[Job]:
         out = [j for j in pending.values() if all(d in done for d in j.deps)]

@@ -22,7 +22,7 @@ CONDITIONS = ("exact", "noisy")
 
 @dataclass(frozen=True)
 class StudySpec:
-    recipes: tuple[str, ...] = ("sft", "grpo", "luffy", "sft_then_rl", "srft")
+    recipes: tuple[str, ...] = ("sft", "dft", "grpo", "luffy", "sft_then_rl", "chord_mu", "chord_phi", "hpt", "srft")
     conditions: tuple[str, ...] = CONDITIONS
     seeds: tuple[int, ...] = (1, 2, 3)
     demo_error_rate: float = 0.3        # noisy condition: fraction of demonstrations with one slip
@@ -31,13 +31,20 @@ class StudySpec:
     rollouts: int = 7                   # on-policy samples per prompt (+ 1 demonstration where a preset uses it)
     lr: float = 1e-4
     eval_every: int = 10
-    warmup_steps: int = 600
+    warmup_steps: int = 500             # ID warm start ~65%, held-out operands ~12% (600: ID ~82%, saturating)
     warmup_lr: float = 1e-3
     warmup_prompts_per_step: int = 32
     max_prompt_length: int = 32
     max_response_length: int = 96      # rollouts and evaluation (OOD chains need ~65 tokens)
     jobs: int = 2                       # worker processes
-    toy: ToySettings = field(default_factory=lambda: ToySettings(num_train=4000, num_test=200, num_ood_test=200))
+    # a mu schedule that decays (CHORD-mu: 200 steps in its released run) is rescaled so that warm-up + decay span
+    # one stage's ``steps``: mu goes from its peak to its valley within the study's budget, as it does in the
+    # released run; applied from each preset's resolved settings, the same rule for every recipe
+    fit_mu_schedule: bool = True
+    # OOD (the headline split): additions of operands 13..19 are held out of every training, warm-up and ID
+    # problem; the longer chains (5..6 operations) are a second out-of-distribution column
+    toy: ToySettings = field(default_factory=lambda: ToySettings(num_train=4000, num_test=200, num_ood_test=200,
+                                                                 held_out_plus_min=13, num_held_out_test=200))
 
     def check(self) -> None:
         bad = [r for r in self.recipes if r not in RECIPES]
@@ -48,8 +55,9 @@ class StudySpec:
             raise UserError(f"--conditions: unknown {', '.join(bad)}; expected some of {', '.join(CONDITIONS)}")
         if not self.seeds or self.steps < 1 or self.jobs < 1:
             raise UserError("study: expected at least one seed, steps >= 1 and jobs >= 1")
-        if self.toy.num_ood_test < 1:
-            raise UserError("study: the toy needs an out-of-distribution split (num_ood_test >= 1)")
+        if self.toy.num_held_out_test < 1:
+            raise UserError("study: the toy needs its out-of-distribution split (held_out_plus_min set, "
+                            "num_held_out_test >= 1)")
 
 
 @dataclass(frozen=True)
@@ -89,11 +97,32 @@ def prepare_data(root: Path, spec: StudySpec) -> dict[str, Path]:
     data = root / "data"
     data.mkdir(parents=True, exist_ok=True)
     files = {"model": toy / "model", "warmup": data / "warmup.jsonl", "exact": data / "train_exact.jsonl",
-             "noisy": data / "train_noisy.jsonl", "id": toy / "test.jsonl", "ood": toy / "test_ood.jsonl"}
+             "noisy": data / "train_noisy.jsonl", **test_files(root, spec)}
     _write_jsonl(files["warmup"], train[:half])
     _write_jsonl(files["exact"], train[half:])
     _write_jsonl(files["noisy"], corrupt_demonstrations(train[half:], spec.demo_error_rate, spec.toy.seed))
     return files
+
+
+def test_files(root: Path, spec: StudySpec) -> dict[str, Path]:
+    """The evaluation splits, name -> file: ``id`` (held-out problems like the training ones), ``ood`` (the
+    held-out operands) and, when the toy has them, ``long`` (longer chains)."""
+    toy = root / "toy"
+    files = {"id": toy / "test.jsonl", "ood": toy / "test_held_out.jsonl"}
+    if spec.toy.num_ood_test:
+        files["long"] = toy / "test_ood.jsonl"
+    return files
+
+
+def fitted_mu_schedule(spec: StudySpec, preset: str) -> list[str]:
+    """Overrides that rescale a decaying mu schedule's warm-up and decay to span ``spec.steps`` (none when the
+    preset's mu does not decay or ``spec.fit_mu_schedule`` is off)."""
+    s = resolve(AlgorithmConfig(preset=preset))
+    span = s.mu_warmup_steps + s.mu_decay_steps
+    if not spec.fit_mu_schedule or s.sft_mix_schedule == "none" or s.mu_decay_steps == 0:
+        return []
+    warm = round(s.mu_warmup_steps * spec.steps / span)
+    return [f"algorithm.mu_warmup_steps={warm}", f"algorithm.mu_decay_steps={spec.steps - warm}"]
 
 
 def _common(spec: StudySpec, run_dir: Path, model: Path | str, train_file: Path) -> list[str]:
@@ -157,7 +186,7 @@ def study_jobs(spec: StudySpec, root: Path, files: dict[str, Path]) -> list[Job]
                         f"rollout.num_rollouts_per_prompt={spec.rollouts}", "rollout.temperature=1.0",
                         f"data.eval_files=[{files['id']}]", f"train.eval_every={spec.eval_every}",
                         "train.eval_temperature=0.0", f"data.seed={seed}", f"rollout.seed={seed}",
-                        f"train.seed={seed}",
+                        f"train.seed={seed}", *fitted_mu_schedule(spec, chain[-1]),
                     ]
                     sig = _signature(jobs[parent].signature, over, spec.max_response_length)
                     jobs[key] = Job(key, chain, cond, seed, str(start), (parent,), tuple(over), sig)

@@ -18,7 +18,14 @@ near 90-98% by 600 steps.
     DIR/test_ood.jsonl only with ``num_ood_test`` > 0: out-of-distribution prompts, chains of ``ood_min_ops`` ..
                        ``ood_max_ops`` operations (default max_ops + 1 .. max_ops + 2: longer than any training
                        problem), same operand and value ranges
+    DIR/test_held_out.jsonl only with ``num_held_out_test`` > 0: out-of-distribution prompts of the training
+                       length (2..max_ops operations), each with at least one addition of a held-out operand
+                       (``+d`` with d >= ``held_out_plus_min``), which no train, test or longer-chain problem has
     DIR/toy.json       the settings used
+
+Held-out operands (``held_out_plus_min``, default None = off): no problem in train.jsonl, test.jsonl or
+test_ood.jsonl adds an operand >= held_out_plus_min (subtracting it, or reaching such values, stays allowed), so
+a model trained on them has never seen the step ``v+d`` for those d; test_held_out.jsonl asks for exactly that.
 
 Imperfect demonstrations (``demo_error_rate`` > 0, default 0): that fraction of the training demonstrations,
 chosen at random, carries one arithmetic slip the way a distilled trace does: one step's result is off by 1..3,
@@ -57,6 +64,8 @@ class ToySettings:
     ood_min_ops: Optional[int] = None  # None = max_ops + 1
     ood_max_ops: Optional[int] = None  # None = max_ops + 2
     demo_error_rate: float = 0.0       # fraction of training demonstrations with one arithmetic slip
+    held_out_plus_min: Optional[int] = None  # '+d' with d >= this occurs only in test_held_out.jsonl; None = off
+    num_held_out_test: int = 0         # test_held_out.jsonl problems (needs held_out_plus_min)
     # model (head_dim = hidden / heads = 32: vLLM's CPU attention rejects 16)
     vocab_size: int = 128
     hidden_size: int = 128
@@ -79,6 +88,12 @@ class ToySettings:
             raise ValueError(f"demo_error_rate: expected 0 <= rate <= 1, got {self.demo_error_rate}")
         if self.num_ood_test < 0:
             raise ValueError(f"num_ood_test: expected >= 0, got {self.num_ood_test}")
+        if self.held_out_plus_min is not None and not 2 <= self.held_out_plus_min <= self.max_operand:
+            raise ValueError(f"held_out_plus_min: expected 2 <= value <= max_operand ({self.max_operand}), got "
+                             f"{self.held_out_plus_min}")
+        if self.num_held_out_test < 0 or (self.num_held_out_test and self.held_out_plus_min is None):
+            raise ValueError(f"num_held_out_test: expected 0, or >= 1 with held_out_plus_min set, got "
+                             f"{self.num_held_out_test} (held_out_plus_min {self.held_out_plus_min})")
         lo, hi = self.ood_ops
         if self.num_ood_test and not self.max_ops < lo <= hi:
             raise ValueError(f"ood_min_ops/ood_max_ops: expected max_ops ({self.max_ops}) < min <= max, got "
@@ -104,14 +119,24 @@ def make_problem(rng: random.Random, max_ops: int, max_value: int, max_operand: 
     return {"prompt": prompt, "answer": str(value), "demonstration": demo, "data_source": DATA_SOURCE}
 
 
+def adds_held_out_operand(prompt: str, held_out_plus_min: Optional[int]) -> bool:
+    """Whether ``prompt`` adds an operand >= held_out_plus_min (never, when that is None)."""
+    if held_out_plus_min is None:
+        return False
+    return any(op == "+" and d >= held_out_plus_min for op, d in _chain(prompt)[1])
+
+
 def make_problems(settings: ToySettings) -> tuple[list[dict], list[dict]]:
-    """(train, test) with distinct prompt strings; deterministic in ``settings.seed``."""
+    """(train, test) with distinct prompt strings, none adding a held-out operand; deterministic in
+    ``settings.seed``."""
     rng = random.Random(settings.seed)
     seen: set[str] = set()
     rows: list[dict] = []
     need = settings.num_train + settings.num_test
     for _ in range(need * 50):
         row = make_problem(rng, settings.max_ops, settings.max_value, settings.max_operand)
+        if adds_held_out_operand(row["prompt"], settings.held_out_plus_min):
+            continue
         if row["prompt"] not in seen:
             seen.add(row["prompt"])
             rows.append(row)
@@ -124,20 +149,41 @@ def make_problems(settings: ToySettings) -> tuple[list[dict], list[dict]]:
 
 
 def make_ood_problems(settings: ToySettings) -> list[dict]:
-    """``settings.num_ood_test`` distinct problems of ``settings.ood_ops`` operations; deterministic in the seed
-    and independent of the train/test draw (its own random stream), so adding them changes no other file."""
+    """``settings.num_ood_test`` distinct problems of ``settings.ood_ops`` operations (none adding a held-out
+    operand: they differ from training in length only); deterministic in the seed and independent of the
+    train/test draw (its own random stream), so adding them changes no other file."""
     lo, hi = settings.ood_ops
     rng = random.Random(f"ood-{settings.seed}")
     seen: set[str] = set()
     rows: list[dict] = []
     for _ in range(settings.num_ood_test * 50):
         row = make_problem(rng, hi, settings.max_value, settings.max_operand, min_ops=lo)
+        if adds_held_out_operand(row["prompt"], settings.held_out_plus_min):
+            continue
         if row["prompt"] not in seen:
             seen.add(row["prompt"])
             rows.append({**row, "data_source": f"{DATA_SOURCE}_ood"})
             if len(rows) == settings.num_ood_test:
                 return rows
     raise ValueError(f"only {len(rows)} distinct problems of {lo}..{hi} operations; ask for fewer")
+
+
+def make_held_out_problems(settings: ToySettings) -> list[dict]:
+    """``settings.num_held_out_test`` distinct problems of the training length (2..max_ops operations), each
+    adding at least one held-out operand (d >= ``held_out_plus_min`` after a '+'), so none occurs in training;
+    deterministic in the seed, its own random stream (adding them changes no other file)."""
+    rng = random.Random(f"held-out-{settings.seed}")
+    seen: set[str] = set()
+    rows: list[dict] = []
+    for _ in range(settings.num_held_out_test * 200):
+        row = make_problem(rng, settings.max_ops, settings.max_value, settings.max_operand)
+        if adds_held_out_operand(row["prompt"], settings.held_out_plus_min) and row["prompt"] not in seen:
+            seen.add(row["prompt"])
+            rows.append({**row, "data_source": f"{DATA_SOURCE}_held_out"})
+            if len(rows) == settings.num_held_out_test:
+                return rows
+    raise ValueError(f"only {len(rows)} distinct problems adding an operand >= {settings.held_out_plus_min}; "
+                     f"ask for fewer")
 
 
 def _chain(prompt: str) -> tuple[int, list[tuple[str, int]]]:
@@ -230,5 +276,7 @@ def make_toy(out_dir: str | Path, settings: ToySettings = ToySettings(), overwri
         _write_jsonl(tmp / "test.jsonl", test)
         if settings.num_ood_test:
             _write_jsonl(tmp / "test_ood.jsonl", make_ood_problems(settings))
+        if settings.num_held_out_test:
+            _write_jsonl(tmp / "test_held_out.jsonl", make_held_out_problems(settings))
         (tmp / "toy.json").write_text(json.dumps(asdict(settings), indent=2) + "\n")
     return out

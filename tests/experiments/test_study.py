@@ -22,7 +22,8 @@ def _tiny_spec() -> StudySpec:
     # two presets (sft, then grpo from its export): three training stages with the warm-up, ~1 minute on 2 cores
     return StudySpec(recipes=("sft_then_rl",), conditions=("noisy",), seeds=(1,), steps=2, prompts_per_step=4,
                      rollouts=3, eval_every=1, warmup_steps=2, warmup_prompts_per_step=8, max_response_length=32,
-                     jobs=1, toy=ToySettings(num_train=64, num_test=8, num_ood_test=8, max_ops=2))
+                     jobs=1, toy=ToySettings(num_train=64, num_test=8, num_ood_test=8, max_ops=2,
+                                             held_out_plus_min=13, num_held_out_test=8))
 
 
 def _study_then_restart_rl_stage(root: str, doc: str) -> dict:
@@ -72,8 +73,9 @@ def test_study_writes_its_report_and_plots(tiny_study):
     assert all((doc.parent / "toy_results" / p).stat().st_size > 1000 for p in pngs)
     assert all(f"](toy_results/{p})" in text for p in pngs)
     result = json.loads((root / "runs" / "noisy" / "sft-grpo" / "seed1" / "result.json").read_text())
-    assert 0.0 <= result["acc_id"] <= 1.0 and 0.0 <= result["acc_ood"] <= 1.0
-    assert result["num_id"] == 8 and result["num_ood"] == 8
+    assert 0.0 <= result["acc_id"] <= 1.0 and 0.0 <= result["acc_ood"] <= 1.0 and 0.0 <= result["acc_long"] <= 1.0
+    assert result["num_id"] == 8 and result["num_ood"] == 8 and result["num_long"] == 8
+    assert "| sft_then_rl |" in text and "longer chains acc (%)" in text and "adding at least one held-out" in text
 
 
 def test_sft_then_rl_starts_from_the_sft_stage_export(tiny_study):
@@ -110,6 +112,21 @@ def test_job_plan_shares_stages_and_keeps_budgets_equal(tmp_path):
     assert [j.signature for j in same] == [j.signature for j in jobs]
 
 
+def test_default_study_runs_the_nine_recipes_and_fits_a_decaying_mu_schedule(tmp_path):
+    spec = StudySpec(seeds=(1,))
+    assert spec.recipes == ("sft", "dft", "grpo", "luffy", "sft_then_rl", "chord_mu", "chord_phi", "hpt", "srft")
+    files = {k: tmp_path / k for k in ("model", "warmup", "exact", "noisy", "id", "ood")}
+    jobs = {j.key: j for j in study_jobs(spec, tmp_path, files)}
+    # 8 demonstration-using stages per condition (sft_then_rl's RL stage included) + one grpo run
+    assert len(jobs) == 2 * 8 + 1
+    mu = {k: [o for o in j.overrides if o.startswith("algorithm.mu_")] for k, j in jobs.items()}
+    # chord_mu's released 200-step decay is rescaled to the stage; chord_phi's mu is constant: left alone
+    assert mu["exact/chord_mu/seed1"] == ["algorithm.mu_warmup_steps=0", f"algorithm.mu_decay_steps={spec.steps}"]
+    assert all(not v for k, v in mu.items() if "chord_mu" not in k)
+    unfit = dataclasses.replace(spec, fit_mu_schedule=False)
+    assert not [o for j in study_jobs(unfit, tmp_path, files) for o in j.overrides if o.startswith("algorithm.mu_")]
+
+
 def test_compare_rule():
     assert compare([0.5, 0.52, 0.51], [0.3, 0.31, 0.29])[2] == "higher"
     assert compare([0.3, 0.31, 0.29], [0.5, 0.52, 0.51])[2] == "lower"
@@ -121,7 +138,8 @@ def _fake_study(root: Path, spec: StudySpec, acc: dict, ent_end: dict) -> dict:
     """results and metrics.jsonl files as the jobs would leave them, with chosen accuracies and entropies."""
     from megatron_srft.experiments.study_plan import recipe_run
 
-    results = {"warmup": {"acc_id": 0.2, "acc_ood": 0.05, "num_id": 200, "num_ood": 200}}
+    results = {"warmup": {"acc_id": 0.2, "acc_ood": 0.05, "acc_long": 0.01, "num_id": 200, "num_ood": 200,
+                          "num_long": 200}}
     for c in spec.conditions:
         for r in spec.recipes:
             for seed in spec.seeds:
@@ -135,14 +153,15 @@ def _fake_study(root: Path, spec: StudySpec, acc: dict, ent_end: dict) -> dict:
                     rows = [{"step": 0, "eval/accuracy": 0.2}]
                     for step in range(1, spec.steps + 1):
                         row = {"step": step}
-                        if stage != "sft":
+                        if stage not in ("sft", "dft"):
                             frac = step / spec.steps
                             row.update({"entropy/rollout": 1.0 + (ent_end[r] - 1.0) * frac,
                                         "response/length_mean": 30.0, "reward/mean": 0.3})
                         rows.append(row)
                     (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
                     a = acc[stage if i < len(keys) - 1 else r] + (-0.01, 0.0, 0.01)[spec.seeds.index(seed) % 3]
-                    results[key] = {"acc_id": a, "acc_ood": a / 2, "train_seconds": 10.0, "eval_seconds": 1.0}
+                    results[key] = {"acc_id": a, "acc_ood": a / 2, "acc_long": 0.02, "train_seconds": 10.0,
+                                    "eval_seconds": 1.0}
     return results
 
 
@@ -150,8 +169,10 @@ def test_report_states_each_claim_and_where_it_does_not_hold(tmp_path):
     from megatron_srft.experiments.study_report import write_report
 
     spec = StudySpec(steps=10, eval_every=2)
-    acc = {"sft": 0.55, "grpo": 0.30, "luffy": 0.35, "sft_then_rl": 0.50, "srft": 0.45}
-    ent_end = {"sft": 1.0, "grpo": 0.1, "luffy": 0.6, "sft_then_rl": 0.4, "srft": 0.95}
+    acc = {"sft": 0.55, "dft": 0.60, "grpo": 0.30, "luffy": 0.35, "sft_then_rl": 0.50, "chord_mu": 0.40,
+           "chord_phi": 0.45, "hpt": 0.20, "srft": 0.45}
+    ent_end = {"sft": 1.0, "dft": 1.0, "grpo": 0.1, "luffy": 0.6, "sft_then_rl": 0.4, "chord_mu": 0.5,
+               "chord_phi": 0.5, "hpt": 0.5, "srft": 0.95}
     results = _fake_study(tmp_path, spec, acc, ent_end)
     doc = tmp_path / "docs" / "toy_results.md"
     doc.parent.mkdir()
@@ -165,5 +186,13 @@ def test_report_states_each_claim_and_where_it_does_not_hold(tmp_path):
     # entropy falls linearly from 1 to its end value: mean of the last 5 steps over the first 5
     assert "grpo 0.38" in claim3 and "srft 0.97" in claim3 and claim3.count("**Holds**") == 2
     assert "| srft | 45." in text and "- (no rollouts)" in text
+    # OOD (a / 2): dft's 30% gains 25 points over the warm start's 5%: the split separates recipes, SRFT is behind
+    claim2 = text.split("### Claim 2")[1].split("### Claim 3")[0]
+    assert "`dft` gains 25.0 points" in claim2 and claim2.count("**Does not hold**") == 2
+    short = text.split("## In short")[1].split("## The claims")[0]
+    assert short.count("**does not hold**") == 4 and short.count("**holds**") == 2  # claim 3 holds in both
+    newer = text.split("### The newer methods")[1].split("## Curves")[0]
+    assert "hpt: +25.0 points" in newer and "DFT minus SFT" in newer and "ID +5.0 points" in newer
+    assert "| (warm start) | 20.0 | 5.0 | 1.0 |" in text and "(here: chord_mu)" in text
     assert len(list((doc.parent / "toy_results").iterdir())) == 8  # 4 quantities x 2 conditions
     assert not math.isnan(json.loads((tmp_path / "summary.json").read_text())["exact/srft"]["acc_id"][0])

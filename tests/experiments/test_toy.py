@@ -72,6 +72,36 @@ def test_ood_problems_are_longer_chains_and_leave_train_test_unchanged():
         ToySettings(num_ood_test=5, ood_min_ops=3).check()
 
 
+def _added(prompt: str) -> set[int]:
+    return {int(d) for d in re.findall(r"\+(\d+)", prompt)}
+
+
+def test_held_out_operands_are_added_only_in_their_split():
+    from megatron_srft.experiments.toy import make_held_out_problems, make_ood_problems
+
+    s = ToySettings(num_train=300, num_test=50, num_ood_test=40, held_out_plus_min=13, num_held_out_test=40)
+    s.check()
+    train, test = make_problems(s)
+    assert len(train) == 300 and len(test) == 50
+    # no training, test or longer-chain problem adds 13..19; subtracting them stays allowed
+    for r in train + test + make_ood_problems(s):
+        assert max(_added(r["prompt"]), default=0) < 13
+    assert any(int(d) >= 13 for r in train for d in re.findall(r"-(\d+)", r["prompt"]))
+    held = make_held_out_problems(s)
+    assert len(held) == 40 and len({r["prompt"] for r in held}) == 40
+    for r in held:
+        assert max(_added(r["prompt"])) >= 13 and 2 <= _num_ops(r["prompt"]) <= s.max_ops  # the training length
+        assert eval(r["prompt"]) == int(r["answer"])  # our own generated arithmetic
+        assert exact_score(r["demonstration"], r["answer"]) == 1.0
+    assert make_held_out_problems(s) == held
+    # off by default: every operand may be added
+    assert any(max(_added(r["prompt"]), default=0) >= 13 for r in make_problems(ToySettings(num_train=300))[0])
+    with pytest.raises(ValueError, match="held_out_plus_min"):
+        ToySettings(held_out_plus_min=20).check()
+    with pytest.raises(ValueError, match="num_held_out_test"):
+        ToySettings(num_held_out_test=5).check()
+
+
 def test_slipped_demonstrations_are_wrong_by_one_step():
     from megatron_srft.experiments.toy import corrupt_demonstrations
 
