@@ -66,6 +66,10 @@ MAX_PROMPTS = 1_000_000
 MAX_TOKENS = 100_000_000
 MAX_SEED = 2**63 - 1
 MAX_TIMEOUT_S = 86_400.0  # one day
+#: rollout.tis_cap when it is null and batches may be stale (max_staleness > 0): C = 2, the cap of the truncated
+#: importance-sampling write-up that introduced TIS for engine/trainer mismatch (Yao et al., "Your efficient RL
+#: framework secretly brings you off-policy RL training", 2025), and the threshold of verl's rollout-correction examples.
+ASYNC_TIS_CAP = 2.0
 
 
 def _finite(obj, path: str) -> None:
@@ -202,9 +206,18 @@ class RolloutConfig:
     stop: list[str] = _f([], "Stop strings: a response ends with the token that completes one (its token ids are "
                              "cut there; e.g. '</answer>'). Besides the model's EOS.")
     seed: int = _f(0, "Sampling seed.")
+    placement: Literal["colocated", "disaggregated"] = _f(
+        "colocated", "Where engines run (docs/rollout.md): colocated = every rank generates, then trains; "
+        "disaggregated = the last num_engine_ranks ranks only generate, the others only train.")
+    num_engine_ranks: int = _f(
+        0, "disaggregated: ranks (GPUs) that run vLLM engines only; training uses the other world - this ranks. "
+        "0 with colocated.")
+    max_staleness: int = _f(
+        0, "k: the batch trained at step n was sampled by a policy at most k optimizer steps older. 0 = on-policy; "
+        "1 = one-step-off (disaggregated only): the engines sample step n + 1 while step n trains.")
     tensor_parallel_size: int = _f(
-        1, "Ranks per vLLM engine (rollout TP). Every rank belongs to one engine; engines = world / this "
-        "(docs/rollout.md). Must divide the world size and fit the model's heads.")
+        1, "Ranks per vLLM engine (rollout TP). Colocated: every rank belongs to one engine, engines = world / "
+        "this; disaggregated: engines = num_engine_ranks / this (docs/rollout.md). Must fit the model's heads.")
     gpu_memory_utilization: float = _f(0.5, "vLLM memory fraction (GPU).")
     cpu_kvcache_space_gib: Optional[float] = _f(
         None, "vLLM KV cache on CPU, GiB (allocated whole at engine start); null = sized to one step's rollouts "
@@ -217,7 +230,9 @@ class RolloutConfig:
         "freed; 2 = both freed (the trainer re-syncs the weights before every generation, so nothing is copied "
         "back). No-op on CPU.")
     sync_bucket_mb: int = _f(512, "Weight-sync bucket size in MiB (peak extra memory during sync).")
-    tis_cap: Optional[float] = _f(None, "Truncated importance-sampling cap C for engine/trainer mismatch; null = off.")
+    tis_cap: Optional[float] = _f(
+        None, "Truncated importance-sampling cap C on pi_old / pi_engine (engine/trainer mismatch, and staleness); "
+        "null = off when max_staleness is 0, else 2.0 (ASYNC_TIS_CAP).")
 
     def validate(self, path: str) -> None:
         _need(self.num_rollouts_per_prompt >= 0, f"{path}.num_rollouts_per_prompt", "expected >= 0")
@@ -228,6 +243,25 @@ class RolloutConfig:
         _need(0 < self.gpu_memory_utilization <= 1, f"{path}.gpu_memory_utilization", "expected in (0, 1]")
         _need(self.sync_bucket_mb >= 1, f"{path}.sync_bucket_mb", "expected >= 1")
         _need(self.tis_cap is None or self.tis_cap >= 1, f"{path}.tis_cap", "expected >= 1 or null")
+        _need(self.num_engine_ranks >= 0, f"{path}.num_engine_ranks", "expected >= 0")
+        _need(self.max_staleness in (0, 1), f"{path}.max_staleness",
+              f"expected 0 or 1 (the engines run at most one step ahead), got {self.max_staleness}")
+        if self.placement == "colocated":
+            _need(self.num_engine_ranks == 0, f"{path}.num_engine_ranks",
+                  "expected 0 with placement colocated (every rank runs an engine); set placement: disaggregated")
+            _need(self.max_staleness == 0, f"{path}.max_staleness",
+                  "expected 0 with placement colocated (its engines share the trainers' devices and cannot generate "
+                  "while they train); set placement: disaggregated")
+        else:
+            _need(self.num_engine_ranks >= 1, f"{path}.num_engine_ranks",
+                  "expected >= 1 with placement disaggregated")
+
+    @property
+    def effective_tis_cap(self) -> Optional[float]:
+        """tis_cap, or ASYNC_TIS_CAP when it is null and the batches may be stale (max_staleness > 0)."""
+        if self.tis_cap is None and self.max_staleness > 0:
+            return ASYNC_TIS_CAP
+        return self.tis_cap
         _need(self.cpu_kvcache_space_gib is None or 0 < self.cpu_kvcache_space_gib <= 4096,
               f"{path}.cpu_kvcache_space_gib", "expected 0 < GiB <= 4096 or null")
 

@@ -21,6 +21,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -75,9 +76,15 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+#: the rollouts' batches sampled ahead of the checkpoint's step (rollout/seam.py ``pending``), beside state.json
+PENDING_ROLLOUTS = "rollouts_pending.safetensors"
+
+
 def save_training_checkpoint(run_dir: str | Path, step: int, chunks, optimizer, *, data_cursor: int,
-                             metadata: dict, keep_last: int, rank: int, arch=None) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint path.
+                             metadata: dict, keep_last: int, rank: int, arch=None,
+                             extra_files: Optional[dict[str, bytes]] = None) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint path. ``extra_files``: name -> bytes that
+    rank 0 writes beside state.json (listed in the manifest; e.g. the rollouts' pending batches).
 
     ``metadata["run_id"]`` (checkpoint/run_dir.py) marks the checkpoint as this run's: rotation then deletes only
     this run's checkpoints older than this one, keeping the newest ``keep_last``.
@@ -103,6 +110,8 @@ def save_training_checkpoint(run_dir: str | Path, step: int, chunks, optimizer, 
         state = {"step": step, "data_cursor": data_cursor, **metadata}
         state.setdefault("data_fingerprints", data_fingerprints(metadata.get("config") or {}))
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
     manifest.write_manifest_collective(tmp)  # last: lists state.json, rng/* and the model/ and optimizer/ manifests
     if rank == 0:
         run_id = metadata.get("run_id")

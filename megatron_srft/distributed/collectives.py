@@ -184,3 +184,43 @@ def keep_default_group():
         yield
     finally:
         dist.destroy_process_group = original
+
+
+# --------------------------------------------------------------------------------------------- the bridge
+
+
+class Bridge:
+    """A group across the two worlds of a disaggregated run: training rank 0 (bridge rank 0) and every engine rank
+    (bridge rank 1 + its engine rank), outside both worlds' default groups (distributed/groups.py builds it from the
+    launcher's store). Two backends: ``cpu`` (gloo) carries commands and results; ``device`` carries the weights
+    (NCCL between GPUs; on CPU the gloo one). Every member calls each method in the same order (a collective)."""
+
+    def __init__(self, rank: int, size: int, cpu, device_backend, device: torch.device) -> None:
+        self.rank, self.size, self.device = rank, size, device
+        self._cpu, self._device = cpu, device_backend
+
+    def broadcast(self, tensor: torch.Tensor, root: int, *, bulk: bool = False) -> torch.Tensor:
+        """``root``'s (bridge rank) ``tensor`` on every member, in place; ``bulk`` moves it on the device backend
+        (the tensor must then live on :attr:`device`), else it must be a CPU tensor."""
+        opts = dist.BroadcastOptions()
+        opts.rootRank = root
+        backend = self._device if bulk else self._cpu
+        backend.broadcast([tensor], opts).wait()
+        return tensor
+
+    def broadcast_bytes(self, data: Optional[bytes], root: int) -> bytes:
+        """``root``'s bytes on every member (others pass None): the length, then the payload."""
+        size = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64)
+        self.broadcast(size, root)
+        buf = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if data is not None and self.rank == root
+               else torch.empty(int(size.item()), dtype=torch.uint8))
+        if buf.numel():
+            self.broadcast(buf, root)
+        return bytes(buf.numpy().tobytes())
+
+    def close(self) -> None:
+        for backend in {id(self._cpu): self._cpu, id(self._device): self._device}.values():
+            try:
+                backend.shutdown()
+            except Exception:  # noqa: BLE001 - best effort at exit; a member may be gone already
+                pass

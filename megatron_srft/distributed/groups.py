@@ -19,7 +19,8 @@ from megatron.core import parallel_state as mpu
 from megatron.core import tensor_parallel
 
 from . import cpu_compat
-from .layout import data_parallel_size
+from .collectives import Bridge
+from .layout import data_parallel_size, split_world
 from ..config import ConfigError, ParallelConfig
 from ..errors import UserError
 
@@ -103,6 +104,64 @@ def device_for(purpose: str, cuda_available: bool, local_rank: int = 0, *, model
 def device_for_rank() -> torch.device:
     """This training rank's device: its GPU (LOCAL_RANK) when CUDA is available, else CPU."""
     return device_for("train", torch.cuda.is_available(), _env_int("LOCAL_RANK", 0))
+
+
+@dataclass(frozen=True)
+class Role:
+    """This process's part in a disaggregated run (distributed.layout.split_world): the first ``num_trainers``
+    ranks of the launched world train, the rest run engines. ``rank``: the launched world's rank."""
+
+    is_engine: bool
+    rank: int
+    world_size: int
+    num_trainers: int
+    bridge: Optional[Bridge]  # training rank 0 and every engine rank; None on the other training ranks
+
+    @property
+    def num_engine_ranks(self) -> int:
+        return self.world_size - self.num_trainers
+
+
+def init_roles(rollout_cfg, pcfg: ParallelConfig) -> Role:
+    """Split torchrun's world into a training world and an engine world, each with its own default group, and the
+    bridge between them (disaggregated placement; docs/rollout.md).
+
+    Both worlds rendezvous through the launcher's store under their own prefixes, so neither sees the other's
+    ranks: Megatron builds TP x PP x DP over the training ranks alone, vLLM's ``external_launcher`` its engine groups
+    over the engine ranks alone. Afterwards RANK and WORLD_SIZE describe this process's own world (what Megatron
+    and vLLM read); :attr:`Role.rank` keeps the launched one. LOCAL_RANK still names this rank's GPU.
+    """
+    world_size, rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0)
+    num_trainers, num_engine_ranks = split_world(rollout_cfg, world_size)
+    if dist.is_initialized():
+        raise UserError("disaggregated placement: torch.distributed was started before the worlds were split")
+    timeout = datetime.timedelta(minutes=pcfg.timeout_minutes)
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise UserError("rollout.placement disaggregated: start the run with torchrun or srft launch (MASTER_ADDR "
+                        "and MASTER_PORT are not set)")
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+    is_engine = rank >= num_trainers
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        cpu_compat.enable()
+    device = torch.device("cuda", _env_int("LOCAL_RANK", 0)) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    backend = pcfg.backend if pcfg.backend != "auto" else ("nccl" if cuda else "gloo")
+    own_rank, own_size = (rank - num_trainers, num_engine_ranks) if is_engine else (rank, num_trainers)
+    dist.init_process_group(backend=backend, store=dist.PrefixStore("srft/engines/" if is_engine else "srft/train/",
+                                                                    store),
+                            rank=own_rank, world_size=own_size, timeout=timeout)
+    os.environ.update(RANK=str(own_rank), WORLD_SIZE=str(own_size))
+    bridge = None
+    if is_engine or rank == 0:
+        bridge_rank, bridge_size = (1 + own_rank if is_engine else 0), 1 + num_engine_ranks
+        cpu = dist.ProcessGroupGloo(dist.PrefixStore("srft/bridge/", store), bridge_rank, bridge_size, timeout)
+        weights = cpu
+        if cuda:  # the weights move GPU to GPU
+            weights = dist.ProcessGroupNCCL(dist.PrefixStore("srft/bridge-nccl/", store), bridge_rank, bridge_size)
+        bridge = Bridge(bridge_rank, bridge_size, cpu, weights, device)
+    return Role(is_engine=is_engine, rank=rank, world_size=world_size, num_trainers=num_trainers, bridge=bridge)
 
 
 def init_distributed(pcfg: ParallelConfig, seed: int = 1234, purpose: str = "train") -> ParallelGroups:

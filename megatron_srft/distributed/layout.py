@@ -75,6 +75,23 @@ def gpu_capability() -> Optional[tuple[int, int]]:
     return tuple(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
 
 
+def split_world(rollout_cfg, world_size: int) -> tuple[int, int]:
+    """(training ranks, engine-only ranks) of a launched world of ``world_size`` ranks. Colocated: every rank trains
+    (and generates): (world, 0). Disaggregated: the LAST ``rollout.num_engine_ranks`` ranks only generate, so a
+    node's GPUs stay together in one role whenever the engine ranks fill whole nodes (docs/rollout.md)."""
+    if rollout_cfg.placement == "colocated":
+        return world_size, 0
+    engines = rollout_cfg.num_engine_ranks
+    _need(engines < world_size, "rollout.num_engine_ranks",
+          f"{engines} leaves no training rank in a world of {world_size} (expected fewer than the world size)")
+    return world_size - engines, engines
+
+
+def is_engine_rank(rollout_cfg, rank: int, world_size: int) -> bool:
+    """True on a disaggregated run's engine-only ranks (the last ``rollout.num_engine_ranks`` of the world)."""
+    return rank >= split_world(rollout_cfg, world_size)[0]
+
+
 def data_parallel_size(pcfg: ParallelConfig, world_size: int) -> int:
     """DP = world / (TP x PP x CP); a world size that the model-parallel size does not divide is an error."""
     mp = pcfg.tensor_model_parallel_size * pcfg.pipeline_model_parallel_size * pcfg.context_parallel_size
@@ -191,7 +208,8 @@ def validate_layout(cfg: SRFTConfig, world_size: int, arch=None) -> int:
     """
     p, m, t, d, r = cfg.parallel, cfg.model, cfg.train, cfg.data, cfg.rollout
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    dp = data_parallel_size(p, world_size)
+    num_trainers, num_engine_ranks = split_world(r, world_size)
+    dp = data_parallel_size(p, num_trainers)
     if arch is not None:
         check_model_split(arch, p)
     check_vocab_padding(m.make_vocab_size_divisible_by, tp)
@@ -201,13 +219,18 @@ def validate_layout(cfg: SRFTConfig, world_size: int, arch=None) -> int:
     if m.fp8 is not None:
         check_fp8_recipe(m.fp8_recipe, gpu_capability())
     _need(t.prompts_per_step % dp == 0, "train.prompts_per_step",
-          f"{t.prompts_per_step} is not divisible by the data-parallel size ({dp} = world {world_size} / "
+          f"{t.prompts_per_step} is not divisible by the data-parallel size ({dp} = training ranks {num_trainers} / "
           f"(TP {tp} x PP {pp} x CP {p.context_parallel_size}))")
     _need(t.prompts_per_minibatch % dp == 0, "train.prompts_per_minibatch",
           f"{t.prompts_per_minibatch} is not divisible by the data-parallel size ({dp})")
     rtp = r.tensor_parallel_size
-    _need(world_size % rtp == 0, "rollout.tensor_parallel_size",
-          f"{rtp} does not divide the world size ({world_size}): every rank must belong to exactly one engine")
+    if r.placement == "colocated":
+        _need(world_size % rtp == 0, "rollout.tensor_parallel_size",
+              f"{rtp} does not divide the world size ({world_size}): every rank must belong to exactly one engine")
+    else:
+        _need(num_engine_ranks % rtp == 0, "rollout.tensor_parallel_size",
+              f"{rtp} does not divide rollout.num_engine_ranks ({num_engine_ranks}): every engine rank must belong "
+              "to exactly one engine")
     if arch is None:
         return dp
     check_rollout_split(arch, rtp)
@@ -448,10 +471,14 @@ def kv_cache_bytes_per_token(arch, dtype_bytes: int, rollout_tp: int = 1) -> int
 
 
 def rollout_sequences_per_engine(cfg: SRFTConfig, world_size: int) -> int:
-    """Sequences one engine generates at once in a training step (an upper bound): the replica's prompts
-    (prompts_per_step / DP) x num_rollouts_per_prompt, capped at vLLM's CPU max_num_seqs (256)."""
-    dp = data_parallel_size(cfg.parallel, world_size) if world_size else 1
-    seqs = max(1, cfg.train.prompts_per_step // max(1, dp)) * max(1, cfg.rollout.num_rollouts_per_prompt)
+    """Sequences one engine generates at once in a training step (an upper bound), capped at vLLM's CPU
+    max_num_seqs (256): colocated, the replica's prompts (prompts_per_step / DP) x num_rollouts_per_prompt;
+    disaggregated (``world_size`` = the engine ranks), the step's prompts over its engines, rounded up."""
+    if cfg.rollout.placement == "disaggregated":
+        prompts = -(-cfg.train.prompts_per_step // max(1, world_size // cfg.rollout.tensor_parallel_size))
+    else:
+        prompts = cfg.train.prompts_per_step // max(1, data_parallel_size(cfg.parallel, world_size) if world_size else 1)
+    seqs = max(1, prompts) * max(1, cfg.rollout.num_rollouts_per_prompt)
     return min(_CPU_MAX_NUM_SEQS, seqs)
 
 

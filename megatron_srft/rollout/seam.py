@@ -18,10 +18,11 @@ Implementations:
   are the offered version's), and not at all when nothing generates. Device memory is the implementation's
   business: it wakes its engines inside ``collect`` / ``evaluate`` and puts them to sleep
   (``rollout.sleep_level``) before returning, so training always finds the device free.
-- disaggregated (other GPUs; not built yet): ``generate`` submits the prompts at once, ``sync`` pushes the weights
-  (vLLM's weight-transfer engines, rollout/sync.py's ``megatron_weight_source``), ``collect`` waits for the
-  scored results. Generating step s + 1 while step s trains is then a change inside the implementation and the
-  version it accepts, not in the loop.
+- disaggregated (rollout/disaggregated.py, :class:`~megatron_srft.rollout.disaggregated.DisaggregatedRollouts`):
+  engines on ranks of their own. ``generate`` sends the request to the engines as soon as they are free and hold
+  (or can be sent) the request's version; ``sync`` offers the weights that a waiting request needs; ``collect``
+  waits for the answer. With ``rollout.max_staleness`` 1 the loop asks for step s + 1 before step s trains, at
+  the version step s was sampled with: the engines generate it while step s trains.
 
 Every method is a collective: every rank of the world calls it with the same arguments.
 """
@@ -68,7 +69,8 @@ class RolloutBatch:
 class RolloutRequest:
     """One step's generation. ``problems``: the step's GLOBAL prompt list (replica-major, the same on every rank);
     ``replica_slice``: this rank's replica's part of it; ``version``: the policy version the samples must come
-    from; ``num_rollouts`` completions per prompt (0: none, only the demonstrations are scored)."""
+    from; ``num_rollouts`` completions per prompt (0: none, only the demonstrations are scored); ``staleness``:
+    training steps between that policy and the one that will train on the batch (0 on-policy, 1 one-step-off)."""
 
     step: int
     problems: Sequence
@@ -76,6 +78,7 @@ class RolloutRequest:
     version: int
     num_rollouts: int
     num_demos: int
+    staleness: int = 0
 
 
 class Rollouts(Protocol):
@@ -96,6 +99,14 @@ class Rollouts(Protocol):
                  keep_records: bool = False) -> tuple[dict[str, float], Optional[list]]:
         """Sample and grade ``problems`` with the policy at ``version`` (None: the engines' own weights, no
         trainer). Returns (``eval/*`` metrics, per-problem records on global rank 0 with ``keep_records``)."""
+
+    def pending(self) -> Optional[bytes]:
+        """Batches asked for and not yet collected (one step ahead), once sampled, as bytes the checkpoint keeps;
+        None when there are none. A collective that waits for a generation in flight."""
+
+    def restore_pending(self, data: bytes) -> list[int]:
+        """A checkpoint's :meth:`pending` batches: their steps are collected without sampling again. Returns
+        those steps."""
 
     def describe(self) -> str:
         """One line for the run's start-up summary (engines, their layout, memory)."""

@@ -342,6 +342,14 @@ class RolloutService:
 
     # ------------------------------------------------------------------------------------------ life cycle
 
+    def pending(self) -> Optional[bytes]:
+        """Colocated engines never sample ahead of the step being trained: nothing is pending."""
+        return None
+
+    def restore_pending(self, data: bytes) -> list[int]:
+        """A one-step-off checkpoint's batch is not used here: its step is sampled again, on-policy."""
+        return []
+
     def describe(self) -> str:
         return (f"{self.placement.num_engines} engine(s) of rollout TP {self.cfg.rollout.tensor_parallel_size}"
                 f"{'' if self.engine is not None else ' (no generation: verifier only)'}; sleep level "

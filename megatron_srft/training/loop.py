@@ -2,7 +2,8 @@
 
     for each step:
         plan     = the step's prompts                   # a pure function of (seed, step); CHORD's expert rows
-        rollouts.generate(plan, version)                # sample them from the policy at its version
+        rollouts.generate(plan, version)                # sample them from the policy at its version (one-step-off:
+                                                        # the next step's too, sampled while this one trains)
         rollouts.sync(policy, version)                  # ... whose weights the rollouts receive
         batch    = rollouts.collect(step)               # completions scored by the verifier
         scored   = route(plan, batch)                   # HPT's gate: a prompt trains on its demo or its rollouts
@@ -13,8 +14,10 @@
 
 Set-up (config, world, model and optimizer, problems, run directory, resume, logger, rollouts, stop signals) is
 one object, :class:`Run`, built by :func:`start_run`. Rollouts are reached through the rollout seam only
-(rollout/seam.py); the colocated service (rollout/service.py) is its implementation today. Every random choice is
-a function of (seed, step), so a resumed run repeats the uninterrupted one exactly.
+(rollout/seam.py): the colocated service (rollout/service.py) or engines on ranks of their own
+(rollout/disaggregated.py; on those ranks :func:`train` serves the engines instead). Every random choice is a
+function of (seed, step), and a one-step-off checkpoint keeps the batch sampled ahead, so a resumed run repeats the
+uninterrupted one exactly.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
@@ -40,18 +43,19 @@ from ..checkpoint.dist import start_checkpoint_writer
 from ..checkpoint.loading import load_initial_weights
 from ..checkpoint.manifest import write_manifest
 from ..checkpoint.run_dir import plan_run, release_run_dir
-from ..checkpoint.training_state import load_training_checkpoint, save_training_checkpoint
+from ..checkpoint.training_state import PENDING_ROLLOUTS, load_training_checkpoint, save_training_checkpoint
 from ..config import SRFTConfig, to_dict
 from ..data.dataset import TokenizedProblem
 from ..data.templates import THINKING_TEMPLATES, load_tokenizer
 from ..distributed import collectives
-from ..distributed.groups import ParallelGroups, init_distributed
+from ..distributed.groups import ParallelGroups, Role, init_distributed, init_roles
 from ..distributed.layout import (check_micro_batch_memory, config_token_pad_multiple, device_memory_bytes,
                                   resolve_micro_batch_tokens, validate_layout)
 from ..errors import ConfigError, SrftError
 from ..models.arch import load_arch
 from ..models.builder import build_model, build_optimizer
 from ..models.mapping import export_hf_weights
+from ..rollout.disaggregated import DisaggregatedRollouts, serve
 from ..rollout.seam import RolloutRequest, Rollouts, ScoredPrompt
 from ..rollout.service import RolloutService
 from ..signals import STOP_SIGNALS, RunStopped
@@ -111,7 +115,7 @@ def build_policy(cfg: SRFTConfig, groups: ParallelGroups) -> Policy:
         raise ConfigError(f"model.path: {cfg.model.path!r} is not a directory (an HF model or a converted checkpoint)")
     arch = load_arch(model_dir)
     # Every layout rule against the world and the model's shapes, once, before anything is built.
-    validate_layout(cfg, groups.world_size, arch)
+    validate_layout(cfg, groups.world_size + cfg.rollout.num_engine_ranks, arch)  # the launched world
     on_gpu = torch.cuda.is_available()
     memory = device_memory_bytes(on_gpu, ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     micro_tokens = resolve_micro_batch_tokens(cfg, arch, on_gpu, memory, groups.world_size)
@@ -326,6 +330,7 @@ class Run:
     saved_step: Optional[int] = None  # its step
     stopped_at: Optional[int] = None  # the last finished step, once a stop signal ended the run
     consecutive_skips: int = 0
+    requested: set = field(default_factory=set)  # steps whose batches were asked for
 
     def __enter__(self) -> "Run":
         return self
@@ -344,11 +349,20 @@ class Run:
         step_problems = [self.problems.train[i] for i in self.sampler.step_indices(step)]
         return plan_prompts(step_problems, self.sampler.replica_slice(), self.groups.dp_size, self.settings)
 
-    def request(self, step: int, plan: PromptPlan) -> RolloutRequest:
+    def generate(self, step: int) -> None:
+        """Ask the rollouts for the batches of ``step`` and, with ``rollout.max_staleness`` 1, of the next step, at
+        the policy's version now: that one is then sampled while this one trains (rollout/disaggregated.py)."""
+        last = min(step + self.cfg.rollout.max_staleness, self.cfg.train.num_steps)
+        for s in range(step, last + 1):
+            if s not in self.requested:
+                self.requested.add(s)
+                self.rollouts.generate(self.request(s, self.prompts(s), staleness=s - step))
+
+    def request(self, step: int, plan: PromptPlan, staleness: int = 0) -> RolloutRequest:
         num_rollouts = self.cfg.rollout.num_rollouts_per_prompt if self.settings.use_rollouts else 0
         return RolloutRequest(step=step, problems=plan.generate, replica_slice=plan.generate_slice,
                               version=self.policy.version, num_rollouts=num_rollouts,
-                              num_demos=self.settings.num_demos)
+                              num_demos=self.settings.num_demos, staleness=staleness)
 
     def advantages(self, step: int, scored: list[ScoredPrompt]) -> tuple[list[Sample], dict]:
         """This replica's groups (its prompts of the step, expert rows included, in order) with their advantages."""
@@ -395,10 +409,11 @@ class Run:
         the shutdown window holds nothing but the write itself."""
         sync_parameters(self.policy.chunks)  # every shard current before it is written
         meta = {"params_dtype": self.cfg.model.params_dtype, "config": to_dict(self.cfg), "run_id": self.run_id}
+        pending = self.rollouts.pending()  # one-step-off: the next step's batch, sampled already, saved with it
         self.last_saved = save_training_checkpoint(
             self.run_dir, step, self.policy.chunks, self.policy.optimizer, data_cursor=self.sampler.cursor(step),
             metadata=meta, keep_last=self.cfg.checkpoint.keep_last if rotate else 0, rank=self.groups.rank,
-            arch=self.policy.handle.arch)
+            arch=self.policy.handle.arch, extra_files={PENDING_ROLLOUTS: pending} if pending else None)
         self.saved_step = step
 
     def end_by_signal(self, step: int) -> None:
@@ -439,21 +454,23 @@ class Run:
             raise RunStopped(self.stopped_at, self.stop.signal_name, self.last_saved)
 
 
-def start_run(cfg: SRFTConfig, groups: Optional[ParallelGroups] = None, engine_factory=None) -> Run:
+def start_run(cfg: SRFTConfig, groups: Optional[ParallelGroups] = None, engine_factory=None,
+              role: Optional[Role] = None) -> Run:
     """Everything before the first step: the world, the checked config, the algorithm's settings, the run
     directory's plan (fresh or resumed), the policy (model, optimizer, tokenizer) and its checkpoint, the problems,
-    the logger, the rollouts, and the stop-signal handlers."""
+    the logger, the rollouts, and the stop-signal handlers. ``role``: a disaggregated run's training side
+    (distributed/groups.py ``init_roles``)."""
     groups = groups or init_distributed(cfg.parallel, seed=cfg.train.seed)
     cfg.validate()  # evaluation settings included: checked now, not at the first evaluation hours later
-    settings = resolve(cfg.algorithm, tis_cap=cfg.rollout.tis_cap)
+    settings = resolve(cfg.algorithm, tis_cap=cfg.rollout.effective_tis_cap)
     check_prompt_split(settings, cfg.train.prompts_per_step, groups.dp_size)
     with contextlib.ExitStack() as undo:  # a start that fails part-way releases what it took; Run owns it after
-        run = _start(cfg, groups, settings, engine_factory, undo)
+        run = _start(cfg, groups, settings, engine_factory, role, undo)
         undo.pop_all()
     return run
 
 
-def _start(cfg: SRFTConfig, groups: ParallelGroups, settings: AlgoSettings, engine_factory,
+def _start(cfg: SRFTConfig, groups: ParallelGroups, settings: AlgoSettings, engine_factory, role: Optional[Role],
            undo: contextlib.ExitStack) -> Run:
     plan = plan_run(cfg.run_dir, cfg.checkpoint.resume, to_dict(cfg), cfg.checkpoint.allow_changes,
                     rank=groups.rank, world=groups.world_size)
@@ -479,10 +496,15 @@ def _start(cfg: SRFTConfig, groups: ParallelGroups, settings: AlgoSettings, engi
     # are ignored (signals.children_ignore_stop_signals); they start before the run's handlers exist, so a signal
     # can not fall into that window at start-up.
     start_checkpoint_writer()
-    rollouts = RolloutService(cfg, groups, str(policy.model_dir), policy.tokenizer, policy,
-                              need_engine=settings.use_rollouts or bool(problems.eval), arch=policy.handle.arch,
-                              require_think=cfg.data.template in THINKING_TEMPLATES, engine_factory=engine_factory)
+    if role is not None:
+        rollouts: Rollouts = DisaggregatedRollouts(cfg, groups, role, policy)
+    else:
+        rollouts = RolloutService(cfg, groups, str(policy.model_dir), policy.tokenizer, policy,
+                                  need_engine=settings.use_rollouts or bool(problems.eval), arch=policy.handle.arch,
+                                  require_think=cfg.data.template in THINKING_TEMPLATES, engine_factory=engine_factory)
     undo.callback(rollouts.close)
+    if plan.resume_from is not None and (plan.resume_from / PENDING_ROLLOUTS).is_file():
+        rollouts.restore_pending((plan.resume_from / PENDING_ROLLOUTS).read_bytes())
     stop = _StopFlag(cfg.checkpoint.save_on_signal)
     undo.callback(stop.restore)
     run = Run(cfg=cfg, groups=groups, settings=settings, policy=policy, problems=problems, sampler=sampler,
@@ -519,7 +541,12 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
     the run with :class:`~megatron_srft.signals.RunStopped` after its checkpoint: a stopped run never returns
     as if it had finished."""
     metrics: dict = {}
-    with start_run(cfg, groups, engine_factory) as run:
+    role = None
+    if groups is None and cfg.rollout.placement == "disaggregated":
+        role = init_roles(cfg.rollout, cfg.parallel)  # the launched world splits: these ranks train, those generate
+        if role.is_engine:
+            return serve(cfg, role)
+    with start_run(cfg, groups, engine_factory, role) as run:
         completed = run.start_step == cfg.train.num_steps
         if run.start_step == 0 and run.eval_due(0, False):
             metrics = run.evaluate(0)
@@ -530,7 +557,7 @@ def train(cfg: SRFTConfig, *, groups: Optional[ParallelGroups] = None, stop_afte
             timer, t0, last = PhaseTimer(), time.perf_counter(), step == cfg.train.num_steps
             plan = run.prompts(step)                                             # prompts
             with timer("rollout"):
-                run.rollouts.generate(run.request(step, plan))                   # generate (policy version)
+                run.generate(step)                                               # generate (policy version)
                 run.rollouts.sync(run.policy, run.policy.version)                # sync the weights
                 batch = run.rollouts.collect(step)                               # score (verifier rewards)
             scored, route_stats = route_prompts(plan, batch.prompts, run.settings)  # route (CHORD, HPT)
