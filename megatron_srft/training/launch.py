@@ -294,8 +294,9 @@ def checkpoint_bytes(cfg, arch) -> int:
     return est.weights + est.optimizer
 
 
-def _longest_phases(run_dir: str) -> Optional[tuple[float, float, float]]:
-    """(longest time/step, time/eval, time/generate) in RUN_DIR/metrics.jsonl, or None when there is none here."""
+def _longest_phases(run_dir: str) -> Optional[tuple[float, float, Optional[float]]]:
+    """(longest time/step, time/eval, time/generate or None) in RUN_DIR/metrics.jsonl, or None when there is none
+    here."""
     path = Path(run_dir) / "metrics.jsonl"
     try:
         rows = parse_metrics_lines(path) if path.is_file() else []
@@ -304,7 +305,7 @@ def _longest_phases(run_dir: str) -> Optional[tuple[float, float, float]]:
     steps = [float(r["time/step"]) for r in rows if isinstance(r.get("time/step"), (int, float))]
     evals = [float(r["time/eval"]) for r in rows if isinstance(r.get("time/eval"), (int, float))]
     gens = [float(r["time/generate"]) for r in rows if isinstance(r.get("time/generate"), (int, float))]
-    return (max(steps), max(evals, default=0.0), max(gens, default=0.0)) if steps else None
+    return (max(steps), max(evals, default=0.0), max(gens, default=None)) if steps else None
 
 
 def estimate_lead(cfg, arch, shutdown_timeout_s: int, write_gbs: float) -> list[str]:
@@ -336,12 +337,15 @@ def estimate_lead(cfg, arch, shutdown_timeout_s: int, write_gbs: float) -> list[
     else:
         known += max(phases[:2])
         parts.append(f"longest step {phases[0]:.0f} s, evaluation {phases[1]:.0f} s ({cfg.run_dir}/metrics.jsonl)")
-        if one_step_off:
+        if one_step_off and phases[2] is not None:
             known += phases[2]
             parts.append(f"one-step-off: + the in-flight generation, longest {phases[2]:.0f} s (time/generate), "
                          f"saved with the checkpoint")
+        elif one_step_off:
+            parts.append("one-step-off: + the in-flight generation, not measured (no time/generate there)")
     need = int(math.ceil((known + EXIT_MARGIN_S) / 10.0) * 10)
-    plus = "" if arch is not None and phases is not None else " + what is unknown above"
+    unknown = arch is None or phases is None or (one_step_off and phases[2] is None)
+    plus = " + what is unknown above" if unknown else ""
     lines = ["pre-emption: " + "; ".join(parts),
              f"pre-emption: --shutdown-timeout >= {need} s{plus} ({EXIT_MARGIN_S} s margin to exit); "
              f"#SBATCH --signal=B:USR1@{need + EXIT_MARGIN_S}{plus} (torchrun's wait + {EXIT_MARGIN_S} s for "

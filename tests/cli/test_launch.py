@@ -246,6 +246,12 @@ def test_dry_run_prints_the_placement(capsys, tmp_path):
     # 400 s step + 300 s in-flight generation + 53 s save + 30 s margin
     assert "one-step-off: + the in-flight generation, longest 300 s (time/generate)" in out
     assert "--shutdown-timeout >= 790 s (" in out and "#SBATCH --signal=B:USR1@820 (" in out
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "time/step": 400.0}) + "\n")  # no generation time
+    rc, out, err = run_cli(capsys, "--nodes", "4", "--gpus-per-node", "8", "--nodelist", "g[1-4]", "--config",
+                           EXAMPLE_7B, "--dry-run", "--write-gbs", "2", "--", f"model.path={d}", f"run_dir={run}",
+                           *DISAGG_7B)
+    assert rc == 0 and "in-flight generation, not measured" in out, err
+    assert "--shutdown-timeout >= 490 s + what is unknown above" in out
     # engine ranks that are not whole nodes: the node that holds both roles is named
     rc, out, err = run_cli(capsys, "--nodes", "4", "--gpus-per-node", "6", "--nodelist", "g[1-4]", "--config",
                            EXAMPLE_7B, "--dry-run", "--", "rollout.placement=disaggregated", "rollout.num_engine_ranks=8")
