@@ -44,7 +44,7 @@ def main(args) -> int:
     except RunStopped as e:
         _report_stop(e)
         return STOPPED_EXIT_CODE
-    if os.environ.get("RANK", "0") == "0":  # the last step's metrics, once
+    if metrics and os.environ.get("RANK", "0") == "0":  # the last step's metrics, once (engine ranks have none)
         print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, sort_keys=True))
     return 0
 

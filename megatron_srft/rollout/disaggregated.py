@@ -57,7 +57,7 @@ from ..distributed.groups import ParallelGroups, Role
 from ..distributed.layout import validate_layout
 from ..dtypes import dtype_name, torch_dtype
 from ..models.arch import load_arch
-from ..signals import STOP_SIGNALS, RunStopped
+from ..signals import STOP_SIGNALS
 from .seam import RolloutBatch, RolloutRequest, WeightSource
 from .service import RolloutService, decode, encode
 from .sync import MiB, iter_buckets, tensor_bytes, to_dtype
@@ -346,11 +346,12 @@ def _safetensors_metadata(data: bytes) -> dict:
 # --------------------------------------------------------------------------------------------- the engines' side
 
 
-class _Idle:
-    """Stop signals on an engine rank: remembered, never acted on (the trainers save, then send ``stop``)."""
+class _IgnoreStopSignals:
+    """An engine rank outlives a stop signal (SLURM's, forwarded by torchrun to every rank): the trainers finish
+    the step, wait for the batch in flight, save, and only then send ``stop``. A handler that does nothing, not
+    SIG_IGN, so that processes started later do not inherit the disposition."""
 
     def __init__(self) -> None:
-        self.signal_name: Optional[str] = None
         self._previous = {}
         for sig in STOP_SIGNALS:
             try:
@@ -359,7 +360,7 @@ class _Idle:
                 pass
 
     def _handler(self, signum, frame) -> None:
-        self.signal_name = signal.Signals(signum).name
+        pass
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -368,8 +369,8 @@ class _Idle:
 
 def serve(cfg, role: Role) -> dict:
     """An engine rank's whole run: build the engines over the engine ranks' world, then answer the trainer's
-    commands until ``stop``. Returns {} (a run's metrics live on the trainers); raises RunStopped when a stop
-    signal reached this rank (the trainers saved and stopped too)."""
+    commands until ``stop``. Returns {}: a run's metrics, and its stop line after a stop signal, are the
+    trainers'."""
     cfg.validate()
     model_dir = str(cfg.model.path)
     arch = load_arch(model_dir)
@@ -380,10 +381,9 @@ def serve(cfg, role: Role) -> dict:
     # Engines of their own keep their memory: nothing trains on these devices, so they never sleep.
     engine_cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, sleep_level=0))
     tokenizer = load_tokenizer(model_dir)
-    signals = _Idle()
+    signals = _IgnoreStopSignals()
     service = RolloutService(engine_cfg, groups, model_dir, tokenizer, BridgeWeights(bridge, -1), need_engine=True,
                              arch=arch, require_think=cfg.data.template in THINKING_TEMPLATES)
-    last_step = 0
     try:
         lead = bridge.rank == ENGINES
         hello = {"weight_dtype": str(service.engine.weight_dtype), "describe": service.describe()}
@@ -401,13 +401,13 @@ def serve(cfg, role: Role) -> dict:
                 service.sync(BridgeWeights(bridge, version), version)
             problems = [TokenizedProblem(**p) for p in command["problems"]]
             if kind == "generate":
-                last_step = command["step"]
-                service.generate(RolloutRequest(step=last_step, problems=problems, replica_slice=slice(None),
+                step = command["step"]
+                service.generate(RolloutRequest(step=step, problems=problems, replica_slice=slice(None),
                                                 version=version, num_rollouts=command["num_rollouts"],
                                                 num_demos=command["num_demos"]))
-                batch = service.collect(last_step)
+                batch = service.collect(step)
                 ints, floats = encode(batch.prompts)
-                header = {"step": last_step, "num_ints": ints.numel(), "num_floats": floats.numel(),
+                header = {"step": step, "num_ints": ints.numel(), "num_floats": floats.numel(),
                           "metrics": {**batch.metrics, "time/engine_wait": idle}}
                 t_idle = time.perf_counter()
                 bridge.broadcast_bytes(json.dumps(header).encode() if lead else None, ENGINES)
@@ -425,6 +425,4 @@ def serve(cfg, role: Role) -> dict:
         service.close()
         bridge.close()
         signals.restore()
-    if signals.signal_name is not None:
-        raise RunStopped(last_step, signals.signal_name, None)
     return {}

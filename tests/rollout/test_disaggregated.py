@@ -75,3 +75,47 @@ def test_one_step_off_resume_repeats_the_uninterrupted_run(toy, tmp_path):
     for ra, rb in zip(a, b):
         assert {k: ra[k] for k in SAME if k in ra} == {k: rb[k] for k in SAME if k in ra}, ra["step"]
     assert [r["rollout/staleness_max"] for r in b] == [0, 1, 1, 1]
+
+
+def test_sigusr1_to_srft_launch_stops_a_one_step_off_run_that_resumes(toy, tmp_path, monkeypatch):
+    """Pre-emption under the launcher, with engines on their own rank: SIGUSR1 to `srft launch` reaches both ranks
+    through torchrun. The engine rank outlives it; the trainer finishes its step, waits for the batch in flight, saves
+    it with the checkpoint, stops the engines, and the launch ends with the trainer's one line and exit status 75.
+    The requeued run resumes from that checkpoint with the saved batch."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from megatron_srft.checkpoint import manifest
+    from megatron_srft.checkpoint.run_dir import read_state, step_dirs
+    from megatron_srft.signals import STOPPED_EXIT_CODE
+    from megatron_srft.training.metrics import read_metrics
+    from tests.cli.test_launch import (ROOT, SYSTEM_PATH, _free_port, _last_line, _signal_when, _stop_line,
+                                       _toy_config)
+
+    monkeypatch.setenv("PATH", SYSTEM_PATH)
+    run = tmp_path / "run"
+    split = ["rollout.placement=disaggregated", "rollout.num_engine_ranks=1", "rollout.max_staleness=1",
+             "checkpoint.save_every=1"]
+    cfg = _toy_config(toy, run, tmp_path / "cfg.yaml", "srft", split)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_", "MASTER_"))}
+    env.update(PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+               OMP_NUM_THREADS="1", PATH=SYSTEM_PATH)
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_srft", "launch", "--gpus-per-node", "2",
+                             "--rdzv-port", str(_free_port()), "--shutdown-timeout", "240", "--config", str(cfg)],
+                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = _signal_when(proc, lambda: "step_000002" in [p.name for p in step_dirs(run)], signal.SIGUSR1)
+
+    ckpt = step_dirs(run)[-1]
+    step = read_state(ckpt)["step"]
+    assert step >= 2 and _last_line(out) == "srft launch: " + _stop_line(step, "SIGUSR1", ckpt), out[-3000:]
+    assert proc.returncode == STOPPED_EXIT_CODE and "Traceback" not in out
+    assert manifest.verify_part(ckpt) == [] and (ckpt / "rollouts_pending.safetensors").is_file()
+    assert [r["step"] for r in read_metrics(run) if "loss/minibatch" in r] == list(range(1, step + 1))
+
+    run_ranks(train_toy, 2, toy_overrides(toy, run, 10_000, [*split, "checkpoint.resume=must"], preset="srft"),
+              step + 1)
+    rows = [r for r in read_metrics(run) if "loss/minibatch" in r]
+    assert [r["step"] for r in rows] == list(range(1, step + 2))
+    assert rows[-1]["rollout/staleness_max"] == 1  # the saved batch, sampled one step ahead, was trained
