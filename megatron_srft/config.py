@@ -210,7 +210,7 @@ class RolloutConfig:
         "colocated", "Where engines run (docs/rollout.md): colocated = every rank generates, then trains; "
         "disaggregated = the last num_engine_ranks ranks only generate, the others only train.")
     num_engine_ranks: int = _f(
-        0, "disaggregated: ranks (GPUs) that run vLLM engines only; training uses the other world - this ranks. "
+        0, "disaggregated: ranks (GPUs) that run vLLM engines only, the last ones of the world; the others train. "
         "0 with colocated.")
     max_staleness: int = _f(
         0, "k: the batch trained at step n was sampled by a policy at most k optimizer steps older. 0 = on-policy; "
@@ -243,6 +243,8 @@ class RolloutConfig:
         _need(0 < self.gpu_memory_utilization <= 1, f"{path}.gpu_memory_utilization", "expected in (0, 1]")
         _need(self.sync_bucket_mb >= 1, f"{path}.sync_bucket_mb", "expected >= 1")
         _need(self.tis_cap is None or self.tis_cap >= 1, f"{path}.tis_cap", "expected >= 1 or null")
+        _need(self.cpu_kvcache_space_gib is None or 0 < self.cpu_kvcache_space_gib <= 4096,
+              f"{path}.cpu_kvcache_space_gib", "expected 0 < GiB <= 4096 or null")
         _need(self.num_engine_ranks >= 0, f"{path}.num_engine_ranks", "expected >= 0")
         _need(self.max_staleness in (0, 1), f"{path}.max_staleness",
               f"expected 0 or 1 (the engines run at most one step ahead), got {self.max_staleness}")
@@ -262,8 +264,6 @@ class RolloutConfig:
         if self.tis_cap is None and self.max_staleness > 0:
             return ASYNC_TIS_CAP
         return self.tis_cap
-        _need(self.cpu_kvcache_space_gib is None or 0 < self.cpu_kvcache_space_gib <= 4096,
-              f"{path}.cpu_kvcache_space_gib", "expected 0 < GiB <= 4096 or null")
 
 
 @dataclass
@@ -516,6 +516,11 @@ def to_yaml(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+def _cell(text: str) -> str:
+    """A table cell's text: GitHub splits cells at every '|', code spans included, unless it is escaped."""
+    return text.replace("|", "\\|")
+
+
 def markdown_reference() -> str:
     """docs/config.md, generated from the dataclasses."""
     out = ["# Configuration reference", "",
@@ -526,7 +531,8 @@ def markdown_reference() -> str:
     out += ["## (top level)", "", "| key | type | default | meaning |", "|---|---|---|---|"]
     hints = type_hints(SRFTConfig)
     for f in top:
-        out.append(f"| `{f.name}` | `{type_name(hints[f.name])}` | `{getattr(root, f.name)!r}` | {f.metadata['help']} |")
+        out.append(f"| `{f.name}` | `{_cell(type_name(hints[f.name]))}` | `{_cell(repr(getattr(root, f.name)))}` | "
+                   f"{_cell(f.metadata['help'])} |")
     for f in dataclasses.fields(root):
         sub = getattr(root, f.name)
         if not dataclasses.is_dataclass(sub):
@@ -536,7 +542,7 @@ def markdown_reference() -> str:
         sh = type_hints(type(sub))
         for sf in dataclasses.fields(sub):
             default = getattr(sub, sf.name)
-            out.append(f"| `{f.name}.{sf.name}` | `{type_name(sh[sf.name])}` | `{default!r}` | "
+            out.append(f"| `{f.name}.{sf.name}` | `{_cell(type_name(sh[sf.name]))}` | `{_cell(repr(default))}` | "
                        f"{sf.metadata['help'].replace('|', '/')} |")
     return "\n".join(out) + "\n"
 

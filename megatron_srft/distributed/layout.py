@@ -98,7 +98,7 @@ def data_parallel_size(pcfg: ParallelConfig, world_size: int) -> int:
     _need(world_size >= 1, "world_size", f"expected >= 1, got {world_size}")
     if world_size % mp != 0:
         raise ConfigError(
-            f"parallel: world size {world_size} is not divisible by tensor_model_parallel_size "
+            f"parallel: training world size {world_size} is not divisible by tensor_model_parallel_size "
             f"({pcfg.tensor_model_parallel_size}) x pipeline_model_parallel_size "
             f"({pcfg.pipeline_model_parallel_size}) x context_parallel_size ({pcfg.context_parallel_size}) = {mp}")
     return world_size // mp
@@ -199,8 +199,9 @@ def validate_layout(cfg: SRFTConfig, world_size: int, arch=None) -> int:
     launch --dry-run` and `srft config --world-size` run it without a GPU. Raises :class:`ConfigError` naming the
     field; returns the data-parallel size.
 
-    World: TP x PP x CP divides it; DP divides the prompts of a step and of a mini-batch; the rollout TP divides
-    it (every rank belongs to exactly one engine). Machine: Transformer Engine / FP8 need TE and a GPU, and the FP8
+    World: split into training and engine-only ranks (:func:`split_world`); TP x PP x CP divides the training
+    ranks; DP divides the prompts of a step and of a mini-batch; the rollout TP divides the ranks that generate
+    (colocated: the world, every rank belongs to exactly one engine; disaggregated: the engine ranks). Machine: Transformer Engine / FP8 need TE and a GPU, and the FP8
     recipe this GPU. Model: TP divides attention heads, KV heads and the FFN width, PP the layers; vLLM can split
     the heads over the rollout TP; sequence lengths fit the model's positions and one micro-batch. A rule about
     one section's own fields (sequence parallelism needs TP > 1, ...) is that section's ``validate`` in config.py,
@@ -377,7 +378,9 @@ def engine_bytes(cfg: SRFTConfig, arch, on_gpu: bool, world_size: int = 1, *, me
     device memory). GPU: at ``rollout.sleep_level`` 0 vLLM stays resident with its whole budget,
     ``rollout.gpu_memory_utilization`` x ``memory_bytes`` (weights, KV cache, activations); at 1 and 2 it sleeps
     during training (weights offloaded to host or dropped, KV cache freed): 0. CPU: its own copy of the weights
-    plus its KV cache (:func:`engine_kv_cache_bytes`)."""
+    plus its KV cache (:func:`engine_kv_cache_bytes`). Disaggregated: 0, the engines have ranks of their own."""
+    if cfg.rollout.placement == "disaggregated":
+        return 0
     if on_gpu:
         return 0 if cfg.rollout.sleep_level > 0 else int(cfg.rollout.gpu_memory_utilization * memory_bytes)
     tp = cfg.rollout.tensor_parallel_size

@@ -25,8 +25,8 @@ side ever blocks on a message the other sends later, so the order of the message
 
 Staleness (``rollout.max_staleness``). The loop asks for step n's batch at version v = the policy's version at
 that moment (training/loop.py ``generate``). On-policy (0), step n is asked for after step n - 1's update. One-step-
-off (1), step n + 1 is asked for before step n's update, so it is sampled with the weights step n was sampled
-with, while step n trains: generation and training overlap, and every batch is at most one optimizer step behind
+off (1), step n + 1 is asked for before step n's update, so it is sampled with the weights step n trains from
+(theta_{n-1}), while step n trains: generation and training overlap, and every batch is at most one optimizer step behind
 the policy that trains on it (``rollout/staleness_*``). The engine's log-probs are the behaviour policy; pi_old is
 the trainer's own log-prob at training time; truncated importance sampling (``rollout.tis_cap``, 2 by default when
 ``max_staleness`` > 0) corrects for the difference.
