@@ -220,6 +220,51 @@ def test_twin_trains_resumes_and_exports(name, path, layout, toy, tmp_path):
             assert (full[n].float() - no_overlap[n].float()).abs().max() <= tol["resume_weights"], n
 
 
+#: the shipped config whose disaggregated alternative (docs/rollout.md) CI runs: 1 training + 1 engine rank
+SPLIT_TWIN = ROOT / "examples/configs/qwen2.5-math-7b-srft.yaml"
+
+
+def _run_split_twin(cfg: SRFTConfig):
+    """On each rank of a disaggregated twin: the uninterrupted run, then the run resumed from step 1's checkpoint."""
+    import os
+
+    from megatron_srft.training.loop import train
+
+    trainer = os.environ["RANK"] == "0"  # the launched rank (the split renumbers the engine ranks)
+    run = Path(cfg.run_dir)
+    full = train(cfg)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] if trainer else []
+    if trainer:
+        (run / "hf").rename(run / "hf_full")
+        shutil.rmtree(run / "checkpoints" / "step_000002")
+    resumed = train(dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume="must")))
+    return {"full": full, "resumed": resumed, "rows": rows}
+
+
+@pytest.mark.slow
+def test_disaggregated_one_step_off_twin_trains_resumes_and_exports(toy, tmp_path):
+    """The 7B recipe with engines on a rank of their own, one step off, at its dtype (bf16): step 2 is sampled by
+    the policy of step 1 while step 1 trains; step 1's checkpoint holds that batch, so the resumed run equals the
+    uninterrupted one bit for bit (metrics and exported weights)."""
+    cfg = twin_config(SPLIT_TWIN, dict(tp=1, pp=1, sp=False, rollout_tp=1), toy, tmp_path / "run")
+    cfg.rollout.placement, cfg.rollout.num_engine_ranks, cfg.rollout.max_staleness = "disaggregated", 1, 1
+    cfg.validate()
+    res = run_ranks(_run_split_twin, 2, cfg)[0]
+    tol = TOLERANCES[cfg.model.params_dtype]
+    rows = [r for r in res["rows"] if "loss/total" in r]
+    assert [r["step"] for r in rows] == [1, 2] and [r["rollout/staleness_max"] for r in rows] == [0, 1]
+    assert rows[0]["mismatch/abs_mean"] < tol["mismatch_mean"]  # on-policy step: only bf16 numerics differ
+    for r in rows:
+        assert all(math.isfinite(r[k]) for k in ("loss/total", "optim/grad_norm")) and r["optim/num_skipped"] == 0
+    assert (tmp_path / "run" / "checkpoints" / "step_000001" / "rollouts_pending.safetensors").is_file()
+    for k in RESUME_METRICS:
+        assert res["resumed"][k] == pytest.approx(res["full"][k], rel=tol["resume_rel"], abs=tol["resume_abs"]), k
+    full, resumed = _hf_tensors(tmp_path / "run" / "hf_full"), _hf_tensors(tmp_path / "run" / "hf")
+    assert full.keys() == resumed.keys()
+    for n in full:
+        assert (full[n].float() - resumed[n].float()).abs().max() <= tol["resume_weights"], n
+
+
 def _eval(config: str, toy: Path, out: Path):
     from megatron_srft.cli import main
 

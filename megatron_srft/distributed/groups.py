@@ -106,6 +106,9 @@ def device_for_rank() -> torch.device:
     return device_for("train", torch.cuda.is_available(), _env_int("LOCAL_RANK", 0))
 
 
+_ROLE: Optional["Role"] = None  # this process's part once the world is split (init_roles); kept like the world
+
+
 @dataclass(frozen=True)
 class Role:
     """This process's part in a disaggregated run (distributed.layout.split_world): the first ``num_trainers``
@@ -129,8 +132,15 @@ def init_roles(rollout_cfg, pcfg: ParallelConfig) -> Role:
     Both worlds rendezvous through the launcher's store under their own prefixes, so neither sees the other's
     ranks: Megatron builds TP x PP x DP over the training ranks alone, vLLM's ``external_launcher`` its engine groups
     over the engine ranks alone. Afterwards RANK and WORLD_SIZE describe this process's own world (what Megatron
-    and vLLM read); :attr:`Role.rank` keeps the launched one. LOCAL_RANK still names this rank's GPU.
+    and vLLM read); :attr:`Role.rank` keeps the launched one. LOCAL_RANK still names this rank's GPU. The split
+    and the bridge live as long as the process's world (:func:`destroy`): later runs in the process reuse them.
     """
+    global _ROLE
+    if _ROLE is not None and dist.is_initialized():  # a second run in this process (the study, tests): the same split
+        if split_world(rollout_cfg, _ROLE.world_size)[0] != _ROLE.num_trainers:
+            raise UserError(f"rollout.num_engine_ranks: this process's world is already split into "
+                            f"{_ROLE.num_trainers} training and {_ROLE.num_engine_ranks} engine ranks")
+        return _ROLE
     world_size, rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0)
     num_trainers, num_engine_ranks = split_world(rollout_cfg, world_size)
     if dist.is_initialized():
@@ -161,7 +171,8 @@ def init_roles(rollout_cfg, pcfg: ParallelConfig) -> Role:
         if cuda:  # the weights move GPU to GPU
             weights = dist.ProcessGroupNCCL(dist.PrefixStore("srft/bridge-nccl/", store), bridge_rank, bridge_size)
         bridge = Bridge(bridge_rank, bridge_size, cpu, weights, device)
-    return Role(is_engine=is_engine, rank=rank, world_size=world_size, num_trainers=num_trainers, bridge=bridge)
+    _ROLE = Role(is_engine=is_engine, rank=rank, world_size=world_size, num_trainers=num_trainers, bridge=bridge)
+    return _ROLE
 
 
 def init_distributed(pcfg: ParallelConfig, seed: int = 1234, purpose: str = "train") -> ParallelGroups:
@@ -263,8 +274,11 @@ def ensure_launcher_env() -> None:
 
 
 def destroy() -> None:
-    global _CPU_GROUP
+    global _CPU_GROUP, _ROLE
     _CPU_GROUP = None
+    if _ROLE is not None and _ROLE.bridge is not None:
+        _ROLE.bridge.close()
+    _ROLE = None
     if mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
     if dist.is_initialized():

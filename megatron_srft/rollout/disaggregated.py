@@ -270,9 +270,7 @@ class DisaggregatedRollouts:
             while self._outstanding is not None:
                 self._receive()
         finally:
-            self._command({"kind": "stop"})
-            if self.bridge is not None:
-                self.bridge.close()
+            self._command({"kind": "stop"})  # the bridge stays: it lives as long as the world (groups.destroy)
 
     # -- the state machine
 
@@ -423,6 +421,5 @@ def serve(cfg, role: Role) -> dict:
                 raise RuntimeError(f"engine rank: unknown command {kind!r}")
     finally:
         service.close()
-        bridge.close()
         signals.restore()
     return {}
