@@ -60,7 +60,7 @@ from ..models.arch import load_arch
 from ..signals import STOP_SIGNALS
 from .seam import RolloutBatch, RolloutRequest, WeightSource
 from .service import RolloutService, decode, encode
-from .sync import MiB, iter_buckets, tensor_bytes, to_dtype
+from .sync import MiB
 
 #: the bridge rank of training rank 0 (commands, weights) and of engine rank 0 (answers)
 TRAINER, ENGINES = 0, 1
@@ -84,22 +84,41 @@ def _problem(p: TokenizedProblem) -> dict:
 
 def send_weights(bridge: Optional[Bridge], named_tensors, dtype: torch.dtype, bucket_mb: int) -> dict:
     """Trainer side of a weight sync: every training rank iterates the export (a collective); training rank 0
-    (``bridge`` not None) broadcasts it in buckets. Returns bytes and seconds (rank 0's)."""
+    (``bridge`` not None) copies each tensor, cast to ``dtype``, into one bucket buffer and broadcasts the bucket
+    when the next tensor would not fit (a tensor larger than the bucket goes alone). Beyond the model, rank 0 holds
+    the bucket and the one tensor in flight. Returns bytes and seconds (rank 0's)."""
     start, sent = time.perf_counter(), 0
-    for bucket in iter_buckets(to_dtype(named_tensors, dtype), int(bucket_mb * MiB)):
-        if bridge is None:
-            continue
-        header = [[name, str(t.dtype), list(t.shape)] for name, t in bucket]
-        bridge.broadcast_bytes(json.dumps(header).encode(), TRAINER)
-        flat = torch.cat([t.detach().reshape(-1).view(torch.uint8) for _, t in bucket]).to(bridge.device)
-        del bucket
+    if bridge is None:
+        for _ in named_tensors:
+            pass
+        return {"bytes": 0, "seconds": time.perf_counter() - start}
+    capacity = int(bucket_mb * MiB)
+    bucket = torch.empty(capacity, dtype=torch.uint8, device=bridge.device)
+    header: list = []
+    used = 0
+
+    def flush(flat: torch.Tensor, entries: list) -> int:
+        bridge.broadcast_bytes(json.dumps(entries).encode(), TRAINER)
         bridge.broadcast(flat, TRAINER, bulk=True)
-        sent += flat.numel()
-        del flat
-    if bridge is not None:
-        bridge.broadcast_bytes(b"[]", TRAINER)
-    seconds = time.perf_counter() - start
-    return {"bytes": sent, "seconds": seconds}
+        return flat.numel()
+
+    for name, tensor in named_tensors:
+        data = tensor.detach().to(device=bridge.device, dtype=dtype).reshape(-1).view(torch.uint8)
+        entry = [name, str(dtype), list(tensor.shape)]
+        if used and used + data.numel() > capacity:
+            sent += flush(bucket[:used], header)
+            header, used = [], 0
+        if data.numel() > capacity:  # too large for any bucket: on its own
+            sent += flush(data, [entry])
+            continue
+        bucket[used:used + data.numel()].copy_(data)
+        header.append(entry)
+        used += data.numel()
+        del data, tensor
+    if used:
+        sent += flush(bucket[:used], header)
+    bridge.broadcast_bytes(b"[]", TRAINER)
+    return {"bytes": sent, "seconds": time.perf_counter() - start}
 
 
 class BridgeWeights:
