@@ -504,7 +504,10 @@ def _start(cfg: SRFTConfig, groups: ParallelGroups, settings: AlgoSettings, engi
                                   require_think=cfg.data.template in THINKING_TEMPLATES, engine_factory=engine_factory)
     undo.callback(rollouts.close)
     if plan.resume_from is not None and (plan.resume_from / PENDING_ROLLOUTS).is_file():
-        rollouts.restore_pending((plan.resume_from / PENDING_ROLLOUTS).read_bytes())
+        restored = rollouts.restore_pending((plan.resume_from / PENDING_ROLLOUTS).read_bytes())
+        if not restored and groups.rank == 0:
+            print(f"[srft] note: {plan.resume_from / PENDING_ROLLOUTS} (a batch sampled one step ahead) is not used "
+                  "by this on-policy run; its step is sampled again", flush=True)
     stop = _StopFlag(cfg.checkpoint.save_on_signal)
     undo.callback(stop.restore)
     run = Run(cfg=cfg, groups=groups, settings=settings, policy=policy, problems=problems, sampler=sampler,
