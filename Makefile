@@ -7,7 +7,7 @@ SETUP_SHA := $(shell sha256sum setup.py Makefile | sha256sum | cut -c1-12)
 STAMP    := $(VENV)/.installed-$(SETUP_SHA)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast test-gpu demo bench bench-step bench-trl reproduce-toy docs lint clean
+.PHONY: install test test-fast test-gpu demo bench bench-step bench-async bench-trl reproduce-toy docs lint clean
 
 install: $(STAMP)
 
@@ -49,6 +49,11 @@ bench: install
 # One RL step's phases and our costs inside them (toy, demo settings); BENCH_ARGS e.g. "--steps 8 --threads 2".
 bench-step: install
 	$(PY) benchmarks/bench_step.py $(BENCH_ARGS)
+
+# Generation overlapping training on 2 ranks: colocated vs disaggregated one-step-off and on-policy (toy, demo
+# settings); records into benchmarks/results.json. BENCH_ARGS e.g. "--steps 12 --modes colocated,one_step_off".
+bench-async: install
+	$(PY) benchmarks/bench_async.py --record $(BENCH_ARGS)
 
 # Side by side with TRL's GRPOTrainer. TRL runs in its own venv (torch, the same transformers, trl; not vLLM or
 # Megatron), so it never changes this one; TRL_PY points at another interpreter with trl instead.

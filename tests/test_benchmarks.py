@@ -36,3 +36,25 @@ def test_bench_step_profiles_functions_that_exist():
     missing = [f"{label}: {func} in {where}" for label, where, func in rows
                if not _source(where).is_file() or func not in _defined(_source(where))]
     assert missing == [], missing
+
+
+def test_bench_async_modes_are_valid_two_rank_layouts(toy, tmp_path):
+    """bench_async's three modes are the demo's RL step plus placement overrides on 2 ranks: each must stay a valid
+    config and split (colocated DP 2; disaggregated 1 trainer + 1 engine rank), or the benchmark fails after the
+    warm-up. No rank starts here."""
+    from megatron_srft.config import load_config, to_yaml
+    from megatron_srft.distributed.layout import validate_layout
+    from megatron_srft.experiments.demo import rl_config
+    from megatron_srft.models.arch import load_arch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_async
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    base = rl_config(toy, toy / "model", tmp_path / "run", "srft", steps=2)
+    (tmp_path / "cfg.yaml").write_text(to_yaml(base))
+    arch = load_arch(toy / "model")
+    dp = {mode: validate_layout(load_config(str(tmp_path / "cfg.yaml"), overrides), bench_async.NUM_RANKS, arch)
+          for mode, overrides in bench_async.MODES.items()}
+    assert dp == {"colocated": 2, "one_step_off": 1, "on_policy": 1}
