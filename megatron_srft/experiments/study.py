@@ -54,6 +54,7 @@ from ..rollout.base import resolve_engine_settings
 from ..rollout.evaluation import evaluate
 from ..rollout.vllm_engine import VllmEngine
 from ..training.loop import train
+from .ranks import train_on_ranks
 from .study_plan import Job, StudySpec, prepare_data, study_jobs, test_files, warmup_job
 from .study_report import write_report
 
@@ -116,7 +117,10 @@ def run_job(job: Job, root: str, spec: StudySpec) -> dict:
     cfg = load_config(None, list(job.overrides))
     cpu0 = _cpu_seconds()
     t0 = time.perf_counter()
-    train(cfg, groups=_groups())
+    if job.num_ranks > 1:  # a world split into a training and an engine rank: launched as users launch it
+        train_on_ranks(list(job.overrides), job.num_ranks, run_dir.parent / f"{run_dir.name}.train.log")
+    else:
+        train(cfg, groups=_groups())
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     evals = evaluate_model(run_dir / "hf", test_files(Path(root), spec), spec)

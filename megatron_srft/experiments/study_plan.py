@@ -14,7 +14,7 @@ from ..algorithms.presets import resolve
 from ..checkpoint.atomic import write_text_atomic
 from ..config import AlgorithmConfig
 from ..errors import UserError
-from .recipes import RECIPES
+from .recipes import RECIPES, STAGES
 from .toy import ToySettings, corrupt_demonstrations, make_toy
 
 CONDITIONS = ("exact", "noisy")
@@ -22,7 +22,8 @@ CONDITIONS = ("exact", "noisy")
 
 @dataclass(frozen=True)
 class StudySpec:
-    recipes: tuple[str, ...] = ("sft", "dft", "grpo", "luffy", "sft_then_rl", "chord_mu", "chord_phi", "hpt", "srft")
+    recipes: tuple[str, ...] = ("sft", "dft", "grpo", "luffy", "sft_then_rl", "chord_mu", "chord_phi", "hpt", "srft",
+                                "grpo_one_step_off", "srft_one_step_off")
     conditions: tuple[str, ...] = CONDITIONS
     seeds: tuple[int, ...] = (1, 2, 3)
     demo_error_rate: float = 0.3        # noisy condition: fraction of demonstrations with one slip
@@ -65,13 +66,14 @@ class Job:
     """One training stage: train ``stages[-1]`` from ``start`` and evaluate the result."""
 
     key: str                      # run directory under ROOT/runs
-    stages: tuple[str, ...]       # the preset chain up to and including this stage
+    stages: tuple[str, ...]       # the stage chain (recipes.STAGES) up to and including this stage
     condition: str                # exact | noisy | any (the chain uses no demonstrations)
     seed: int
     start: str                    # HF directory the stage starts from
     deps: tuple[str, ...]         # jobs that must be done first (the stage that exports ``start``)
     overrides: tuple[str, ...]    # the run's config (load_config overrides)
     signature: str = ""           # hash of everything the result depends on: data, overrides, the parent's signature
+    num_ranks: int = 1            # local ranks (2: a training rank and an engine rank, one step off)
 
 
 # --------------------------------------------------------------------------------------------- data and jobs
@@ -160,8 +162,8 @@ def warmup_job(spec: StudySpec, root: Path, files: dict[str, Path]) -> Job:
 def study_jobs(spec: StudySpec, root: Path, files: dict[str, Path]) -> list[Job]:
     """Every stage the spec's recipes need, deduplicated: a stage chain shared by two recipes (``sft`` and
     ``sft_then_rl``'s first stage) runs once; a chain that uses no demonstrations runs once per seed."""
-    def uses_demos(preset: str) -> bool:
-        return resolve(AlgorithmConfig(preset=preset)).num_demos > 0
+    def uses_demos(stage: str) -> bool:
+        return resolve(AlgorithmConfig(preset=STAGES[stage].preset)).num_demos > 0
 
     warm = root / "runs" / "warmup" / "hf"
     jobs: dict[str, Job] = {"warmup": warmup_job(spec, root, files)}
@@ -180,16 +182,17 @@ def study_jobs(spec: StudySpec, root: Path, files: dict[str, Path]) -> list[Job]
                     start = warm if i == 0 else root / "runs" / parent / "hf"
                     run_dir = root / "runs" / key
                     p = spec.prompts_per_step
+                    stage = STAGES[chain[-1]]
                     over = _common(spec, run_dir, start, files["exact" if cond == "any" else cond]) + [
-                        f"algorithm.preset={chain[-1]}", f"train.num_steps={spec.steps}", f"optimizer.lr={spec.lr}",
+                        f"algorithm.preset={stage.preset}", f"train.num_steps={spec.steps}", f"optimizer.lr={spec.lr}",
                         f"train.prompts_per_step={p}", f"train.prompts_per_minibatch={p}",
                         f"rollout.num_rollouts_per_prompt={spec.rollouts}", "rollout.temperature=1.0",
                         f"data.eval_files=[{files['id']}]", f"train.eval_every={spec.eval_every}",
                         "train.eval_temperature=0.0", f"data.seed={seed}", f"rollout.seed={seed}",
-                        f"train.seed={seed}", *fitted_mu_schedule(spec, chain[-1]),
+                        f"train.seed={seed}", *fitted_mu_schedule(spec, stage.preset), *stage.overrides,
                     ]
                     sig = _signature(jobs[parent].signature, over, spec.max_response_length)
-                    jobs[key] = Job(key, chain, cond, seed, str(start), (parent,), tuple(over), sig)
+                    jobs[key] = Job(key, chain, cond, seed, str(start), (parent,), tuple(over), sig, stage.num_ranks)
     del jobs["warmup"]
     return list(jobs.values())
 
@@ -204,6 +207,6 @@ def recipe_run(spec: StudySpec, recipe: str, condition: str, seed: int) -> list[
     keys = []
     for i in range(len(stages)):
         chain = stages[: i + 1]
-        demos = any(resolve(AlgorithmConfig(preset=p)).num_demos > 0 for p in chain)
+        demos = any(resolve(AlgorithmConfig(preset=STAGES[p].preset)).num_demos > 0 for p in chain)
         keys.append(job_key(condition if demos else "any", chain, seed))
     return keys

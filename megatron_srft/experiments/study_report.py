@@ -13,7 +13,7 @@ from typing import Sequence
 from ..checkpoint.atomic import atomic_dir, write_text_atomic
 from ..training.metrics import read_metrics
 from ..training.plots import plot_compare
-from .recipes import RECIPES
+from .recipes import RECIPES, STAGES
 from .study_plan import StudySpec, fitted_mu_schedule, recipe_run
 
 #: the paper's claims, as the report states them
@@ -151,7 +151,7 @@ def write_report(spec: StudySpec, root: Path, results: dict[str, dict], doc: Pat
     lo, hi = spec.toy.ood_ops
     long = "acc_long" in warm
     long_col = " longer chains acc (%) |" if long else ""
-    fit_mu = [r for r in spec.recipes if fitted_mu_schedule(spec, RECIPES[r][-1])]
+    fit_mu = [r for r in spec.recipes if fitted_mu_schedule(spec, STAGES[RECIPES[r][-1]].preset)]
     claims, verdicts = _claims_text(spec, cells, warm)
     L = [
         "# Toy results: the paper's three claims, tested on the CPU toy task",
@@ -207,6 +207,12 @@ def write_report(spec: StudySpec, root: Path, results: dict[str, dict], doc: Pat
            f"warm-up + decay to span the stage's {spec.steps} steps (here: {', '.join(fit_mu)}); mu still goes "
            f"from its peak to its valley, in fewer steps. The same rule applies to every preset; it is not tuned."
            if fit_mu else ""),
+        *([f"- **One-step-off rows** ({', '.join(f'`{r}`' for r in one_step_off_rows(spec))}): the same preset, "
+           f"steps, prompts and seeds, but the engines run on a rank of their own and sample step n + 1 while step "
+           f"n trains (rollout.placement disaggregated, max_staleness 1: each batch after the first is one step "
+           f"behind the policy that trains on it). `srft train` on 2 local ranks under torchrun (1 training + 1 "
+           f"engine rank), so their wall time is that of 2 processes. They are not part of the paper's claims."]
+          if one_step_off_rows(spec) else []),
         "",
         f"A difference counts when it exceeds {RULE_SE:g} standard errors of the difference of means "
         f"(sqrt(s_a^2/n + s_b^2/n)); otherwise the report says \"no clear difference\". With {n} seeds this rule is "
@@ -244,6 +250,7 @@ def write_report(spec: StudySpec, root: Path, results: dict[str, dict], doc: Pat
     L += ["", "## The claims", ""]
     L += claims
     L += _newer_text(spec, cells)
+    L += _one_step_off_text(spec, cells, warm)
     L += ["## Curves", "",
           "Mean over seeds with a +/- std band; held-out accuracy is the ID split, evaluated every "
           f"{spec.eval_every} steps during training. `sft_then_rl` is drawn from its RL stage (its step 0 is the "
@@ -274,7 +281,8 @@ def write_report(spec: StudySpec, root: Path, results: dict[str, dict], doc: Pat
 def _claims_text(spec: StudySpec, cells: dict, warm: dict) -> tuple[list[str], dict[int, dict[str, str]]]:
     """The claims section, and each claim's verdict per condition ("holds", "does not hold", "not tested")."""
     L: list[str] = []
-    have = set(spec.recipes)
+    recipes = claim_recipes(spec)
+    have = set(recipes)
     outcome: dict[int, dict[str, str]] = {k: {} for k in CLAIMS}
 
     def say(k: int, c: str, holds: bool | None) -> str:
@@ -304,11 +312,11 @@ def _claims_text(spec: StudySpec, cells: dict, warm: dict) -> tuple[list[str], d
                  + (f"{'; ' if beaten else ': '}not of {', '.join(notb)}" if notb else "") + ".")
     L.append("")
     # claim 2
-    others = [r for r in spec.recipes if r != "srft"]
+    others = [r for r in recipes if r != "srft"]
     L += [f"### Claim 2: {CLAIMS[2]}", ""]
     for c in spec.conditions:
         verdicts = [line(c, "acc_ood", b) for b in others]
-        best = max(spec.recipes, key=lambda r: mean_std(cells[(r, c)]["acc_ood"])[0])
+        best = max(recipes, key=lambda r: mean_std(cells[(r, c)]["acc_ood"])[0])
         L.append(f"- `{c}` demonstrations, SRFT's OOD accuracy minus each other recipe's: "
                  + "; ".join(t for _, t in verdicts) + f". Highest OOD mean: `{best}`.")
         notb = [b for b, (v, _) in zip(others, verdicts) if v != "higher"]
@@ -327,7 +335,7 @@ def _claims_text(spec: StudySpec, cells: dict, warm: dict) -> tuple[list[str], d
     L += [f"### Claim 3: {CLAIMS[3]}", ""]
     for c in spec.conditions:
         parts, flat, collapsed = [], None, None
-        for r in spec.recipes:
+        for r in recipes:
             rat = _ratio(cells[(r, c)])
             if not rat:
                 continue
@@ -354,6 +362,45 @@ def _claims_text(spec: StudySpec, cells: dict, warm: dict) -> tuple[list[str], d
                  f"**{say(3, c, flat and collapsed)}** here.")
     L.append("")
     return L, outcome
+
+
+def one_step_off_rows(spec: StudySpec) -> dict[str, str]:
+    """The study's one-step-off recipes -> their on-policy counterpart (the same preset, run colocated)."""
+    out = {}
+    for r in spec.recipes:
+        stage = STAGES[RECIPES[r][-1]]
+        if stage.num_ranks > 1 and stage.preset in spec.recipes:
+            out[r] = stage.preset
+    return out
+
+
+def claim_recipes(spec: StudySpec) -> list[str]:
+    """The recipes the paper's claims compare: the study's less its one-step-off rows."""
+    return [r for r in spec.recipes if STAGES[RECIPES[r][-1]].num_ranks == 1]
+
+
+def _one_step_off_text(spec: StudySpec, cells: dict, warm: dict) -> list[str]:
+    """One-step-off training (engines on their own rank, each batch sampled one step behind the policy that trains
+    on it) against the same preset on-policy, at equal steps: does it learn, and does it learn as much?"""
+    rows = one_step_off_rows(spec)
+    if not rows:
+        return []
+    L = ["### One-step-off training (not a claim of the SRFT paper)", "",
+         "The same preset, steps, prompts and seeds, with the engines on a rank of their own sampling step n + 1 "
+         "while step n trains (`rollout.placement: disaggregated`, `rollout.max_staleness: 1`, 1 training + 1 "
+         "engine rank; truncated importance sampling at its default cap 2). It learns when its mean gains on the "
+         "warm start; the on-policy run is the reference.", ""]
+    for c in spec.conditions:
+        for r, base in rows.items():
+            parts = []
+            for metric, name in (("acc_id", "ID"), ("acc_ood", "OOD")):
+                gain = mean_std(cells[(r, c)][metric])[0] - warm[metric]
+                diff, se, verdict = compare(cells[(r, c)][metric], cells[(base, c)][metric])
+                parts.append(f"{name} {100 * gain:+.1f} points over the warm start, {100 * diff:+.1f} (se "
+                             f"{100 * se:.1f}) against on-policy -> {verdict}")
+            L.append(f"- `{c}` demonstrations, `{r}`: " + "; ".join(parts) + ".")
+    L.append("")
+    return L
 
 
 def _newer_text(spec: StudySpec, cells: dict) -> list[str]:

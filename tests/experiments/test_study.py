@@ -114,11 +114,19 @@ def test_job_plan_shares_stages_and_keeps_budgets_equal(tmp_path):
 
 def test_default_study_runs_the_nine_recipes_and_fits_a_decaying_mu_schedule(tmp_path):
     spec = StudySpec(seeds=(1,))
-    assert spec.recipes == ("sft", "dft", "grpo", "luffy", "sft_then_rl", "chord_mu", "chord_phi", "hpt", "srft")
+    assert spec.recipes == ("sft", "dft", "grpo", "luffy", "sft_then_rl", "chord_mu", "chord_phi", "hpt", "srft",
+                            "grpo_one_step_off", "srft_one_step_off")
     files = {k: tmp_path / k for k in ("model", "warmup", "exact", "noisy", "id", "ood")}
     jobs = {j.key: j for j in study_jobs(spec, tmp_path, files)}
-    # 8 demonstration-using stages per condition (sft_then_rl's RL stage included) + one grpo run
-    assert len(jobs) == 2 * 8 + 1
+    # 9 demonstration-using stages per condition (sft_then_rl's RL stage and srft one step off included) + one grpo
+    # run and one grpo one-step-off run
+    assert len(jobs) == 2 * 9 + 2
+    # one step off: the same preset and settings as on-policy, on 2 ranks (a training and an engine rank)
+    off, on = jobs["exact/srft_one_step_off/seed1"], jobs["exact/srft/seed1"]
+    assert off.num_ranks == 2 and on.num_ranks == 1
+    assert [o for o in off.overrides if o not in on.overrides and not o.startswith(("run_dir=",))] == [
+        "rollout.placement=disaggregated", "rollout.num_engine_ranks=1", "rollout.max_staleness=1"]
+    assert "algorithm.preset=grpo" in jobs["any/grpo_one_step_off/seed1"].overrides
     mu = {k: [o for o in j.overrides if o.startswith("algorithm.mu_")] for k, j in jobs.items()}
     # chord_mu's released 200-step decay is rescaled to the stage; chord_phi's mu is constant: left alone
     assert mu["exact/chord_mu/seed1"] == ["algorithm.mu_warmup_steps=0", f"algorithm.mu_decay_steps={spec.steps}"]
@@ -170,9 +178,9 @@ def test_report_states_each_claim_and_where_it_does_not_hold(tmp_path):
 
     spec = StudySpec(steps=10, eval_every=2)
     acc = {"sft": 0.55, "dft": 0.60, "grpo": 0.30, "luffy": 0.35, "sft_then_rl": 0.50, "chord_mu": 0.40,
-           "chord_phi": 0.45, "hpt": 0.20, "srft": 0.45}
+           "chord_phi": 0.45, "hpt": 0.20, "srft": 0.45, "grpo_one_step_off": 0.30, "srft_one_step_off": 0.65}
     ent_end = {"sft": 1.0, "dft": 1.0, "grpo": 0.1, "luffy": 0.6, "sft_then_rl": 0.4, "chord_mu": 0.5,
-               "chord_phi": 0.5, "hpt": 0.5, "srft": 0.95}
+               "chord_phi": 0.5, "hpt": 0.5, "srft": 0.95, "grpo_one_step_off": 0.1, "srft_one_step_off": 0.95}
     results = _fake_study(tmp_path, spec, acc, ent_end)
     doc = tmp_path / "docs" / "toy_results.md"
     doc.parent.mkdir()
@@ -193,6 +201,12 @@ def test_report_states_each_claim_and_where_it_does_not_hold(tmp_path):
     assert short.count("**does not hold**") == 4 and short.count("**holds**") == 2  # claim 3 holds in both
     newer = text.split("### The newer methods")[1].split("## Curves")[0]
     assert "hpt: +25.0 points" in newer and "DFT minus SFT" in newer and "ID +5.0 points" in newer
+    # the one-step-off rows are compared with their on-policy preset, not counted in the paper's claims (srft one
+    # step off at 65% would otherwise be the best recipe of claim 2)
+    off = text.split("### One-step-off training")[1].split("## Curves")[0]
+    assert "`srft_one_step_off`: ID +45.0 points over the warm start, +20.0 (se" in off and "-> higher" in off
+    assert "`grpo_one_step_off`: ID +10.0 points over the warm start, +0.0" in off
+    assert "srft_one_step_off" not in claim1 + claim2 + claim3.split("###")[0] and "**One-step-off rows**" in text
     assert "| (warm start) | 20.0 | 5.0 | 1.0 |" in text and "(here: chord_mu)" in text
     assert len(list((doc.parent / "toy_results").iterdir())) == 8  # 4 quantities x 2 conditions
     assert not math.isnan(json.loads((tmp_path / "summary.json").read_text())["exact/srft"]["acc_id"][0])
