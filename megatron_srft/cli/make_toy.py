@@ -27,6 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Operations of the OOD problems, at least (default max_ops + 1).")
     parser.add_argument("--ood-max-ops", type=int, default=None,
                         help="Operations of the OOD problems, at most (default ood_min_ops + 1).")
+    parser.add_argument("--held-out-plus-min", type=int, default=d.held_out_plus_min,
+                        help="Hold additions of operands >= this out of every split but test_held_out.jsonl "
+                        "(the study's out-of-distribution split; default: none held out).")
+    parser.add_argument("--num-held-out-test", type=int, default=d.num_held_out_test,
+                        help="Problems of test_held_out.jsonl (needs --held-out-plus-min).")
     parser.add_argument("--demo-error-rate", type=float, default=d.demo_error_rate,
                         help="Fraction of training demonstrations with one arithmetic slip (wrong final answer).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing non-empty --out.")
@@ -44,12 +49,15 @@ def main(args) -> int:
     settings = ToySettings(seed=args.seed, num_train=args.num_train, num_test=args.num_test, max_ops=args.max_ops,
                            max_value=args.max_value, max_operand=args.max_operand, num_layers=args.num_layers,
                            num_ood_test=args.num_ood_test, ood_min_ops=args.ood_min_ops,
-                           ood_max_ops=args.ood_max_ops, demo_error_rate=args.demo_error_rate)
+                           ood_max_ops=args.ood_max_ops, demo_error_rate=args.demo_error_rate,
+                           held_out_plus_min=args.held_out_plus_min, num_held_out_test=args.num_held_out_test)
     try:
         settings.check()
         out = make_toy(args.out, settings, overwrite=args.overwrite)
     except ValueError as e:
         raise UserError(str(e)) from None
     ood = f", test_ood.jsonl ({settings.num_ood_test})" if settings.num_ood_test else ""
+    if settings.num_held_out_test:
+        ood += f", test_held_out.jsonl ({settings.num_held_out_test})"
     print(f"wrote {out}: model/, train.jsonl ({settings.num_train}), test.jsonl ({settings.num_test}){ood}")
     return 0

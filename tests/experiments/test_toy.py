@@ -134,3 +134,13 @@ def test_make_toy_cli_ood_and_noisy(tmp_path):
     assert len(load_problems(out / "test_ood.jsonl")) == 7
     assert json.loads((out / "toy.json").read_text())["demo_error_rate"] == 0.2
     assert cli_main(["make-toy", "--out", str(tmp_path / "x"), "--demo-error-rate", "1.5"]) == 2
+
+
+def test_make_toy_cli_held_out_operands(tmp_path, capsys):
+    out = tmp_path / "toy"
+    assert cli_main(["make-toy", "--out", str(out), "--num-train", "50", "--num-test", "10",
+                     "--held-out-plus-min", "13", "--num-held-out-test", "6"]) == 0
+    assert "test_held_out.jsonl (6)" in capsys.readouterr().out
+    assert len(load_problems(out / "test_held_out.jsonl")) == 6
+    assert json.loads((out / "toy.json").read_text())["held_out_plus_min"] == 13
+    assert cli_main(["make-toy", "--out", str(tmp_path / "x"), "--num-held-out-test", "3"]) == 2  # needs the min
