@@ -1,6 +1,6 @@
 """Generation overlapping training: the same toy run on 2 ranks, colocated against disaggregated.
 
-    python benchmarks/bench_async.py [--steps 20] [--warmup 4] [--preset srft] [--modes colocated,...]
+    python benchmarks/bench_async.py [--steps 20] [--warmup 4] [--rounds 3] [--preset srft] [--modes colocated,...]
                                      [--root runs/demo] [--set key=value ...] [--json OUT] [--record] [--dry-run]
 
 Three runs of one toy training at equal settings, each launched as a real 2-rank job (``srft launch
@@ -15,17 +15,20 @@ The step is the demo's (``megatron_srft.experiments.demo``): the warmed-up toy m
 under ``--root``, built on first use by bench_step's prepare run, ~10 min on 2 cores), 32 prompts x 7 rollouts,
 64-token responses, temperature 1, lr 1e-4, one optimizer step per rollout step, no evaluation, no checkpoints.
 
-Per mode, medians over the steps after ``--warmup`` from RUN_DIR/metrics.jsonl: wall s/step (``time/step``),
-t_generate (the engines' generation of the step's batch), t_train (``time/train``, the trainer's update) and
-the trainer's busy time (``time/step`` - ``time/trainer_wait``: update, old log-probs, advantages, weight export),
-the idle fractions (disaggregated, trainer: ``time/trainer_wait`` / ``time/step``; engines: ``time/engine_wait`` /
-``time/step``; colocated, where every rank alternates: training idles for ``time/rollout`` / ``time/step``, the
-engine for 1 - ``time/generate`` / ``time/step``), the weight sync's seconds and GB/s, and the overlap ratio max(t_generate, t_train) / t_step
+Per mode, medians from RUN_DIR/metrics.jsonl over the steps after ``--warmup`` and before the last (one-step-off,
+nothing is generated during the last step): wall s/step (``time/step``), t_generate (the engines' generation of
+the step's batch), t_train (``time/train``, the trainer's update) and the trainer's busy time (``time/step`` -
+``time/trainer_wait``: update, old log-probs, advantages, weight export), the idle fractions (disaggregated,
+trainer: ``time/trainer_wait`` / ``time/step``, engines: ``time/engine_wait`` / ``time/step``; colocated, where
+every rank alternates: training idles for ``time/rollout`` / ``time/step``, the engine for 1 - ``time/generate`` /
+``time/step``), the weight sync's seconds and GB/s, and the overlap ratio max(t_generate, t_train) / t_step
 (docs/benchmarks.md). The 1-minute load average before and after each run is recorded: on a shared machine the
-two ranks do not get their two cores, and the numbers say so.
+two ranks do not get their two cores, and the numbers say so. ``--rounds`` runs every mode that many times, every
+other round in reverse order; the spread between rounds is part of the result.
 
-``--record`` appends the result to benchmarks/results.json (``runs.async``, like benchmarks/run.py); ``run()`` is
-what ``make bench`` calls. ``--dry-run`` prints the launch commands and runs nothing.
+``--record`` writes the result into benchmarks/results.json (``runs.async``: round 1 as ``results``, the others as
+``repeats``; the structure benchmarks/run.py writes); ``run()`` is what ``make bench`` calls (one round).
+``--dry-run`` prints the launch commands and runs nothing.
 """
 
 from __future__ import annotations
@@ -117,9 +120,10 @@ def _median(rows: list[dict], key: str):
 
 
 def summarize(rows: list[dict], warmup: int, mode: str) -> dict:
-    """One mode's numbers from its metrics.jsonl rows (training steps only), medians after the warm-up steps."""
+    """One mode's numbers from its metrics.jsonl rows (training steps only): medians over the steps after the
+    warm-up and before the last one (one-step-off, nothing is generated during the last step)."""
     steps = [r for r in rows if "loss/minibatch" in r]
-    kept = steps[warmup:] if len(steps) > warmup else steps
+    kept = steps[warmup:-1] if len(steps) > warmup + 1 else steps
     t_step, t_gen, t_train = (_median(kept, f"time/{k}") for k in ("step", "generate", "train"))
     out = {"steps_measured": len(kept), "s_per_step": t_step, "t_generate": t_gen, "t_train": t_train,
            "t_old_logprob": _median(kept, "time/old_logprob"), "t_rollout": _median(kept, "time/rollout")}
@@ -149,6 +153,7 @@ def summarize(rows: list[dict], warmup: int, mode: str) -> dict:
 
 
 def run_mode(mode: str, cfg: Path, out: Path, args) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
     run_dir = out / mode
     cmd = _command(cfg, run_dir, mode, list(args.set))
     log = out / f"{mode}.log"
@@ -172,28 +177,37 @@ def measure(args) -> dict:
     if unknown:
         raise SystemExit(f"bench_async: --modes: unknown {unknown}; expected some of {sorted(MODES)}")
     toy, start = _warm_model(args)
-    result = {"preset": args.preset, "steps": args.steps, "warmup_steps": args.warmup, "ranks": NUM_RANKS,
-              "threads_per_rank": 1, "overrides": list(args.set),
-              "settings": "demo RL step: warmed toy model, 32 prompts x 7 rollouts, 64-token responses, "
-                          "temperature 1, lr 1e-4, 1 optimizer step per rollout step, fp32, no eval, no checkpoints",
-              "load1_before": _load1(), "modes": {}}
+    settings = {"preset": args.preset, "steps": args.steps, "warmup_steps": args.warmup, "ranks": NUM_RANKS,
+                "threads_per_rank": 1, "overrides": list(args.set), "rounds": args.rounds,
+                "settings": "demo RL step: warmed toy model, 32 prompts x 7 rollouts, 64-token responses, "
+                            "temperature 1, lr 1e-4, 1 optimizer step per rollout step, fp32, no eval, no checkpoints"}
+    rounds = []
     with tempfile.TemporaryDirectory(prefix="bench_async.") as tmp:
         tmp = Path(tmp)
         cfg = _config(args, toy, start, tmp)
-        for mode in modes:
-            print(f"[bench_async] {mode} ...", flush=True)
-            result["modes"][mode] = run_mode(mode, cfg, tmp, args)
-            print(f"[bench_async] {mode}: {json.dumps(result['modes'][mode])[:400]}", flush=True)
-    result["load1_after"] = _load1()
-    result["date"] = _now()  # when the measurement ended (UTC)
-    m = result["modes"]
+        for i in range(args.rounds):
+            # every other round in reverse order: a machine whose load drifts favours no mode
+            order = modes if i % 2 == 0 else modes[::-1]
+            rnd = {"round": i + 1, "modes_order": ",".join(order), "load1_before": _load1(), "modes": {}}
+            for mode in order:
+                print(f"[bench_async] round {i + 1}: {mode} ...", flush=True)
+                rnd["modes"][mode] = run_mode(mode, cfg, tmp / f"round{i + 1}", args)
+                print(f"[bench_async] round {i + 1}: {mode}: {json.dumps(rnd['modes'][mode])[:400]}", flush=True)
+            rnd["load1_after"] = _load1()
+            rnd["date"] = _now()  # when the round ended (UTC)
+            rounds.append(_ratios(rnd))
+    return {**settings, **rounds[0], "repeats": rounds[1:]}
+
+
+def _ratios(rnd: dict) -> dict:
+    m = rnd["modes"]
     if "colocated" in m:
         for mode in ("one_step_off", "on_policy"):
             if mode in m and m[mode]["s_per_step"]:
-                result[f"sync_over_{mode}_s_per_step"] = m["colocated"]["s_per_step"] / m[mode]["s_per_step"]
+                rnd[f"sync_over_{mode}_s_per_step"] = m["colocated"]["s_per_step"] / m[mode]["s_per_step"]
     if "one_step_off" in m and m["one_step_off"]["overlap_ratio"] is not None:
-        result["one_step_off_meets_target"] = m["one_step_off"]["overlap_ratio"] >= TARGET_OVERLAP
-    return result
+        rnd["one_step_off_meets_target"] = m["one_step_off"]["overlap_ratio"] >= TARGET_OVERLAP
+    return rnd
 
 
 def _fmt(v, spec=".2f") -> str:
@@ -201,16 +215,17 @@ def _fmt(v, spec=".2f") -> str:
 
 
 def table(result: dict) -> str:
-    """The Markdown table of docs/benchmarks.md."""
-    lines = ["| mode | s/step | t_generate | t_train | trainer busy | trainer idle | engines idle | weight sync s | "
-             "GB/s | max(t_gen, t_train)/t_step | load 1-min before/after |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for mode, r in result["modes"].items():
-        lines.append(f"| {mode} | {_fmt(r['s_per_step'])} | {_fmt(r['t_generate'])} | {_fmt(r['t_train'])} | "
-                     f"{_fmt(r.get('t_trainer_busy'))} | {_fmt(r['trainer_idle_frac'], '.0%')} | "
-                     f"{_fmt(r['engine_idle_frac'], '.0%')} | {_fmt(r['t_weight_sync'], '.3f')} | "
-                     f"{_fmt(r.get('weight_sync_gbps'), '.3f')} | {_fmt(r['overlap_ratio'])} | "
-                     f"{r['load1_before']} / {r['load1_after']} |")
+    """The Markdown table of docs/benchmarks.md: one row per round and mode."""
+    lines = ["| round | mode | s/step | t_generate | t_train | trainer busy | trainer idle | engines idle | "
+             "weight sync s | GB/s | max(t_gen, t_train)/t_step | load 1-min before/after |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for rnd in [result, *result.get("repeats", [])]:
+        for mode, r in rnd["modes"].items():
+            lines.append(f"| {rnd['round']} | {mode} | {_fmt(r['s_per_step'])} | {_fmt(r['t_generate'])} | "
+                         f"{_fmt(r['t_train'])} | {_fmt(r.get('t_trainer_busy'))} | "
+                         f"{_fmt(r['trainer_idle_frac'], '.0%')} | {_fmt(r['engine_idle_frac'], '.0%')} | "
+                         f"{_fmt(r['t_weight_sync'], '.3f')} | {_fmt(r.get('weight_sync_gbps'), '.3f')} | "
+                         f"{_fmt(r['overlap_ratio'])} | {r['load1_before']} / {r['load1_after']} |")
     return "\n".join(lines)
 
 
@@ -220,9 +235,10 @@ def record(result: dict, path: Path = HERE / "results.json") -> None:
     from run import machine  # noqa: E402  (the sibling runner's machine description, one definition)
 
     results = json.loads(path.read_text()) if path.is_file() else {}
+    first = {k: v for k, v in result.items() if k != "repeats"}
     results.setdefault("runs", {})["async"] = {
-        "date": result.get("date") or _now(), "machine": machine(),
-        "seconds": result.get("wall_s"), "status": "ok", "results": result}
+        "date": result.get("date") or _now(), "machine": machine(), "seconds": result.get("wall_s"), "status": "ok",
+        "results": first, "repeats": result.get("repeats", [])}
     path.write_text(json.dumps(results, indent=1) + "\n")  # key order kept: other entries stay as written
 
 
@@ -232,6 +248,9 @@ def parse(argv=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=4, help="leading training steps left out of the medians")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="run every mode this many times, every other round in reverse order (a shared machine's "
+                        "load drifts: the spread between rounds is part of the result)")
     p.add_argument("--root", default=str(ROOT / "runs" / "demo"), help="make demo's root (toy + SFT warm-up)")
     p.add_argument("--set", action="append", default=[], help="config override key.sub=value (repeatable)")
     p.add_argument("--json", help="also write the result here")
@@ -241,9 +260,9 @@ def parse(argv=None):
 
 
 def run() -> dict:
-    """``make bench``: the three modes at the defaults; flat numbers for benchmarks/results.json."""
-    r = measure(parse([]))
-    out = {k: v for k, v in r.items() if k != "modes"}
+    """``make bench``: the three modes at the defaults, one round; flat numbers for benchmarks/results.json."""
+    r = measure(parse(["--rounds", "1"]))
+    out = {k: v for k, v in r.items() if k not in ("modes", "repeats")}
     for mode, numbers in r["modes"].items():
         out.update({f"{mode}/{k}": v for k, v in numbers.items()})
     return out
@@ -259,10 +278,11 @@ def main(argv=None) -> int:
     result = measure(args)
     result["wall_s"] = round(time.time() - t0, 1)
     print("\n" + table(result))
-    for k in ("sync_over_one_step_off_s_per_step", "sync_over_on_policy_s_per_step", "one_step_off_meets_target"):
-        if k in result:
-            print(f"{k}: {result[k]}")
-    print(f"1-min load average: {result['load1_before']} before, {result['load1_after']} after")
+    for rnd in [result, *result["repeats"]]:
+        print(f"round {rnd['round']}: " + ", ".join(
+            f"{k} {rnd[k]:.2f}" if isinstance(rnd[k], float) else f"{k} {rnd[k]}"
+            for k in ("sync_over_one_step_off_s_per_step", "sync_over_on_policy_s_per_step",
+                      "one_step_off_meets_target", "load1_before", "load1_after") if k in rnd))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     if args.record:
