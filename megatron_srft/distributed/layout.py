@@ -220,7 +220,8 @@ def validate_layout(cfg: SRFTConfig, world_size: int, arch=None) -> int:
     if m.fp8 is not None:
         check_fp8_recipe(m.fp8_recipe, gpu_capability())
     _need(t.prompts_per_step % dp == 0, "train.prompts_per_step",
-          f"{t.prompts_per_step} is not divisible by the data-parallel size ({dp} = training ranks {num_trainers} / "
+          f"{t.prompts_per_step} is not divisible by the data-parallel size ({dp} = "
+          f"{'training ranks' if num_engine_ranks else 'world'} {num_trainers} / "
           f"(TP {tp} x PP {pp} x CP {p.context_parallel_size}))")
     _need(t.prompts_per_minibatch % dp == 0, "train.prompts_per_minibatch",
           f"{t.prompts_per_minibatch} is not divisible by the data-parallel size ({dp})")
