@@ -335,11 +335,16 @@ class Run:
     def __enter__(self) -> "Run":
         return self
 
-    def __exit__(self, *exc) -> bool:
-        self.rollouts.close()
-        self.logger.close()
-        self.stop.restore()
-        release_run_dir(self.run_dir)  # the next run in this process (or another process) may take it
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            self.rollouts.close()
+        except Exception:  # noqa: BLE001 - the run's own error is the one to report, not the shutdown's after it
+            if exc is None:  # (a failed engine rank breaks both the step and the stop command that follows)
+                raise
+        finally:
+            self.logger.close()
+            self.stop.restore()
+            release_run_dir(self.run_dir)  # the next run in this process (or another process) may take it
         return False
 
     # -- the phases
