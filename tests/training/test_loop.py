@@ -200,3 +200,26 @@ def test_a_run_leaves_no_handlers_or_locks_behind(toy, tmp_path):
     good = _overrides(toy, tmp_path / "a", "sft", 1)
     bad = _overrides(toy, tmp_path / "b", "sft", 1, [f"model.path={tmp_path / 'missing'}"])
     assert run_ranks(_train_twice_and_report, 1, good, bad) == [(True, True)]
+
+
+def test_the_run_error_is_reported_not_the_failed_shutdown_after_it(tmp_path):
+    # A broken engine rank fails the step and then the stop command that closing the rollouts sends: the step's
+    # error is the one that propagates; the logger and the handlers are released either way.
+    from types import SimpleNamespace
+
+    from megatron_srft.training.loop import Run
+
+    closed = []
+
+    def broken_close():
+        raise RuntimeError("Connection closed by peer")
+
+    run = SimpleNamespace(rollouts=SimpleNamespace(close=broken_close),
+                          logger=SimpleNamespace(close=lambda: closed.append("logger")),
+                          stop=SimpleNamespace(restore=lambda: closed.append("handlers")), run_dir=tmp_path)
+    step_error = ValueError("the step's own error")
+    assert Run.__exit__(run, ValueError, step_error, None) is False  # the with statement re-raises step_error
+    assert closed == ["logger", "handlers"]
+    with pytest.raises(RuntimeError, match="Connection closed"):  # no error of its own: the shutdown's is reported
+        Run.__exit__(run, None, None, None)
+    assert closed == ["logger", "handlers"] * 2
