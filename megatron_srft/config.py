@@ -68,7 +68,8 @@ MAX_SEED = 2**63 - 1
 MAX_TIMEOUT_S = 86_400.0  # one day
 #: rollout.tis_cap when it is null and batches may be stale (max_staleness > 0): C = 2, the cap of the truncated
 #: importance-sampling write-up that introduced TIS for engine/trainer mismatch (Yao et al., "Your efficient RL
-#: framework secretly brings you off-policy RL training", 2025), and the threshold of verl's rollout-correction examples.
+#: framework secretly brings you off-policy RL training", 2025), and the threshold of verl's rollout-correction
+#: examples.
 ASYNC_TIS_CAP = 2.0
 
 

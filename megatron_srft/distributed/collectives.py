@@ -216,7 +216,7 @@ class Bridge:
                else torch.empty(int(size.item()), dtype=torch.uint8))
         if buf.numel():
             self.broadcast(buf, root)
-        return bytes(buf.numpy().tobytes())
+        return buf.numpy().tobytes()
 
     def close(self) -> None:
         for backend in {id(self._cpu): self._cpu, id(self._device): self._device}.values():

@@ -201,11 +201,11 @@ def validate_layout(cfg: SRFTConfig, world_size: int, arch=None) -> int:
 
     World: split into training and engine-only ranks (:func:`split_world`); TP x PP x CP divides the training
     ranks; DP divides the prompts of a step and of a mini-batch; the rollout TP divides the ranks that generate
-    (colocated: the world, every rank belongs to exactly one engine; disaggregated: the engine ranks). Machine: Transformer Engine / FP8 need TE and a GPU, and the FP8
-    recipe this GPU. Model: TP divides attention heads, KV heads and the FFN width, PP the layers; vLLM can split
-    the heads over the rollout TP; sequence lengths fit the model's positions and one micro-batch. A rule about
-    one section's own fields (sequence parallelism needs TP > 1, ...) is that section's ``validate`` in config.py,
-    run by ``load_config``: not repeated here.
+    (colocated: the world, every rank belongs to exactly one engine; disaggregated: the engine ranks). Machine:
+    Transformer Engine / FP8 need TE and a GPU, and the FP8 recipe this GPU. Model: TP divides attention heads, KV
+    heads and the FFN width, PP the layers; vLLM can split the heads over the rollout TP; sequence lengths fit the
+    model's positions and one micro-batch. A rule about one section's own fields (sequence parallelism needs TP > 1,
+    ...) is that section's ``validate`` in config.py, run by ``load_config``: not repeated here.
     """
     p, m, t, d, r = cfg.parallel, cfg.model, cfg.train, cfg.data, cfg.rollout
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
@@ -481,7 +481,8 @@ def rollout_sequences_per_engine(cfg: SRFTConfig, world_size: int) -> int:
     if cfg.rollout.placement == "disaggregated":
         prompts = -(-cfg.train.prompts_per_step // max(1, world_size // cfg.rollout.tensor_parallel_size))
     else:
-        prompts = cfg.train.prompts_per_step // max(1, data_parallel_size(cfg.parallel, world_size) if world_size else 1)
+        dp = data_parallel_size(cfg.parallel, world_size) if world_size else 1
+        prompts = cfg.train.prompts_per_step // max(1, dp)
     seqs = max(1, prompts) * max(1, cfg.rollout.num_rollouts_per_prompt)
     return min(_CPU_MAX_NUM_SEQS, seqs)
 

@@ -26,7 +26,7 @@ side ever blocks on a message the other sends later, so the order of the message
 Staleness (``rollout.max_staleness``). The loop asks for step n's batch at version v = the policy's version at
 that moment (training/loop.py ``generate``). On-policy (0), step n is asked for after step n - 1's update. One-step-
 off (1), step n + 1 is asked for before step n's update, so it is sampled with the weights step n trains from
-(theta_{n-1}), while step n trains: generation and training overlap, and every batch is at most one optimizer step behind
+(theta_{n-1}), while step n trains: generation and training overlap, and every batch is at most one step behind
 the policy that trains on it (``rollout/staleness_*``). The engine's log-probs are the behaviour policy; pi_old is
 the trainer's own log-prob at training time; truncated importance sampling (``rollout.tis_cap``, 2 by default when
 ``max_staleness`` > 0) corrects for the difference.
@@ -64,7 +64,6 @@ from .sync import MiB
 
 #: the bridge rank of training rank 0 (commands, weights) and of engine rank 0 (answers)
 TRAINER, ENGINES = 0, 1
-
 
 
 def _dtype(spelled: str) -> torch.dtype:
@@ -272,8 +271,9 @@ class DisaggregatedRollouts:
         meta = json.loads(_safetensors_metadata(data).get("batches", "[]"))
         for m in meta:
             step = int(m["step"])
-            self._answers[step] = _Answer(version=int(m["version"]), staleness=int(m["staleness"]), ints=tensors[f"{step}.ints"],
-                                          floats=tensors[f"{step}.floats"], metrics=dict(m["metrics"]))
+            self._answers[step] = _Answer(version=int(m["version"]), staleness=int(m["staleness"]),
+                                          ints=tensors[f"{step}.ints"], floats=tensors[f"{step}.floats"],
+                                          metrics=dict(m["metrics"]))
         return sorted(self._answers)
 
     def describe(self) -> str:
@@ -298,20 +298,22 @@ class DisaggregatedRollouts:
             raise RuntimeError("disaggregated rollouts: a trainer's rollouts name the policy version they sample from")
         if self.engine_version == version:
             return False
-        if self._offered is None or self._offered[1] != version or self._offered[0].version != version:
+        if not self._offered_at(version):
             raise RuntimeError(f"disaggregated rollouts: version {version} is needed but the last sync offered "
                                f"{None if self._offered is None else self._offered[1]}")
         return True
+
+    def _offered_at(self, version: int) -> bool:
+        """The last sync offered ``version``, and the trainer's weights are still at it (no update since)."""
+        return self._offered is not None and self._offered[1] == version and self._offered[0].version == version
 
     def _pump(self) -> None:
         """Send the next asked-for step when the engines are free and its weights are at hand."""
         while self._outstanding is None and self._queue:
             request = self._queue[0]
             uses_weights = request.num_rollouts > 0
-            if uses_weights and self.engine_version != request.version:
-                offered = self._offered
-                if offered is None or offered[1] != request.version or offered[0].version != request.version:
-                    return  # the version's sync comes later
+            if uses_weights and self.engine_version != request.version and not self._offered_at(request.version):
+                return  # the version's sync comes later
             self._queue.popleft()
             weights_follow = uses_weights and self.engine_version != request.version
             self._command({"kind": "generate", "step": request.step, "version": request.version,
@@ -345,13 +347,14 @@ class DisaggregatedRollouts:
         header = collectives.broadcast_object(header, 0, self.groups.cpu_group)
         sizes = collectives.broadcast(sizes, 0)
         if self.bridge is None:
-            ints, floats = torch.empty(int(sizes[0]), dtype=torch.int64), torch.empty(int(sizes[1]), dtype=torch.float64)
+            ints = torch.empty(int(sizes[0]), dtype=torch.int64)
+            floats = torch.empty(int(sizes[1]), dtype=torch.float64)
         ints, floats = collectives.broadcast(ints, 0), collectives.broadcast(floats, 0)
         if header["step"] != request.step:
             raise RuntimeError(f"disaggregated rollouts: the engines answered step {header['step']}, "
                                f"expected {request.step}")
-        self._answers[request.step] = _Answer(version=request.version, staleness=request.staleness, ints=ints, floats=floats,
-                                              metrics=header["metrics"])
+        self._answers[request.step] = _Answer(version=request.version, staleness=request.staleness, ints=ints,
+                                              floats=floats, metrics=header["metrics"])
 
 
 def _safetensors_metadata(data: bytes) -> dict:

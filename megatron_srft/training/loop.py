@@ -533,7 +533,8 @@ def _startup_summary(run: Run) -> str:
         f"{f'{groups.world_size} training ranks at ' if cfg.rollout.num_engine_ranks else ''}"
         f"TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size}"
         f" x DP {groups.dp_size}{' + SP' if p.sequence_parallel else ''}"
-        f"{f' + {cfg.rollout.num_engine_ranks} engine ranks' if cfg.rollout.num_engine_ranks else ''}; micro-batch {run.policy.micro_batch_tokens} "
+        f"{f' + {cfg.rollout.num_engine_ranks} engine ranks' if cfg.rollout.num_engine_ranks else ''}; "
+        f"micro-batch {run.policy.micro_batch_tokens} "
         f"tokens{' (resolved for the device)' if cfg.train.micro_batch_tokens is None else ''} (padded to multiples "
         f"of {run.pad_multiple})",
         f"[srft] rollouts: {run.rollouts.describe()}",

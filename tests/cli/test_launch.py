@@ -289,6 +289,16 @@ def _toy_config(toy, run: Path, out: Path, preset: str, extra=()) -> Path:
     return out
 
 
+def _start_launch(cfg: Path, cwd: Path, gpus_per_node: int) -> subprocess.Popen:
+    """`srft launch --config CFG` on this node as a user starts it (no launcher variables inherited), output piped."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_", "MASTER_"))}
+    env.update(PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+               OMP_NUM_THREADS="1", PATH=SYSTEM_PATH)
+    return subprocess.Popen([sys.executable, "-m", "megatron_srft", "launch", "--gpus-per-node", str(gpus_per_node),
+                             "--rdzv-port", str(_free_port()), "--shutdown-timeout", "240", "--config", str(cfg)],
+                            env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def _signal_when(proc: subprocess.Popen, ready, sig, timeout_s: float = 480) -> str:
     """Send ``sig`` to ``proc`` once ``ready()`` holds; its whole output after it exits."""
     import time
@@ -333,12 +343,7 @@ def test_sigusr1_to_srft_launch_after_a_save_checkpoints_and_resumes(toy, run_co
     run = run_copy
     old_run = json.loads((run / RUN_FILE).read_text())["run_id"]
     cfg = _toy_config(toy, run, tmp_path / "cfg.yaml", "srft", ["checkpoint.save_every=1", "checkpoint.resume=fresh"])
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_", "MASTER_"))}
-    env.update(PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
-               OMP_NUM_THREADS="1", PATH=SYSTEM_PATH)
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_srft", "launch", "--gpus-per-node", "1",
-                             "--rdzv-port", str(_free_port()), "--shutdown-timeout", "240", "--config", str(cfg)],
-                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = _start_launch(cfg, tmp_path, gpus_per_node=1)
     # the old run was moved aside, and the new run saved step 2
     out = _signal_when(proc, lambda: (run / ARCHIVE_DIR).is_dir() and "step_000002" in [p.name for p in step_dirs(run)],
                        signal.SIGUSR1)

@@ -6,9 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-import torch
-
 from tests.dist import run_ranks
 from tests.toy_run import toy_overrides, train_toy
 
@@ -82,29 +79,20 @@ def test_sigusr1_to_srft_launch_stops_a_one_step_off_run_that_resumes(toy, tmp_p
     through torchrun. The engine rank outlives it; the trainer finishes its step, waits for the batch in flight, saves
     it with the checkpoint, stops the engines, and the launch ends with the trainer's one line and exit status 75.
     The requeued run resumes from that checkpoint with the saved batch."""
-    import os
     import signal
-    import subprocess
-    import sys
 
     from megatron_srft.checkpoint import manifest
     from megatron_srft.checkpoint.run_dir import read_state, step_dirs
     from megatron_srft.signals import STOPPED_EXIT_CODE
     from megatron_srft.training.metrics import read_metrics
-    from tests.cli.test_launch import (ROOT, SYSTEM_PATH, _free_port, _last_line, _signal_when, _stop_line,
-                                       _toy_config)
+    from tests.cli.test_launch import SYSTEM_PATH, _last_line, _signal_when, _start_launch, _stop_line, _toy_config
 
     monkeypatch.setenv("PATH", SYSTEM_PATH)
     run = tmp_path / "run"
     split = ["rollout.placement=disaggregated", "rollout.num_engine_ranks=1", "rollout.max_staleness=1",
              "checkpoint.save_every=1"]
     cfg = _toy_config(toy, run, tmp_path / "cfg.yaml", "srft", split)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_", "MASTER_"))}
-    env.update(PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
-               OMP_NUM_THREADS="1", PATH=SYSTEM_PATH)
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_srft", "launch", "--gpus-per-node", "2",
-                             "--rdzv-port", str(_free_port()), "--shutdown-timeout", "240", "--config", str(cfg)],
-                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = _start_launch(cfg, tmp_path, gpus_per_node=2)
     out = _signal_when(proc, lambda: "step_000002" in [p.name for p in step_dirs(run)], signal.SIGUSR1)
 
     ckpt = step_dirs(run)[-1]
